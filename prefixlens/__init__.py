@@ -1,0 +1,20 @@
+"""prefixlens: virtual prefixes, soft prompts and prefix-tuning, studied mechanistically on TransformerLens."""
+
+from prefixlens.injection import Slots, attached, run_with_cache, run_with_prefix
+from prefixlens.prefixes import KVPrefix, Prefix, ResidualPrefix, SoftPrompt
+from prefixlens.signature import ModelSignature, signature_of
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "KVPrefix",
+    "ModelSignature",
+    "Prefix",
+    "ResidualPrefix",
+    "Slots",
+    "SoftPrompt",
+    "attached",
+    "run_with_cache",
+    "run_with_prefix",
+    "signature_of",
+]

@@ -1,0 +1,203 @@
+"""Models without the hub: random toy models from a seed, and local checkpoints.
+
+Every function returns a TransformerLens 4.x ``TransformerBridge`` in eval mode, so the same
+prefix and analysis code serves toy models and real LLaMA-family checkpoints alike.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+from transformer_lens.config import TransformerBridgeConfig
+from transformer_lens.model_bridge import TransformerBridge
+
+__all__ = ["toy_gpt2", "toy_llama", "native", "load", "toy_tokenizer"]
+
+
+def toy_tokenizer(d_vocab: int):
+    """A word-level tokenizer whose tokens are the integers ``"0" .. str(d_vocab - 1)``.
+
+    Token ``"1"`` is BOS, ``"2"`` EOS and ``"0"`` padding, so ``" ".join(map(str, ids))`` encodes to
+    ``ids`` exactly. It carries ``name_or_path`` so ``boot_transformers`` can rebuild it.
+    """
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    if d_vocab < 3:
+        raise ValueError(f"d_vocab must be at least 3 (pad, BOS, EOS), got {d_vocab}.")
+    core = Tokenizer(models.WordLevel(vocab={str(i): i for i in range(d_vocab)}, unk_token="0"))
+    core.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    return PreTrainedTokenizerFast(
+        tokenizer_object=core,
+        name_or_path="prefixlens-toy",
+        add_bos_token=True,
+        bos_token="1",
+        eos_token="2",
+        pad_token="0",
+    )
+
+
+def _bridge(label: str, hf_model, dtype: torch.dtype, device: str | torch.device | None):
+    hf_model = hf_model.to(dtype=dtype, device=device or "cpu").eval()
+    bridge = TransformerBridge.boot_transformers(
+        label, hf_model=hf_model, tokenizer=toy_tokenizer(hf_model.config.vocab_size), dtype=dtype
+    )
+    return bridge.eval()
+
+
+def toy_gpt2(
+    n_layers: int = 2,
+    d_model: int = 64,
+    n_heads: int = 4,
+    d_vocab: int = 101,
+    n_ctx: int = 128,
+    d_mlp: int | None = None,
+    init_range: float = 0.02,
+    dropout: float = 0.0,
+    seed: int = 0,
+    dtype: torch.dtype = torch.float32,
+    device: str | torch.device | None = None,
+) -> TransformerBridge:
+    """A random GPT-2 (LayerNorm, learned absolute positions, GELU MLP) wrapped as a bridge.
+
+    ``dropout`` is applied by the HuggingFace modules in train mode only (the reference's minGPT
+    pretraining uses 0.1); the bridge is returned in eval mode.
+    """
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    config = GPT2Config(
+        vocab_size=d_vocab,
+        n_positions=n_ctx,
+        n_embd=d_model,
+        n_layer=n_layers,
+        n_head=n_heads,
+        n_inner=d_mlp or 4 * d_model,
+        activation_function="gelu_new",
+        resid_pdrop=dropout,
+        embd_pdrop=dropout,
+        attn_pdrop=dropout,
+        initializer_range=init_range,
+        bos_token_id=1,
+        eos_token_id=2,
+        attn_implementation="eager",
+    )
+    torch.manual_seed(seed)
+    return _bridge("prefixlens-toy-gpt2", GPT2LMHeadModel(config), dtype, device)
+
+
+def toy_llama(
+    n_layers: int = 2,
+    d_model: int = 64,
+    n_heads: int = 4,
+    n_kv_heads: int = 2,
+    d_vocab: int = 101,
+    n_ctx: int = 128,
+    d_mlp: int | None = None,
+    init_range: float = 0.02,
+    rope_theta: float = 10000.0,
+    seed: int = 0,
+    dtype: torch.dtype = torch.float32,
+    device: str | torch.device | None = None,
+) -> TransformerBridge:
+    """A random LLaMA (RMSNorm, rotary, gated SiLU MLP, grouped-query attention) as a bridge."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    if n_heads % n_kv_heads:
+        raise ValueError(f"n_heads ({n_heads}) must be a multiple of n_kv_heads ({n_kv_heads}).")
+    config = LlamaConfig(
+        vocab_size=d_vocab,
+        hidden_size=d_model,
+        intermediate_size=d_mlp or 2 * d_model,
+        num_hidden_layers=n_layers,
+        num_attention_heads=n_heads,
+        num_key_value_heads=n_kv_heads,
+        max_position_embeddings=n_ctx,
+        initializer_range=init_range,
+        rope_theta=rope_theta,
+        bos_token_id=1,
+        eos_token_id=2,
+        pad_token_id=0,
+        attn_implementation="eager",
+    )
+    torch.manual_seed(seed)
+    return _bridge("prefixlens-toy-llama", LlamaForCausalLM(config), dtype, device)
+
+
+def native(
+    n_layers: int = 2,
+    d_model: int = 64,
+    n_heads: int = 4,
+    d_head: int | None = None,
+    d_vocab: int = 101,
+    n_ctx: int = 128,
+    attn_only: bool = False,
+    normalization: str | None = "LN",
+    act_fn: str = "gelu",
+    init_range: float = 0.02,
+    seed: int = 0,
+    dtype: torch.dtype = torch.float32,
+    device: str | torch.device | None = None,
+) -> TransformerBridge:
+    """A TL-native bridge (``boot_native``): no HuggingFace model behind it, attention-only allowed.
+
+    Native bridges have no key/value cache, so ``prefixlens.generate`` recomputes the sequence at
+    every step on them.
+    """
+    cfg = TransformerBridgeConfig(
+        d_model=d_model,
+        d_head=d_head or d_model // n_heads,
+        n_layers=n_layers,
+        n_ctx=n_ctx,
+        n_heads=n_heads,
+        d_vocab=d_vocab,
+        act_fn=act_fn,
+        attn_only=attn_only,
+        normalization_type=normalization,
+        initializer_range=init_range,
+        seed=seed,
+        dtype=dtype,
+    )
+    torch.manual_seed(seed)
+    bridge = TransformerBridge.boot_native(cfg, device=device or "cpu", dtype=dtype)
+    return bridge.eval()
+
+
+def load(
+    name_or_path: str | os.PathLike,
+    device: str | torch.device | None = None,
+    dtype: torch.dtype = torch.float32,
+    **kwargs: Any,
+) -> TransformerBridge:
+    """A real checkpoint: a local HuggingFace directory (read offline) or a hub name when online.
+
+    A local directory without tokenizer files gets :func:`toy_tokenizer` sized to its vocabulary.
+    Extra keyword arguments go to ``TransformerBridge.boot_transformers``.
+    """
+    path = Path(name_or_path)
+    if not path.exists():
+        return TransformerBridge.boot_transformers(
+            str(name_or_path), device=device, dtype=dtype, **kwargs
+        ).eval()
+    if not (path / "config.json").exists():
+        raise FileNotFoundError(
+            f"{path} has no config.json: pass a directory written by save_pretrained, or a hub name."
+        )
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    hf_model = AutoModelForCausalLM.from_pretrained(
+        path, attn_implementation="eager", torch_dtype=dtype
+    ).to(device or "cpu").eval()
+    has_tokenizer = any((path / f).exists() for f in ("tokenizer.json", "tokenizer.model", "vocab.json"))
+    if has_tokenizer:
+        tokenizer = AutoTokenizer.from_pretrained(path)
+        tokenizer.init_kwargs.setdefault("name_or_path", str(path))
+    else:
+        tokenizer = toy_tokenizer(hf_model.config.vocab_size)
+    bridge = TransformerBridge.boot_transformers(
+        str(path), hf_model=hf_model, tokenizer=tokenizer, dtype=dtype, **kwargs
+    )
+    return bridge.eval()

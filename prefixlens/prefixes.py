@@ -1,0 +1,453 @@
+"""The prefix forms: torch modules whose tensors are the prefix; the model stays frozen and untouched.
+
+Every form is injected the same way (see :mod:`prefixlens.injection`): the model runs on
+``P`` placeholder tokens followed by the content, and at one HookPoint per layer the placeholder
+positions ``0..P-1`` are overwritten with the prefix. Which HookPoint defines the form:
+
+==================  ==================================  ===============================================
+form                HookPoint overwritten at slots      tensor shape (one prefix; a batch adds ``B``)
+==================  ==================================  ===============================================
+``KVPrefix``        ``blocks.{L}.attn.hook_k``, ``hook_v``  keys, values ``[n_layers, P, n_kv_heads, d_head]``
+``ResidualPrefix``  ``blocks.{L}.hook_resid_pre``      ``[n_layers, P, d_model]``
+``SoftPrompt``      ``hook_embed``                      ``[P, d_model]``
+==================  ==================================  ===============================================
+
+**Key convention.** ``KVPrefix.keys`` are stored as they appear at ``hook_k``: after ``W_K`` (and
+``b_K``), *before* rotary. The model itself rotates them at positions ``0..P-1``, exactly as it
+rotates the keys of a real prompt of length ``P``. Keys that are already rotated (HuggingFace / PEFT
+caches) are un-rotated on import (:meth:`KVPrefix.from_peft`).
+
+A prefix tensor may carry a leading batch dimension (one prefix per example, e.g. a batch of soft
+tokens); then the content batch must have the same size.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from typing import Callable, ClassVar
+
+import torch
+from jaxtyping import Float, Int
+from torch import Tensor, nn
+
+from prefixlens.serialization import load_tensors, save_tensors
+from prefixlens.signature import ModelSignature, model_dtype_device, signature_of
+
+__all__ = ["Prefix", "KVPrefix", "ResidualPrefix", "SoftPrompt", "FORMS"]
+
+Hook = tuple[str, Callable]
+FORMAT_VERSION = "1"
+
+
+def _as_tensor_attr(module: nn.Module, name: str, value: Tensor) -> None:
+    """Leaf tensors become trainable ``nn.Parameter``s; computed tensors (e.g. the output of a
+    reparametrisation MLP) are kept as they are so gradients flow back to what produced them."""
+    if isinstance(value, nn.Parameter) or value.grad_fn is None:
+        setattr(module, name, nn.Parameter(value.detach().clone() if not isinstance(value, nn.Parameter) else value))
+    else:
+        setattr(module, name, value)
+
+
+def _prompt_tokens(tokens) -> tuple[Tensor, bool]:
+    tokens = torch.as_tensor(tokens)
+    if tokens.dtype.is_floating_point or tokens.dtype == torch.bool:
+        raise TypeError(f"prompt tokens must be integer ids, got dtype {tokens.dtype}.")
+    if tokens.ndim not in (1, 2) or tokens.shape[-1] == 0:
+        raise ValueError(
+            f"prompt tokens must be [P] (one prefix) or [batch, P] (one prefix per example) with P >= 1, "
+            f"got shape {tuple(tokens.shape)}."
+        )
+    return (tokens[None] if tokens.ndim == 1 else tokens), tokens.ndim == 2
+
+
+class Prefix(nn.Module):
+    """Base class of the prefix forms. Subclasses define ``_tensor_names`` and ``injection_hooks``."""
+
+    form: ClassVar[str]
+    _tensor_names: ClassVar[tuple[str, ...]]
+    _unbatched_ndim: ClassVar[int]
+
+    def __init__(self, signature: ModelSignature):
+        super().__init__()
+        self.signature = signature
+
+    # ---- shape -------------------------------------------------------------------------------
+    @property
+    def _main(self) -> Tensor:
+        return getattr(self, self._tensor_names[0])
+
+    @property
+    def batched(self) -> bool:
+        """Whether the prefix carries a leading batch dimension (one prefix per example)."""
+        return self._main.ndim == self._unbatched_ndim + 1
+
+    @property
+    def batch_size(self) -> int | None:
+        return self._main.shape[0] if self.batched else None
+
+    @property
+    def length(self) -> int:
+        """P, the number of prefix slots."""
+        return self._main.shape[-2] if self.form != "KVPrefix" else self._main.shape[-3]
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self._main.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self._main.device
+
+    def n_parameters(self) -> int:
+        """The number of scalars in the prefix (what a training run optimises)."""
+        return sum(getattr(self, n).numel() for n in self._tensor_names)
+
+    def _check_shapes(self) -> None:
+        for name in self._tensor_names:
+            t = getattr(self, name)
+            if t.ndim not in (self._unbatched_ndim, self._unbatched_ndim + 1):
+                raise ValueError(
+                    f"{self.form}.{name} must have {self._unbatched_ndim} dims (or one more for a batch), "
+                    f"got shape {tuple(t.shape)}."
+                )
+            if not t.is_floating_point():
+                raise TypeError(f"{self.form}.{name} must be a floating-point tensor, got {t.dtype}.")
+        if self.length < 1:
+            raise ValueError(f"{self.form} needs at least one slot (P >= 1), got P = 0.")
+
+    def _expand(self, t: Tensor, batch: int) -> Tensor:
+        """``[P, ...]`` or ``[B, P, ...]`` → ``[batch, P, ...]``."""
+        if t.ndim == self._per_layer_ndim:
+            return t.unsqueeze(0).expand(batch, *t.shape)
+        return t
+
+    @property
+    def _per_layer_ndim(self) -> int:
+        return {"KVPrefix": 3, "ResidualPrefix": 2, "SoftPrompt": 2}[self.form]
+
+    # ---- checks ------------------------------------------------------------------------------
+    def validate(self, model) -> None:
+        """Raise a clear error if this prefix cannot be used with ``model``."""
+        theirs = signature_of(model)
+        problems = self.signature.mismatches(theirs)
+        if problems:
+            raise ValueError(
+                f"This {self.form} was made for a different model: " + "; ".join(problems) + ". "
+                f"Build or train a prefix for this model (e.g. {self.form}.random(model, length))."
+            )
+        dtype, device = model_dtype_device(model)
+        if self.dtype != dtype:
+            raise TypeError(
+                f"dtype mismatch: the {self.form} is {self.dtype} but the model runs in {dtype}; "
+                f"call prefix.to({dtype}) (or convert the model)."
+            )
+        if self.device.type != device.type or (
+            self.device.index is not None and device.index is not None and self.device.index != device.index
+        ):
+            raise ValueError(
+                f"device mismatch: the {self.form} is on {self.device} but the model is on {device}; "
+                f"call prefix.to('{device}')."
+            )
+
+    # ---- injection ---------------------------------------------------------------------------
+    def injection_hooks(self) -> list[Hook]:
+        """``(hook_name, fn)`` pairs that write the prefix into slots ``0..P-1``."""
+        raise NotImplementedError
+
+    def _overwrite(self, value: Callable[[], Tensor]) -> Callable:
+        P = self.length
+
+        def hook(act: Tensor, hook) -> Tensor:
+            v = self._expand(value(), act.shape[0])
+            if v.shape[0] != act.shape[0]:
+                raise ValueError(
+                    f"batch mismatch: the {self.form} holds {v.shape[0]} prefixes but the input batch is "
+                    f"{act.shape[0]}; use an unbatched prefix or a content batch of {v.shape[0]}."
+                )
+            if tuple(v.shape[1:]) != (P, *act.shape[2:]):
+                raise ValueError(
+                    f"{self.form} slot shape {tuple(v.shape[1:])} does not fit {hook.name} "
+                    f"activation {tuple(act.shape)} (P = {P})."
+                )
+            return torch.cat([v.to(act.dtype), act[:, P:]], dim=1)
+
+        return hook
+
+    # ---- persistence -------------------------------------------------------------------------
+    def save(self, path: str | os.PathLike) -> None:
+        """Write the prefix to a safetensors file (atomically), with the model's signature."""
+        save_tensors(
+            path,
+            {n: getattr(self, n) for n in self._tensor_names},
+            {
+                "prefixlens_format": FORMAT_VERSION,
+                "form": self.form,
+                "signature": self.signature.to_json(),
+                "key_convention": "hook_k (pre-rotary)",
+            },
+        )
+
+    @classmethod
+    def load(cls, path: str | os.PathLike, model, device=None) -> "Prefix":
+        """Read a prefix written by :meth:`save`, refusing one made for another model.
+
+        Called on :class:`Prefix` it returns whichever form the file holds.
+        """
+        tensors, meta = load_tensors(path)
+        form = meta.get("form")
+        if form not in FORMS:
+            raise ValueError(f"{path} is not a prefixlens prefix file (metadata form={form!r}).")
+        target = FORMS[form]
+        if cls is not Prefix and cls is not target:
+            raise TypeError(f"{path} holds a {form}, not a {cls.__name__}; use {form}.load or Prefix.load.")
+        saved = ModelSignature.from_json(meta["signature"])
+        problems = saved.mismatches(signature_of(model))
+        if problems:
+            raise ValueError(
+                f"{path} holds a {form} made for a different model: " + "; ".join(problems) + "."
+            )
+        dtype, model_device = model_dtype_device(model)
+        tensors = {k: v.to(dtype=dtype, device=device or model_device) for k, v in tensors.items()}
+        return target(**tensors, signature=saved)
+
+    def extra_repr(self) -> str:
+        shapes = ", ".join(f"{n}={tuple(getattr(self, n).shape)}" for n in self._tensor_names)
+        return f"P={self.length}, {shapes}, model={self.signature.architecture}"
+
+
+class KVPrefix(Prefix):
+    """Keys and values for every layer (Li & Liang / PEFT prefix-tuning).
+
+    ``keys``, ``values``: ``[n_layers, P, n_kv_heads, d_head]`` (optionally a leading batch dim).
+    Keys are pre-rotary, as at ``hook_k``.
+    """
+
+    form = "KVPrefix"
+    _tensor_names = ("keys", "values")
+    _unbatched_ndim = 4
+
+    def __init__(
+        self,
+        keys: Float[Tensor, "*batch n_layers P n_kv_heads d_head"],
+        values: Float[Tensor, "*batch n_layers P n_kv_heads d_head"],
+        signature: ModelSignature,
+    ):
+        super().__init__(signature)
+        if keys.shape != values.shape:
+            raise ValueError(f"keys {tuple(keys.shape)} and values {tuple(values.shape)} must have one shape.")
+        _as_tensor_attr(self, "keys", keys)
+        _as_tensor_attr(self, "values", values)
+        self._check_shapes()
+        s = signature
+        expected = (s.n_layers, self.length, s.n_kv_heads, s.d_head)
+        if tuple(keys.shape[-4:]) != expected:
+            raise ValueError(
+                f"KVPrefix keys must be [n_layers, P, n_kv_heads, d_head] = {expected} for this model, "
+                f"got {tuple(keys.shape)}."
+            )
+
+    def injection_hooks(self) -> list[Hook]:
+        hooks = []
+        for layer in range(self.signature.n_layers):
+            hooks.append((f"blocks.{layer}.attn.hook_k", self._overwrite(lambda l=layer: self.layer_keys(l))))
+            hooks.append((f"blocks.{layer}.attn.hook_v", self._overwrite(lambda l=layer: self.layer_values(l))))
+        return hooks
+
+    def layer_keys(self, layer: int) -> Float[Tensor, "*batch P n_kv_heads d_head"]:
+        return self.keys[..., layer, :, :, :]
+
+    def layer_values(self, layer: int) -> Float[Tensor, "*batch P n_kv_heads d_head"]:
+        return self.values[..., layer, :, :, :]
+
+    @classmethod
+    def random(cls, model, length: int, seed: int = 0, scale: float = 1.0) -> "KVPrefix":
+        """Gaussian keys and values with standard deviation ``scale``."""
+        s = _check_length(model, length)
+        dtype, device = model_dtype_device(model)
+        g = torch.Generator().manual_seed(seed)
+        shape = (s.n_layers, length, s.n_kv_heads, s.d_head)
+        k = torch.randn(shape, generator=g, dtype=torch.float64) * scale
+        v = torch.randn(shape, generator=g, dtype=torch.float64) * scale
+        return cls(k.to(dtype=dtype, device=device), v.to(dtype=dtype, device=device), s)
+
+    @classmethod
+    def zeros(cls, model, length: int) -> "KVPrefix":
+        s = _check_length(model, length)
+        dtype, device = model_dtype_device(model)
+        shape = (s.n_layers, length, s.n_kv_heads, s.d_head)
+        return cls(torch.zeros(shape, dtype=dtype, device=device), torch.zeros(shape, dtype=dtype, device=device), s)
+
+    @classmethod
+    def from_prompt(cls, model, tokens: Int[Tensor, "*batch P"]) -> "KVPrefix":
+        """The keys and values a real-token prompt writes in every layer: the exact equivalent prefix."""
+        tokens, batched = _prompt_tokens(tokens)
+        s = _check_length(model, tokens.shape[-1])
+        names = [f"blocks.{l}.attn.hook_{kv}" for l in range(s.n_layers) for kv in "kv"]
+        with torch.no_grad():
+            _, cache = model.run_with_cache(tokens, names_filter=lambda n: n in names)
+        k = torch.stack([cache[f"blocks.{l}.attn.hook_k"] for l in range(s.n_layers)], dim=1)
+        v = torch.stack([cache[f"blocks.{l}.attn.hook_v"] for l in range(s.n_layers)], dim=1)
+        return cls(k if batched else k[0], v if batched else v[0], s)
+
+    @classmethod
+    def from_peft(cls, peft_model_or_dir, model, **kwargs) -> "KVPrefix":
+        """Import a HuggingFace PEFT prefix-tuning adapter; see :func:`prefixlens.peft_interop.kv_prefix_from_peft`."""
+        from prefixlens.peft_interop import kv_prefix_from_peft
+
+        return kv_prefix_from_peft(peft_model_or_dir, model, **kwargs)
+
+    def to_kv(self, model=None) -> "KVPrefix":
+        return self
+
+
+class _ConvertibleToKV(Prefix):
+    """Forms whose keys and values are a deterministic function of the prefix and the model."""
+
+    def to_kv(self, model) -> KVPrefix:
+        """The exact equivalent :class:`KVPrefix` (differentiable: gradients reach this prefix)."""
+        from prefixlens.injection import attached
+
+        self.validate(model)
+        s = self.signature
+        P = self.length
+        captured: dict[str, Tensor] = {}
+
+        def grab(act, hook):
+            captured[hook.name] = act[:, :P]
+
+        batch = self.batch_size or 1
+        names = [f"blocks.{l}.attn.hook_{kv}" for l in range(s.n_layers) for kv in "kv"]
+        with attached(model, self) as slots:
+            model.run_with_hooks(
+                slots.placeholders(batch), return_type=None, fwd_hooks=[(n, grab) for n in names]
+            )
+        k = torch.stack([captured[_canonical(model, f"blocks.{l}.attn.hook_k")] for l in range(s.n_layers)], 1)
+        v = torch.stack([captured[_canonical(model, f"blocks.{l}.attn.hook_v")] for l in range(s.n_layers)], 1)
+        return KVPrefix(k if self.batched else k[0], v if self.batched else v[0], s)
+
+
+class ResidualPrefix(_ConvertibleToKV):
+    """One residual-stream vector per layer and slot that replaces the input of the attention block
+    at the slots (the reference code's form: it passes through that layer's norm, ``W_K`` and ``W_V``).
+
+    ``resid``: ``[n_layers, P, d_model]`` (optionally a leading batch dim).
+    """
+
+    form = "ResidualPrefix"
+    _tensor_names = ("resid",)
+    _unbatched_ndim = 3
+
+    def __init__(self, resid: Float[Tensor, "*batch n_layers P d_model"], signature: ModelSignature):
+        super().__init__(signature)
+        _as_tensor_attr(self, "resid", resid)
+        self._check_shapes()
+        expected = (signature.n_layers, signature.d_model)
+        if (resid.shape[-3], resid.shape[-1]) != expected:
+            raise ValueError(
+                f"ResidualPrefix must be [n_layers, P, d_model] with (n_layers, d_model) = {expected}, "
+                f"got {tuple(resid.shape)}."
+            )
+
+    def injection_hooks(self) -> list[Hook]:
+        return [
+            (f"blocks.{l}.hook_resid_pre", self._overwrite(lambda l=l: self.resid[..., l, :, :]))
+            for l in range(self.signature.n_layers)
+        ]
+
+    @classmethod
+    def random(cls, model, length: int, seed: int = 0, scale: float = 1.0) -> "ResidualPrefix":
+        """Gaussian residual vectors with standard deviation ``scale`` (the reference uses 1)."""
+        s = _check_length(model, length)
+        dtype, device = model_dtype_device(model)
+        g = torch.Generator().manual_seed(seed)
+        r = torch.randn((s.n_layers, length, s.d_model), generator=g, dtype=torch.float64) * scale
+        return cls(r.to(dtype=dtype, device=device), s)
+
+    @classmethod
+    def zeros(cls, model, length: int) -> "ResidualPrefix":
+        s = _check_length(model, length)
+        dtype, device = model_dtype_device(model)
+        return cls(torch.zeros((s.n_layers, length, s.d_model), dtype=dtype, device=device), s)
+
+    @classmethod
+    def from_prompt(cls, model, tokens: Int[Tensor, "*batch P"]) -> "ResidualPrefix":
+        """The residual stream a real-token prompt has at every layer's input."""
+        tokens, batched = _prompt_tokens(tokens)
+        s = _check_length(model, tokens.shape[-1])
+        names = [f"blocks.{l}.hook_resid_pre" for l in range(s.n_layers)]
+        with torch.no_grad():
+            _, cache = model.run_with_cache(tokens, names_filter=lambda n: n in names)
+        r = torch.stack([cache[n] for n in names], dim=1)
+        return cls(r if batched else r[0], s)
+
+
+class SoftPrompt(_ConvertibleToKV):
+    """Input embeddings at the slots, layer 0 only (prompt tuning, Lester et al.).
+
+    ``embeddings``: ``[P, d_model]`` (optionally a leading batch dim). They replace the *token*
+    embedding (``hook_embed``); models with learned positions still add the positions ``0..P-1``.
+    """
+
+    form = "SoftPrompt"
+    _tensor_names = ("embeddings",)
+    _unbatched_ndim = 2
+
+    def __init__(self, embeddings: Float[Tensor, "*batch P d_model"], signature: ModelSignature):
+        super().__init__(signature)
+        _as_tensor_attr(self, "embeddings", embeddings)
+        self._check_shapes()
+        if embeddings.shape[-1] != signature.d_model:
+            raise ValueError(
+                f"SoftPrompt must be [P, d_model] with d_model = {signature.d_model}, got {tuple(embeddings.shape)}."
+            )
+
+    def injection_hooks(self) -> list[Hook]:
+        return [("hook_embed", self._overwrite(lambda: self.embeddings))]
+
+    @classmethod
+    def random(cls, model, length: int, seed: int = 0, scale: float | None = None) -> "SoftPrompt":
+        """Gaussian embeddings; ``scale`` defaults to the standard deviation of the embedding matrix."""
+        s = _check_length(model, length)
+        dtype, device = model_dtype_device(model)
+        if scale is None:
+            scale = float(model.W_E.detach().double().std())
+        g = torch.Generator().manual_seed(seed)
+        e = torch.randn((length, s.d_model), generator=g, dtype=torch.float64) * scale
+        return cls(e.to(dtype=dtype, device=device), s)
+
+    @classmethod
+    def zeros(cls, model, length: int) -> "SoftPrompt":
+        s = _check_length(model, length)
+        dtype, device = model_dtype_device(model)
+        return cls(torch.zeros((length, s.d_model), dtype=dtype, device=device), s)
+
+    @classmethod
+    def from_prompt(cls, model, tokens: Int[Tensor, "*batch P"]) -> "SoftPrompt":
+        """The token embeddings of a real prompt (``W_E[tokens]``)."""
+        tokens, batched = _prompt_tokens(tokens)
+        s = _check_length(model, tokens.shape[-1])
+        with torch.no_grad():
+            _, cache = model.run_with_cache(tokens, names_filter=lambda n: n == "hook_embed")
+        e = cache["hook_embed"]
+        return cls(e if batched else e[0], s)
+
+
+FORMS: dict[str, type[Prefix]] = {c.form: c for c in (KVPrefix, ResidualPrefix, SoftPrompt)}
+
+
+def _check_length(model, length: int) -> ModelSignature:
+    s = signature_of(model)
+    if not isinstance(length, int) or length < 1:
+        raise ValueError(f"a prefix needs at least one slot: length must be an int >= 1, got {length!r}.")
+    if length >= s.n_ctx:
+        raise ValueError(
+            f"prefix length {length} leaves no room for content in the model's context of {s.n_ctx} positions."
+        )
+    return s
+
+
+def _canonical(model, name: str) -> str:
+    """The name a hook fires under (aliases such as ``hook_k`` resolve to ``attn.k.hook_out``)."""
+    hp = model.hook_dict.get(name)
+    return hp.name if hp is not None and hp.name else name
