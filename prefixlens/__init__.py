@@ -1,5 +1,7 @@
 """prefixlens: virtual prefixes, soft prompts and prefix-tuning, studied mechanistically on TransformerLens."""
 
+from prefixlens.decomposition import HeadDecomposition, decompose
+from prefixlens.generation import generate
 from prefixlens.injection import Slots, attached, run_with_cache, run_with_prefix
 from prefixlens.prefixes import KVPrefix, Prefix, ResidualPrefix, SoftPrompt
 from prefixlens.signature import ModelSignature, signature_of
@@ -7,6 +9,7 @@ from prefixlens.signature import ModelSignature, signature_of
 __version__ = "0.1.0"
 
 __all__ = [
+    "HeadDecomposition",
     "KVPrefix",
     "ModelSignature",
     "Prefix",
@@ -14,6 +17,8 @@ __all__ = [
     "Slots",
     "SoftPrompt",
     "attached",
+    "decompose",
+    "generate",
     "run_with_cache",
     "run_with_prefix",
     "signature_of",

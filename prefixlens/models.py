@@ -14,7 +14,7 @@ import torch
 from transformer_lens.config import TransformerBridgeConfig
 from transformer_lens.model_bridge import TransformerBridge
 
-__all__ = ["toy_gpt2", "toy_llama", "native", "load", "toy_tokenizer"]
+__all__ = ["toy_gpt2", "toy_llama", "native", "load", "toy_tokenizer", "full_precision_softmax"]
 
 
 def toy_tokenizer(d_vocab: int):
@@ -45,7 +45,30 @@ def _bridge(label: str, hf_model, dtype: torch.dtype, device: str | torch.device
     bridge = TransformerBridge.boot_transformers(
         label, hf_model=hf_model, tokenizer=toy_tokenizer(hf_model.config.vocab_size), dtype=dtype
     )
-    return bridge.eval()
+    return full_precision_softmax(bridge).eval()
+
+
+def full_precision_softmax(bridge: TransformerBridge) -> TransformerBridge:
+    """Make a float64 bridge compute its attention softmax in float64.
+
+    Like HuggingFace's eager LLaMA, TransformerLens 4.3's rotary attention bridge always runs the
+    softmax in float32 and casts back, so a "float64" LLaMA is only float32-accurate inside
+    attention (identities then hold to ~1e-6, not ~1e-15). For float64 models this keeps the
+    softmax in the scores' own dtype; float32/16 models are left exactly as they are.
+    """
+    for module in bridge.modules():
+        original = getattr(module, "_masked_softmax", None)
+        if original is None or getattr(original, "_prefixlens_full_precision", False):
+            continue
+
+        def softmax(attn_scores, dtype=None, _original=original):
+            if dtype is not None and attn_scores.dtype == torch.float64:
+                dtype = torch.float64
+            return _original(attn_scores, dtype=dtype)
+
+        softmax._prefixlens_full_precision = True
+        module._masked_softmax = softmax
+    return bridge
 
 
 def toy_gpt2(
@@ -200,4 +223,4 @@ def load(
     bridge = TransformerBridge.boot_transformers(
         str(path), hf_model=hf_model, tokenizer=tokenizer, dtype=dtype, **kwargs
     )
-    return bridge.eval()
+    return full_precision_softmax(bridge).eval()

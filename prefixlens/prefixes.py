@@ -99,6 +99,12 @@ class Prefix(nn.Module):
     def device(self) -> torch.device:
         return self._main.device
 
+    def batch_slice(self, rows: slice | Tensor) -> "Prefix":
+        """The prefixes of the selected batch rows (a batched prefix only); shares storage."""
+        if not self.batched:
+            raise ValueError(f"batch_slice needs a batched {self.form}; this one has no batch dimension.")
+        return type(self)(**{n: getattr(self, n)[rows] for n in self._tensor_names}, signature=self.signature)
+
     def n_parameters(self) -> int:
         """The number of scalars in the prefix (what a training run optimises)."""
         return sum(getattr(self, n).numel() for n in self._tensor_names)
