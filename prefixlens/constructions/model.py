@@ -200,17 +200,51 @@ class HookedConstruction(HookedRootModule):
     def b_U(self) -> Float[Tensor, "d_vocab"]:
         return self.unembed.b_U
 
+    def _stacked(self, name: str) -> Tensor:
+        return torch.stack([getattr(b.attn, name) for b in self.blocks])
+
+    @property
+    def W_Q(self) -> Float[Tensor, "layer head d_model d_head"]:
+        return self._stacked("W_Q")
+
+    @property
+    def W_K(self) -> Float[Tensor, "layer head d_model d_head"]:
+        return self._stacked("W_K")
+
+    @property
+    def W_V(self) -> Float[Tensor, "layer head d_model d_head"]:
+        return self._stacked("W_V")
+
+    @property
+    def W_O(self) -> Float[Tensor, "layer head d_head d_model"]:
+        return self._stacked("W_O")
+
+    @property
+    def W_in(self) -> Float[Tensor, "layer d_model d_mlp"]:
+        return torch.stack([b.mlp.W_in for b in self.blocks])
+
+    @property
+    def W_out(self) -> Float[Tensor, "layer d_mlp d_model"]:
+        return torch.stack([b.mlp.W_out for b in self.blocks])
+
     def forward(
-        self, input: Int[Tensor, "batch pos"], return_type: str | None = "logits"
+        self,
+        input: Int[Tensor, "batch pos"],
+        return_type: str | None = "logits",
+        position_ids: Int[Tensor, "batch pos"] | None = None,
     ) -> Float[Tensor, "batch pos d_vocab"] | None:
-        """Logits ``[batch, pos, d_vocab]`` (``return_type=None`` runs the hooks and returns None)."""
+        """Logits ``[batch, pos, d_vocab]`` (``return_type=None`` runs the hooks and returns None).
+
+        ``position_ids`` (default ``0..pos-1``) choose the rows of ``W_pos``, as in HF models."""
         tokens = torch.as_tensor(input, device=self.W_E.device)
         if tokens.ndim == 1:
             tokens = tokens[None]
         T = tokens.shape[1]
-        if T > self.cfg.n_ctx:
+        if position_ids is None:
+            position_ids = torch.arange(T, device=tokens.device)[None].expand(tokens.shape[0], T)
+        if int(position_ids.max()) >= self.cfg.n_ctx or T > self.cfg.n_ctx:
             raise ValueError(f"input of {T} positions exceeds the construction's context of {self.cfg.n_ctx}.")
-        resid = self.hook_embed(self.W_E[tokens]) + self.hook_pos_embed(self.W_pos[:T][None].expand(tokens.shape[0], -1, -1))
+        resid = self.hook_embed(self.W_E[tokens]) + self.hook_pos_embed(self.W_pos[position_ids])
         for block in self.blocks:
             resid = block(resid)
         if return_type is None:

@@ -24,7 +24,8 @@ one-hot (a score gap of ``gap >= 104`` makes ``exp(-gap)`` underflow to 0 in flo
 also in float64), so the constructions are exact by design, not up to a tolerance.
 
 Limits in float32 (see :func:`decoder_limit`, :func:`max_digits_per_coordinate`):
-the decoder's logits ``2tz - t^2`` are exact integers for ``V <= 2897`` (``2(V-1)^2 <= 2^24``);
+the decoder's logits ``2tz - t^2`` are exact integers for ``V <= 4097`` (``(V-1)^2 <= 2^24``; at
+V = 4098 the bias ``-4097^2`` rounds and token 4097 decodes as 4096);
 N is not limited by precision (attention stays exactly one-hot at any length), only by memory;
 the two-token construction packs ``K`` base-V digits per coordinate with ``V**K <= 2^22``.
 """
@@ -71,9 +72,13 @@ def _check_dtype(dtype: torch.dtype) -> int:
 
 
 def decoder_limit(dtype: torch.dtype = torch.float32) -> int:
-    """The largest V for which the decoder logits ``2tz - t^2`` (t, z < V) are exact integers in ``dtype``."""
+    """The largest V for which the decoder logits ``2tz - t^2`` (t, z < V) are exact in ``dtype``.
+
+    With ``t, z <= 2^(p/2)``: ``t^2 <= 2^p``, ``2tz`` is even and ``<= 2^(p+1)``, and the logit
+    ``t(2z - t)`` lies in ``[-t^2, z^2]``, so every value is representable (float32: V <= 4097;
+    at V = 4098 the bias ``-4097^2`` rounds and z = 4097 decodes as 4096)."""
     p = _check_dtype(dtype)
-    return math.isqrt(2 ** (p - 1)) + 1
+    return math.isqrt(2**p) + 1
 
 
 def max_digits_per_coordinate(V: int, dtype: torch.dtype = torch.float32) -> int:
@@ -451,13 +456,12 @@ class TwoTokenInput(_Builder):
         if V < 2:
             raise ValueError(f"need V >= 2, got {V}.")
         K_max = max_digits_per_coordinate(V, dtype)
-        K = K_max if digits_per_coordinate is None else int(digits_per_coordinate)
+        K = min(K_max, V) if digits_per_coordinate is None else int(digits_per_coordinate)
         if not 1 <= K <= min(K_max, V):
             raise ValueError(
                 f"digits_per_coordinate must be in [1, {min(K_max, V)}] for V={V} in {dtype} "
                 f"(V**K <= 2^{_check_dtype(dtype) - 2} keeps the unpacking exact), got {K}."
             )
-        K = min(K, V)
         self.V, self.K, self.gap = V, K, gap
         self.C = C = -(-V // K)
         self.chunks = [list(range(c * K, min(V, (c + 1) * K))) for c in range(C)]
