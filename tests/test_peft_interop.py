@@ -1,0 +1,211 @@
+"""Importing HuggingFace PEFT prefix-tuning adapters: the imported KVPrefix reproduces PEFT's logits.
+
+Reference logits come from the PEFT model itself. In float64 the LLaMA reference uses HF's ``sdpa``
+attention: HF's *eager* LLaMA attention runs its softmax in float32 even for a float64 model (the bridge
+differs from it by ~2e-6 with no prefix at all), which would hide the import's own float64 error.
+"""
+
+from __future__ import annotations
+
+import json
+import warnings
+
+import pytest
+import torch
+
+pytest.importorskip("peft")
+from peft import LoraConfig, PrefixTuningConfig, get_peft_model  # noqa: E402
+from safetensors.torch import save_file  # noqa: E402
+from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM  # noqa: E402
+
+import prefixlens as pl  # noqa: E402
+from prefixlens import models  # noqa: E402
+from prefixlens.peft_interop import kv_prefix_from_peft  # noqa: E402
+
+VOCAB, P, BATCH, T = 50, 3, 2, 6
+TOL = {torch.float32: 1e-5, torch.float64: 1e-10}
+
+
+def hf_model(kind: str, dtype: torch.dtype, seed: int = 0, n_layers: int = 2, d_model: int = 32, n_heads: int = 4,
+             n_kv_heads: int = 2, attn: str = "sdpa"):
+    torch.manual_seed(seed)
+    if kind == "llama":
+        config = LlamaConfig(
+            vocab_size=VOCAB, hidden_size=d_model, intermediate_size=2 * d_model, num_hidden_layers=n_layers,
+            num_attention_heads=n_heads, num_key_value_heads=n_kv_heads, head_dim=d_model // n_heads,
+            initializer_range=0.3, max_position_embeddings=64, rope_theta=500.0, attn_implementation=attn,
+            bos_token_id=1, eos_token_id=2, pad_token_id=0,
+        )
+        model = LlamaForCausalLM(config)
+    else:
+        config = GPT2Config(
+            vocab_size=VOCAB, n_positions=64, n_embd=d_model, n_layer=n_layers, n_head=n_heads,
+            initializer_range=0.3, attn_implementation="eager", bos_token_id=1, eos_token_id=2,
+        )
+        model = GPT2LMHeadModel(config)
+    return model.to(dtype).eval()
+
+
+def prefix_peft(hf, projection: bool, dtype: torch.dtype, seed: int = 1, adapter_name: str = "default"):
+    """A PEFT prefix-tuning model with a random (non-trivial) prompt encoder in ``dtype``."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        peft_model = get_peft_model(
+            hf,
+            PrefixTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=P, prefix_projection=projection),
+            adapter_name=adapter_name,
+        )
+    encoder = peft_model.prompt_encoder[adapter_name].to(dtype)
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in encoder.parameters():
+            p.copy_(torch.randn(p.shape, generator=g, dtype=torch.float64).to(p.dtype))
+    return peft_model.eval()
+
+
+def tokens_for(seed: int = 2) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(3, VOCAB, (BATCH, T), generator=g)
+
+
+def bridge_of(hf, dtype):
+    return models._bridge(f"test-{hf.config.model_type}", hf, dtype, None)
+
+
+CASES = [(k, d, proj) for k in ("llama", "gpt2") for d in (torch.float32, torch.float64) for proj in (False, True)]
+
+
+@pytest.mark.parametrize("kind,dtype,projection", CASES, ids=lambda v: str(v).replace("torch.", ""))
+def test_imported_prefix_reproduces_peft_logits(kind, dtype, projection, tmp_path):
+    peft_model = prefix_peft(hf_model(kind, dtype), projection, dtype)
+    tokens = tokens_for()
+    with torch.no_grad():
+        reference = peft_model(input_ids=tokens).logits
+        # PEFT prepends ones(B, P) to a given mask; the result must not change.
+        masked = peft_model(input_ids=tokens, attention_mask=torch.ones_like(tokens)).logits
+    assert torch.equal(reference, masked)
+    peft_model.save_pretrained(tmp_path)
+
+    # The bridge wraps the very base model PEFT ran (built after the reference logits were taken).
+    bridge = bridge_of(peft_model.get_base_model(), dtype)
+    with torch.no_grad():
+        no_prefix = bridge(tokens)
+    for source in (peft_model, tmp_path, str(tmp_path)):
+        prefix = kv_prefix_from_peft(source, bridge)
+        assert isinstance(prefix, pl.KVPrefix) and prefix.length == P and not prefix.batched
+        assert prefix.dtype == dtype
+        with torch.no_grad():
+            logits = pl.run_with_prefix(bridge, tokens, prefix)
+        err = (logits - reference).abs().max().item()
+        assert err <= TOL[dtype], f"{kind} {dtype} projection={projection} from {type(source).__name__}: {err:.3g}"
+    # The prefix matters (the test is not trivially satisfied by an empty prefix).
+    assert (no_prefix - reference).abs().max().item() > 0.1
+    assert bridge.hook_dict["blocks.0.attn.hook_k"].fwd_hooks == []
+    assert pl.KVPrefix.from_peft(tmp_path, bridge).keys.shape == prefix.keys.shape
+
+
+def test_layout_and_unrotation_match_peft_cache():
+    """Values (and GPT-2 keys) are PEFT's cache entries transposed; LLaMA keys re-rotate to PEFT's keys."""
+    dtype = torch.float64
+    for kind in ("gpt2", "llama"):
+        peft_model = prefix_peft(hf_model(kind, dtype), False, dtype)
+        cache = peft_model.get_prompt(1)
+        bridge = bridge_of(peft_model.get_base_model(), dtype)
+        prefix = kv_prefix_from_peft(peft_model, bridge)
+        for layer in range(2):
+            peft_k = cache.layers[layer].keys[0].transpose(0, 1)  # [P, n_kv, d_head]
+            peft_v = cache.layers[layer].values[0].transpose(0, 1)
+            assert torch.equal(prefix.values[layer], peft_v)
+            if kind == "gpt2":
+                assert torch.equal(prefix.keys[layer], peft_k)
+            else:
+                assert (prefix.keys[layer] - peft_k).abs().max() > 1e-3  # rotary keys are really un-rotated
+        if kind == "llama":
+            names = [f"blocks.{l}.attn.hook_rot_k" for l in range(2)]
+            with torch.no_grad():
+                _, cache_tl = pl.run_with_cache(bridge, tokens_for(), prefix, names_filter=names)
+            for layer, name in enumerate(names):
+                rotated = cache_tl[name][0, :P]  # the model's own rotation of the imported keys
+                peft_k = cache.layers[layer].keys[0].transpose(0, 1)
+                assert (rotated - peft_k).abs().max().item() <= 1e-12
+
+
+def test_directory_with_prompt_encoder_weights(tmp_path):
+    """A directory holding the MLP weights (not the ejected prompt) is evaluated through the MLP."""
+    dtype = torch.float64
+    peft_model = prefix_peft(hf_model("gpt2", dtype), True, dtype)
+    config = peft_model.peft_config["default"].to_dict()
+    config["peft_type"] = "PREFIX_TUNING"
+    config["task_type"] = "CAUSAL_LM"
+    (tmp_path / "adapter_config.json").write_text(json.dumps(config))
+    state = {f"prompt_encoder.{k}": v.detach().contiguous() for k, v in peft_model.prompt_encoder["default"].state_dict().items()}
+    assert any("transform.2.weight" in k for k in state)
+    save_file(state, str(tmp_path / "adapter_model.safetensors"))
+    bridge = bridge_of(peft_model.get_base_model(), dtype)
+    from_dir = kv_prefix_from_peft(tmp_path, bridge)
+    in_memory = kv_prefix_from_peft(peft_model, bridge)
+    assert (from_dir.keys - in_memory.keys).abs().max().item() <= 1e-12
+    assert (from_dir.values - in_memory.values).abs().max().item() <= 1e-12
+
+
+def test_named_adapter_in_subdirectory(tmp_path):
+    dtype = torch.float32
+    peft_model = prefix_peft(hf_model("llama", dtype), False, dtype, adapter_name="task")
+    peft_model.save_pretrained(tmp_path)  # a non-default adapter goes to tmp_path/task/
+    bridge = bridge_of(peft_model.get_base_model(), dtype)
+    a = kv_prefix_from_peft(tmp_path, bridge, adapter_name="task")
+    b = kv_prefix_from_peft(peft_model, bridge, adapter_name="task")
+    assert torch.equal(a.keys, b.keys) and torch.equal(a.values, b.values)
+    with pytest.raises(KeyError, match="no adapter 'default'"):
+        kv_prefix_from_peft(peft_model, bridge)
+
+
+def test_refuses_non_prefix_adapters(tmp_path):
+    dtype = torch.float32
+    hf = hf_model("llama", dtype)
+    bridge = bridge_of(hf_model("llama", dtype), dtype)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        lora = get_peft_model(hf, LoraConfig(task_type="CAUSAL_LM", r=2, target_modules=["q_proj"]))
+    lora.save_pretrained(tmp_path)
+    with pytest.raises((ValueError, TypeError), match="prefix-tuning|PeftModel"):
+        kv_prefix_from_peft(lora, bridge)
+    with pytest.raises(ValueError, match="only PEFT prefix-tuning adapters.*LORA"):
+        kv_prefix_from_peft(tmp_path, bridge)
+    with pytest.raises(FileNotFoundError):
+        kv_prefix_from_peft(tmp_path / "missing", bridge)
+    with pytest.raises(TypeError, match="expected a peft PeftModel"):
+        kv_prefix_from_peft(torch.zeros(3), bridge)
+
+
+@pytest.mark.parametrize(
+    "change,match",
+    [
+        ({"n_layers": 3}, "num_layers=2"),
+        ({"n_kv_heads": 4}, "n_kv_heads=4"),
+        ({"d_model": 48, "n_heads": 6}, "hidden size=32"),  # same key/value shape, different base model
+    ],
+    ids=["layers", "kv-heads", "hidden-size"],
+)
+def test_refuses_base_model_mismatch(change, match, tmp_path):
+    dtype = torch.float32
+    peft_model = prefix_peft(hf_model("llama", dtype), False, dtype)
+    other = bridge_of(hf_model("llama", dtype, seed=3, **change), dtype)
+    with pytest.raises(ValueError, match=match):
+        kv_prefix_from_peft(peft_model, other)
+    if "d_model" not in change:  # a directory carries only the shapes of the keys and values
+        peft_model.save_pretrained(tmp_path)
+        with pytest.raises(ValueError, match="does not fit the model"):
+            kv_prefix_from_peft(tmp_path, other)
+
+
+def test_refuses_processed_weights(tmp_path):
+    dtype = torch.float32
+    peft_model = prefix_peft(hf_model("gpt2", dtype), False, dtype)
+    peft_model.save_pretrained(tmp_path)
+    bridge = bridge_of(hf_model("gpt2", dtype), dtype)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        bridge.enable_compatibility_mode()
+    with pytest.raises(ValueError, match="weight processing"):
+        kv_prefix_from_peft(tmp_path, bridge)
