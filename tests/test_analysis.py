@@ -1,0 +1,169 @@
+"""prefixlens.analysis: the §4 identities for every layer and head, and the slot statistics."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+import prefixlens as pl
+from prefixlens import analysis as an
+from tests.conftest import DECOMPOSITION_TOL, build, n_attached_hooks, random_tokens
+
+
+@pytest.mark.parametrize("P", [1, 3])
+def test_identities_hold_every_layer_and_head(family, dtype, P):
+    model = build(family, dtype)
+    prefix = pl.ResidualPrefix.random(model, P, seed=1)
+    tokens = random_tokens((5, 9), seed=2)
+    check = an.check_identities(model, tokens, prefix, batch_size=2)
+    L, H = int(model.cfg.n_layers), int(model.cfg.n_heads)
+    assert check.relative_attention.shape == (L, H) and check.bias_only.shape == (L, H)
+    tol = DECOMPOSITION_TOL[dtype]
+    for name in check.ERRORS:
+        err = getattr(check, name)
+        if err is not None:
+            assert float(err.max()) < tol, (name, float(err.max()))
+    # the check is not vacuous: the prefix takes real attention, and it moves deeper layers' inputs
+    assert float(check.mean_prefix_attention.min()) > 0.01
+    assert float(check.cross_layer_shift[1:].min()) > 1e-3
+    assert float(check.cross_layer_shift[0]) == 0.0
+    assert n_attached_hooks(model) == 0
+
+
+def test_chunking_does_not_change_the_result():
+    model = build("llama_gqa", torch.float64)
+    prefix = pl.KVPrefix.random(model, 2, seed=3)
+    tokens = random_tokens((6, 7), seed=4)
+    whole = an.check_identities(model, tokens, prefix, batch_size=6)
+    chunks = an.check_identities(model, tokens, prefix, batch_size=4)
+    torch.testing.assert_close(whole.mean_prefix_attention, chunks.mean_prefix_attention)
+    torch.testing.assert_close(whole.max_prefix_attention, chunks.max_prefix_attention)
+    torch.testing.assert_close(whole.cross_layer_shift, chunks.cross_layer_shift)
+    torch.testing.assert_close(whole.z_scale, chunks.z_scale)
+    # mean prefix attention equals decompose's directly
+    d = pl.decompose(model, tokens, prefix, reference=False)
+    torch.testing.assert_close(whole.mean_prefix_attention, d.prefix_attention.mean(dim=(1, 3)))
+
+
+def test_a_broken_identity_is_detected():
+    """A hook that nudges one head's output in the prefixed run must show up in the bias-only error."""
+    model = build("llama_gqa", torch.float64)
+    prefix = pl.ResidualPrefix.random(model, 2, seed=0)
+    tokens = random_tokens((3, 6), seed=1)
+
+    def nudge(z, hook):
+        z = z.clone()
+        z[:, :, 1] += 1e-3
+        return z
+
+    with model.hooks(fwd_hooks=[("blocks.0.attn.hook_z", nudge)]):
+        check = an.check_identities(model, tokens, prefix)
+    assert float(check.bias_only[0, 1]) == pytest.approx(1e-3, rel=1e-6)
+    assert float(check.bias_only[0, 0]) < 1e-12
+    assert float(check.bias_only_scores[0, 1]) == pytest.approx(1e-3, rel=1e-6)
+    assert check.max_error("relative_attention") < 1e-12  # layer-0 attention is untouched
+    assert n_attached_hooks(model) == 0
+
+
+def test_json_and_table():
+    model = build("gpt2", torch.float32)
+    check = an.check_identities(model, random_tokens((2, 5)), pl.KVPrefix.random(model, 1))
+    js = check.to_json()
+    assert js["dtype"] == "float32" and js["n_slots"] == 1 and len(js["per_layer"]) == model.cfg.n_layers
+    assert js["max"]["bias_only"] == pytest.approx(max(r["bias_only"] for r in js["per_layer"]))
+    assert np.array(js["per_head"]["relative_attention"]).shape == (model.cfg.n_layers, model.cfg.n_heads)
+
+
+def test_bad_input():
+    model = build("gpt2", torch.float32)
+    prefix = pl.KVPrefix.random(model, 2)
+    with pytest.raises(ValueError, match="batch_size"):
+        an.check_identities(model, random_tokens((2, 5)), prefix, batch_size=0)
+    batched = pl.SoftPrompt(torch.zeros(2, 2, model.cfg.d_model), prefix.signature)
+    with pytest.raises(ValueError, match="unbatched"):
+        an.check_identities(model, random_tokens((2, 5)), batched)
+    with pytest.raises(ValueError, match="unbatched"):
+        an.slot_statistics(model, random_tokens((2, 5)), batched)
+    with pytest.raises(ValueError, match="out of range"):
+        an.slot_statistics(model, random_tokens((2, 5)), prefix, positions=5)
+    with pytest.raises(ValueError, match="empty"):
+        an.slot_statistics(model, random_tokens((2, 5)), prefix, positions=[])
+    with pytest.raises(TypeError):
+        an.check_identities(model, random_tokens((2, 5)).float(), prefix)
+    assert n_attached_hooks(model) == 0
+
+
+# --------------------------------------------------------------------------------------------------
+# effective rank
+# --------------------------------------------------------------------------------------------------
+
+
+def test_effective_rank():
+    g = torch.Generator().manual_seed(0)
+    u, v = torch.randn(20, 1, generator=g, dtype=torch.float64), torch.randn(1, 7, generator=g, dtype=torch.float64)
+    assert an.effective_rank(u @ v) == pytest.approx(1.0, abs=1e-9)
+    assert an.effective_rank(torch.eye(5)) == pytest.approx(5.0)
+    assert an.effective_rank(torch.zeros(4, 3)) == 0.0
+    # a constant row plus noise: rank ~1 uncentred is not what the centred rank sees
+    rows = torch.ones(50, 4) * 10 + 1e-3 * torch.randn(50, 4, generator=g)
+    assert an.effective_rank(rows) < 1.01
+    assert an.effective_rank(rows, center=True) > 3.0
+    x = torch.randn(30, 6, generator=g) * torch.tensor([1.0, 1, 1, 0, 0, 0])
+    assert an.numerical_rank(x) == 3
+    assert 1.0 < an.effective_rank(x) <= 3.0
+    with pytest.raises(ValueError):
+        an.effective_rank(torch.zeros(3))
+
+
+# --------------------------------------------------------------------------------------------------
+# slot statistics
+# --------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("fam", ["llama_gqa", "native"])
+def test_slot_statistics_agree_with_decompose(fam):
+    model = build(fam, torch.float64)
+    prefix = pl.ResidualPrefix.random(model, 4, seed=5)
+    tokens = random_tokens((7, 6), seed=6)
+    stats = an.slot_statistics(model, tokens, prefix, positions=[-1, 2], batch_size=3)
+    L, H = int(model.cfg.n_layers), int(model.cfg.n_heads)
+    assert stats.weights.shape == (L, H, 14, 4) and stats.positions == [5, 2]
+    torch.testing.assert_close(stats.weights.sum(-1), torch.ones(L, H, 14, dtype=torch.float64))
+    d = pl.decompose(model, tokens, prefix, reference=False)
+    # queries are ordered (input, position): input 0 pos 5, input 0 pos 2, input 1 pos 5, ...
+    b = d.prefix_bias[:, :, [5, 2]].permute(0, 3, 1, 2, 4).flatten(2, 3)  # [l, h, n, d]
+    torch.testing.assert_close(stats.biases, b)
+    A = d.prefix_attention[..., [5, 2]].permute(0, 2, 1, 3).flatten(2, 3)
+    torch.testing.assert_close(stats.prefix_mass, A)
+    # the values are the prefix's own (as a KV prefix, expanded to query heads)
+    kv = prefix.to_kv(model)
+    v = kv.values.repeat_interleave(H // kv.values.shape[-2], dim=-2).permute(0, 2, 1, 3)
+    torch.testing.assert_close(stats.values, v)
+    # realised biases lie in the span of the values: rank bounded by P
+    assert float(stats.bias_erank().max()) <= float(stats.value_rank().max()) + 1e-9
+
+
+def test_slot_statistics_summaries():
+    model = build("gpt2", torch.float64)
+    tokens = random_tokens((40, 5), seed=7)
+    one = an.slot_statistics(model, tokens, pl.KVPrefix.random(model, 1, seed=1))
+    assert float(one.spread().abs().max()) == 0.0  # one slot always gets weight 1
+    assert float(one.top_slot_share().min()) == pytest.approx(1.0)
+    # identical values in every slot: the bias is one fixed vector whatever the weights
+    kv = pl.KVPrefix.random(model, 5, seed=2)
+    same = pl.KVPrefix(kv.keys.detach(), kv.values.detach()[:, :1].expand_as(kv.values).clone(), kv.signature)
+    st = an.slot_statistics(model, tokens, same, positions=None)
+    assert float(st.value_rank().max()) == 1.0
+    assert float(st.bias_erank().max()) == pytest.approx(1.0, abs=1e-6)
+    assert float(st.bias_variation().max()) < 1e-10
+    assert float(st.weight_erank().min()) > 1.0  # the weights themselves still vary
+    # quantiles match numpy's
+    q = st.quantiles((0.01, 0.99))
+    w = st.weights[0, 0].numpy()
+    np.testing.assert_allclose(q[0, 0].numpy(), np.quantile(w, [0.01, 0.99], axis=0).T, rtol=1e-12)
+    summ = st.summary()
+    assert set(summ) >= {"spread_p1_p99", "top_slot_share", "bias_erank", "value_rank", "weight_erank"}
+    assert all(len(v) == model.cfg.n_layers for v in summ.values())
+    p = st.slot_entropy_perplexity()
+    assert float(p.min()) >= 1.0 and float(p.max()) <= 5.0 + 1e-9
