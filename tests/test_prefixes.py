@@ -1,0 +1,103 @@
+"""Prefix forms: constructors, shapes, persistence and the errors for the wrong model."""
+
+import pytest
+import torch
+
+import prefixlens as pl
+from prefixlens import models
+from tests.conftest import build, random_tokens
+
+
+def test_shapes_follow_the_model(family):
+    model = build(family)
+    s = pl.signature_of(model)
+    kv = pl.KVPrefix.random(model, 5, seed=0)
+    assert kv.keys.shape == (s.n_layers, 5, s.n_kv_heads, s.d_head) == kv.values.shape
+    assert pl.ResidualPrefix.zeros(model, 5).resid.shape == (s.n_layers, 5, s.d_model)
+    assert pl.SoftPrompt.random(model, 5).embeddings.shape == (5, s.d_model)
+    assert kv.length == 5 and not kv.batched and kv.n_parameters() == 2 * s.n_layers * 5 * s.n_kv_heads * s.d_head
+
+
+def test_gqa_prefix_has_kv_heads_only():
+    assert pl.KVPrefix.zeros(build("llama_gqa"), 2).keys.shape[-2] == 2
+
+
+def test_random_is_seeded():
+    model = build("gpt2")
+    assert torch.equal(pl.KVPrefix.random(model, 3, seed=1).keys, pl.KVPrefix.random(model, 3, seed=1).keys)
+    assert not torch.equal(pl.KVPrefix.random(model, 3, seed=1).keys, pl.KVPrefix.random(model, 3, seed=2).keys)
+
+
+def test_prefix_tensors_are_trainable_parameters():
+    model = build("gpt2")
+    prefix = pl.ResidualPrefix.random(model, 2)
+    assert [n for n, _ in prefix.named_parameters()] == ["resid"]
+    assert all(not p.requires_grad for p in model.parameters())
+
+
+@pytest.mark.parametrize("form", [pl.KVPrefix, pl.ResidualPrefix, pl.SoftPrompt], ids=lambda c: c.__name__)
+def test_save_and_load_round_trip(tmp_path, family, form):
+    model = build(family)
+    prefix = form.random(model, 3, seed=5)
+    prefix.save(tmp_path / "p.safetensors")
+    again = pl.Prefix.load(tmp_path / "p.safetensors", model)
+    assert type(again) is form and again.signature == prefix.signature
+    for name in prefix._tensor_names:
+        assert torch.equal(getattr(again, name), getattr(prefix, name))
+    assert not list(tmp_path.glob("*.tmp")), "no temporary file is left behind"
+
+
+def test_loading_into_another_model_is_refused(tmp_path):
+    prefix = pl.KVPrefix.random(build("gpt2"), 2)
+    prefix.save(tmp_path / "p.safetensors")
+    with pytest.raises(ValueError, match="different model.*architecture"):
+        pl.Prefix.load(tmp_path / "p.safetensors", build("native"))
+    wider = models.toy_gpt2(n_layers=3, d_model=32, n_heads=4, d_vocab=61, n_ctx=64)
+    with pytest.raises(ValueError, match="n_layers=2 \\(prefix\\) vs 3 \\(model\\)"):
+        pl.Prefix.load(tmp_path / "p.safetensors", wider)
+    with pytest.raises(TypeError, match="holds a KVPrefix, not a SoftPrompt"):
+        pl.SoftPrompt.load(tmp_path / "p.safetensors", build("gpt2"))
+
+
+def test_wrong_model_dtype_and_device_errors():
+    gpt2 = build("gpt2")
+    x = random_tokens((1, 4))
+    with pytest.raises(ValueError, match="different model"):
+        pl.run_with_prefix(build("llama_gqa"), x, pl.KVPrefix.random(gpt2, 2))
+    with pytest.raises(ValueError, match="d_model=32 \\(prefix\\) vs 48"):
+        pl.run_with_prefix(models.toy_gpt2(n_layers=2, d_model=48, n_heads=4, d_vocab=61), x, pl.SoftPrompt.random(gpt2, 2))
+    with pytest.raises(TypeError, match="dtype mismatch: .*float64 but the model runs in torch.float32"):
+        pl.run_with_prefix(gpt2, x, pl.KVPrefix.random(gpt2, 2).to(torch.float64))
+    meta = pl.KVPrefix.random(gpt2, 2).to("meta")
+    with pytest.raises(ValueError, match="device mismatch: .* on meta but the model is on cpu"):
+        pl.run_with_prefix(gpt2, x, meta)
+
+
+def test_bad_inputs_are_refused():
+    model = build("gpt2")
+    prefix = pl.KVPrefix.random(model, 2)
+    with pytest.raises(ValueError, match="empty input"):
+        pl.run_with_prefix(model, torch.zeros((1, 0), dtype=torch.long), prefix)
+    with pytest.raises(ValueError, match="exceeds the model's context of 64"):
+        pl.run_with_prefix(model, random_tokens((1, 63)), prefix)
+    with pytest.raises(TypeError, match="integer ids"):
+        pl.run_with_prefix(model, torch.zeros((1, 3)), prefix)
+    with pytest.raises(ValueError, match="at least one slot"):
+        pl.KVPrefix.zeros(model, 0)
+    with pytest.raises(ValueError, match="P >= 1"):
+        pl.KVPrefix(torch.zeros(2, 0, 4, 8), torch.zeros(2, 0, 4, 8), prefix.signature)
+    with pytest.raises(ValueError, match="n_layers, P, n_kv_heads, d_head"):
+        pl.KVPrefix(torch.zeros(3, 2, 4, 8), torch.zeros(3, 2, 4, 8), prefix.signature)
+    with pytest.raises(ValueError, match="token ids must lie in"):
+        pl.run_with_prefix(model, torch.tensor([[1, 99]]), prefix)
+    with pytest.raises(TypeError, match="expected a prefixlens prefix"):
+        pl.run_with_prefix(model, random_tokens((1, 3)), torch.zeros(3))
+
+
+def test_batch_slice_selects_rows():
+    model = build("gpt2")
+    prefix = pl.SoftPrompt.from_prompt(model, random_tokens((4, 2)))
+    part = prefix.batch_slice(slice(1, 3))
+    assert part.batch_size == 2 and torch.equal(part.embeddings, prefix.embeddings[1:3])
+    with pytest.raises(ValueError, match="needs a batched"):
+        pl.SoftPrompt.random(model, 2).batch_slice(slice(0, 1))
