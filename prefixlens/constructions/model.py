@@ -114,18 +114,24 @@ class ConstructionAttention(nn.Module):
         self.hook_attn_scores, self.hook_pattern = HookPoint(), HookPoint()
         self.hook_z, self.hook_result = HookPoint(), HookPoint()
 
+    def _project(self, x: Tensor, W: Tensor, b: Tensor) -> Tensor:
+        h, d, e = W.shape
+        return (x @ W.permute(1, 0, 2).reshape(d, h * e)).view(*x.shape[:2], h, e) + b
+
     def forward(self, x: Float[Tensor, "batch pos d_model"]) -> Float[Tensor, "batch pos d_model"]:
-        q = self.hook_q(torch.einsum("bpd,hde->bphe", x, self.W_Q) + self.b_Q)
-        k = self.hook_k(torch.einsum("bpd,hde->bphe", x, self.W_K) + self.b_K)
-        v = self.hook_v(torch.einsum("bpd,hde->bphe", x, self.W_V) + self.b_V)
+        q = self.hook_q(self._project(x, self.W_Q, self.b_Q))
+        k = self.hook_k(self._project(x, self.W_K, self.b_K))
+        v = self.hook_v(self._project(x, self.W_V, self.b_V))
         T = x.shape[1]
         scores = torch.einsum("bqhe,bkhe->bhqk", q, k) / self.attn_scale
         mask = torch.ones(T, T, dtype=torch.bool, device=x.device).tril()
         scores = self.hook_attn_scores(scores.masked_fill(~mask, float("-inf")))
         pattern = self.hook_pattern(scores.softmax(dim=-1))
         z = self.hook_z(torch.einsum("bhqk,bkhe->bqhe", pattern, v))
-        result = self.hook_result(torch.einsum("bqhe,hed->bqhd", z, self.W_O))
-        return result.sum(dim=2) + self.b_O
+        if self.hook_result.has_hooks():  # per-head outputs only when someone looks at them
+            return self.hook_result(torch.einsum("bqhe,hed->bqhd", z, self.W_O)).sum(dim=2) + self.b_O
+        h, e, d = self.W_O.shape
+        return z.reshape(*z.shape[:2], h * e) @ self.W_O.reshape(h * e, d) + self.b_O
 
 
 class ConstructionMLP(nn.Module):
