@@ -1,0 +1,244 @@
+"""How many different completions can one first position produce? Real tokens vs virtual ones (paper §3).
+
+A real first token can select at most ``d_vocab`` completions; a virtual one (a soft token, a
+one-slot residual prefix or a one-slot key/value prefix) ranges over a continuum. This module draws
+virtual first positions with a documented sampler, generates greedy completions for each arm, and
+counts the distinct ones.
+
+**Samplers** (every form, one slot; fitted to the same form computed from *real* single tokens):
+
+- ``"gaussian"``: a Gaussian with the mean and covariance of the real-token tensors ``X`` (``[M, D]``,
+  flattened per token; ``M = d_vocab`` tokens, or a random subset of ``fit_tokens`` of them), drawn as
+  ``mu + (X - mu)^T g / sqrt(M - 1)`` with ``g ~ N(0, I_M)`` -- exactly the sample covariance (rank
+  ``<= M - 1``) without forming a ``D x D`` matrix. For the soft prompt, ``X`` is the embedding matrix.
+- ``"convex"``: random convex combinations of ``k`` real-token tensors (``k`` tokens drawn uniformly
+  without replacement, weights ``~ Dirichlet(1, ..., 1)``).
+
+**Protocols.** ``content_token=None`` is the reference's: the first position is the whole prompt
+and the first generated token is read at it (no BOS). This works for tokens, soft prompts and
+residual prefixes (the residual prefix sets every layer's input at the slot, so the slot's own
+output is defined) but not for a key/value prefix, which only sets the slot's keys and values; with
+``content_token=c`` the prompt is ``[first position, c]`` and every form works (the token arm is
+then exactly ``KVPrefix.from_prompt(model, [t])``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from jaxtyping import Float, Int
+from torch import Tensor
+from tqdm.auto import tqdm
+
+from prefixlens.generation import generate, sample_next
+from prefixlens.injection import attached
+from prefixlens.prefixes import KVPrefix, Prefix, ResidualPrefix, SoftPrompt
+from prefixlens.signature import model_dtype_device, signature_of
+
+__all__ = [
+    "FORMS",
+    "SAMPLERS",
+    "ArmResult",
+    "real_token_prefixes",
+    "sample_prefixes",
+    "greedy_completions",
+    "count_distinct",
+    "distinct_curve",
+    "run_arm",
+]
+
+FORMS = {"soft": SoftPrompt, "residual": ResidualPrefix, "kv": KVPrefix}
+SAMPLERS = ("gaussian", "convex")
+
+
+def count_distinct(completions: Int[Tensor, "n L"]) -> int:
+    """The number of distinct rows."""
+    return int(torch.unique(completions, dim=0).shape[0]) if completions.shape[0] else 0
+
+
+def distinct_curve(completions: Int[Tensor, "n L"], ns: list[int]) -> list[int]:
+    """Distinct rows among the first ``n`` rows, for each ``n`` in ``ns`` (rows are i.i.d. draws)."""
+    return [count_distinct(completions[:n]) for n in ns]
+
+
+def _form(form: str) -> type[Prefix]:
+    if form not in FORMS:
+        raise ValueError(f"form must be one of {sorted(FORMS)}, got {form!r}.")
+    return FORMS[form]
+
+
+def _flat(prefix: Prefix) -> tuple[Tensor, ...]:
+    return tuple(getattr(prefix, n).detach() for n in prefix._tensor_names)
+
+
+@torch.no_grad()
+def real_token_prefixes(model, form: str, tokens: Int[Tensor, "n"], batch_size: int = 512) -> Prefix:
+    """The batched one-slot ``form`` prefix of each real token: exactly that token as the first position."""
+    cls = _form(form)
+    tokens = torch.as_tensor(tokens).reshape(-1)
+    _, device = model_dtype_device(model)
+    parts = [cls.from_prompt(model, tokens[i:i + batch_size, None].to(device)) for i in range(0, len(tokens), batch_size)]
+    tensors = [torch.cat([_flat(p)[j] for p in parts]) for j in range(len(cls._tensor_names))]
+    return cls(*tensors, signature=signature_of(model))
+
+
+@torch.no_grad()
+def sample_prefixes(
+    model,
+    form: str,
+    n: int,
+    sampler: str = "gaussian",
+    seed: int = 0,
+    fit_tokens: int | None = 4096,
+    k: int = 4,
+) -> Prefix:
+    """``n`` one-slot ``form`` prefixes drawn by ``sampler`` (see the module docstring), batched.
+
+    ``fit_tokens`` caps how many real tokens the sampler is fitted to (a seeded random subset;
+    ``None``: all of them). ``k`` is the number of tokens in a convex combination.
+    """
+    cls = _form(form)
+    if sampler not in SAMPLERS:
+        raise ValueError(f"sampler must be one of {SAMPLERS}, got {sampler!r}.")
+    if n < 1:
+        raise ValueError(f"n must be >= 1, got {n}.")
+    V = int(model.cfg.d_vocab)
+    g = torch.Generator().manual_seed(seed)
+    fit = torch.randperm(V, generator=g)[:fit_tokens] if fit_tokens and fit_tokens < V else torch.arange(V)
+    real = real_token_prefixes(model, form, fit)
+    tensors = _flat(real)
+    shapes = [t.shape[1:] for t in tensors]
+    X = torch.cat([t.reshape(len(fit), -1).double().cpu() for t in tensors], dim=1)  # [M, D]
+    M = X.shape[0]
+    if sampler == "gaussian":
+        if M < 2:
+            raise ValueError("the Gaussian sampler needs at least 2 real tokens to fit.")
+        mu = X.mean(0)
+        coeff = torch.randn(n, M, generator=g, dtype=torch.float64) / (M - 1) ** 0.5
+        samples = mu + coeff @ (X - mu)
+    else:
+        if not 1 <= k <= M:
+            raise ValueError(f"k must be in [1, {M}] for a convex combination, got {k}.")
+        idx = torch.stack([torch.randperm(M, generator=g)[:k] for _ in range(n)])  # [n, k]
+        w = -torch.rand(n, k, generator=g, dtype=torch.float64).clamp_min(1e-300).log()  # Exp(1): Dirichlet(1)
+        w = w / w.sum(1, keepdim=True)
+        samples = torch.einsum("nk,nkd->nd", w, X[idx])
+    dtype, device = model_dtype_device(model)
+    out, start = [], 0
+    for shape in shapes:
+        size = int(torch.Size(shape).numel())
+        out.append(samples[:, start:start + size].reshape(n, *shape).to(dtype=dtype, device=device))
+        start += size
+    return cls(*out, signature=signature_of(model))
+
+
+@torch.no_grad()
+def greedy_completions(
+    model,
+    first: Int[Tensor, "n"] | Prefix,
+    length: int = 10,
+    content_token: int | None = None,
+    batch_size: int = 256,
+    use_cache: bool = True,
+    progress: bool = False,
+) -> Int[Tensor, "n length"]:
+    """Greedy completions of ``length`` tokens from each first position (no BOS).
+
+    ``first`` is ``[n]`` real token ids, or a batched one-slot prefix of ``n`` virtual tokens.
+    With ``content_token`` the prompt is ``[first, content_token]``; without it the first generated
+    token is read at the first position itself (not defined for a :class:`KVPrefix`).
+    Later tokens come from :func:`prefixlens.generate` (key/value cache where the model has one).
+    """
+    if length < 1:
+        raise ValueError(f"length must be >= 1, got {length}.")
+    _, device = model_dtype_device(model)
+    is_prefix = isinstance(first, Prefix)
+    if is_prefix:
+        if not first.batched or first.length != 1:
+            raise ValueError(f"expected a batched one-slot prefix, got P={first.length}, batched={first.batched}.")
+        if content_token is None and isinstance(first, KVPrefix):
+            raise ValueError(
+                "a KVPrefix sets only the slot's keys and values, so the slot's own output is not defined by "
+                "it; give a content_token (prompt [slot, content_token])."
+            )
+        n = first.batch_size
+    else:
+        first = torch.as_tensor(first).reshape(-1).to(device)
+        n = first.shape[0]
+    outputs = []
+    for start in tqdm(range(0, n, batch_size), desc="completions", disable=not progress):
+        rows = slice(start, min(n, start + batch_size))
+        B = rows.stop - rows.start
+        if is_prefix:
+            prefix = first.batch_slice(rows)
+            if content_token is None:
+                with attached(model, prefix) as slots:
+                    g1 = sample_next(model(slots.placeholders(B, device))[:, -1])
+                rest = (generate(model, g1[:, None], prefix, length - 1, use_cache=use_cache)[:, 1:]
+                        if length > 1 else g1[:, :0])
+                outputs.append(torch.cat([g1[:, None], rest], dim=1))
+            else:
+                c = torch.full((B, 1), content_token, device=device)
+                outputs.append(generate(model, c, prefix, length, use_cache=use_cache)[:, 1:])
+        else:
+            prompt = first[rows, None]
+            if content_token is not None:
+                prompt = torch.cat([prompt, torch.full_like(prompt, content_token)], dim=1)
+            outputs.append(generate(model, prompt, None, length, use_cache=use_cache)[:, prompt.shape[1]:])
+    return torch.cat(outputs).cpu()
+
+
+@dataclass
+class ArmResult:
+    """One arm: its completions, the distinct count over all of them, and the curve vs N."""
+
+    arm: str
+    n: int
+    distinct: int
+    ns: list[int]
+    curve: list[int]
+    completions: Tensor = field(repr=False)
+    sampler_doc: str = ""
+
+    def to_json(self) -> dict:
+        return {"arm": self.arm, "n": self.n, "distinct": self.distinct, "fraction": self.distinct / self.n,
+                "ns": self.ns, "curve": self.curve, "sampler": self.sampler_doc}
+
+
+def _grid(n: int) -> list[int]:
+    ns, x = [], 1
+    while x < n:
+        ns.append(x)
+        x = x * 2
+    return ns + [n]
+
+
+def run_arm(
+    model,
+    arm: str,
+    n: int,
+    length: int = 10,
+    content_token: int | None = None,
+    seed: int = 0,
+    batch_size: int = 256,
+    fit_tokens: int | None = 4096,
+    k: int = 4,
+    progress: bool = False,
+) -> ArmResult:
+    """Run one arm: ``"token"`` (``min(n, d_vocab)`` real tokens, a seeded random order) or
+    ``"<form>-<sampler>"`` (e.g. ``"soft-gaussian"``, ``"kv-convex"``) with ``n`` samples."""
+    V = int(model.cfg.d_vocab)
+    if arm == "token":
+        order = torch.randperm(V, generator=torch.Generator().manual_seed(seed))[: min(n, V)]
+        first, doc = order, f"every real token (a seeded random subset of {min(n, V)} of {V})"
+    else:
+        form, _, sampler = arm.partition("-")
+        first = sample_prefixes(model, form, n, sampler, seed=seed, fit_tokens=fit_tokens, k=k)
+        doc = (f"{form}: Gaussian with the mean and covariance of the real-token {form} tensors"
+               if sampler == "gaussian" else f"{form}: convex combinations of {k} real-token {form} tensors, "
+               "Dirichlet(1) weights")
+    completions = greedy_completions(model, first, length, content_token, batch_size, progress=progress)
+    ns = _grid(completions.shape[0])
+    return ArmResult(arm, completions.shape[0], count_distinct(completions), ns,
+                     distinct_curve(completions, ns), completions, doc)
