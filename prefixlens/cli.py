@@ -1,0 +1,270 @@
+"""The ``prefixlens`` command: ``prefixlens demo`` and ``prefixlens run <analysis>``.
+
+``prefixlens demo`` attaches prefixes to a toy model, decomposes every head, prints the errors of
+the decomposition and writes a self-contained HTML report. ``prefixlens run NAME [options]`` runs
+``analyses/NAME.py`` (its ``main(argv)``), the scripts that reproduce the paper's sections; they
+live in the repository's ``analyses/`` folder next to the package (``pip install -e .``), or in the
+folder named by ``--analyses-dir`` / ``$PREFIXLENS_ANALYSES``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ast
+import importlib
+import importlib.util
+import os
+import sys
+from pathlib import Path
+from typing import Sequence
+
+__all__ = ["main", "find_analyses_dir", "list_analyses", "load_analysis", "demo"]
+
+ANALYSES_ENV = "PREFIXLENS_ANALYSES"
+
+
+class CLIError(Exception):
+    """A user-facing error: printed without a traceback, exit status 2."""
+
+
+# ---------------------------------------------------------------------------------------- analyses
+
+
+def find_analyses_dir(explicit: str | os.PathLike | None = None) -> Path:
+    """The ``analyses/`` folder: ``explicit``, else ``$PREFIXLENS_ANALYSES``, else ``<repo>/analyses``."""
+    given = explicit or os.environ.get(ANALYSES_ENV)
+    if given:
+        path = Path(given).expanduser()
+        if not path.is_dir():
+            raise CLIError(f"analyses folder {path} does not exist.")
+        return path.resolve()
+    repo = Path(__file__).resolve().parent.parent
+    path = repo / "analyses"
+    if not path.is_dir():
+        raise CLIError(
+            f"no analyses/ folder next to the prefixlens package (looked for {path}).\n"
+            "The analysis scripts ship with the repository, not the wheel: clone it and install with "
+            f"`pip install -e .`, or point --analyses-dir / ${ANALYSES_ENV} at the folder."
+        )
+    return path
+
+
+def list_analyses(directory: Path) -> dict[str, str]:
+    """``{name: first docstring line}`` for every ``*.py`` in ``directory`` defining ``main`` (parsed, not imported)."""
+    found = {}
+    for file in sorted(directory.glob("*.py")):
+        if file.stem.startswith("_"):
+            continue
+        try:
+            tree = ast.parse(file.read_text(encoding="utf-8"), filename=str(file))
+        except (SyntaxError, UnicodeDecodeError) as err:
+            found[file.stem] = f"(cannot be parsed: {err})"
+            continue
+        if any(isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef)) and n.name == "main" for n in tree.body):
+            doc = (ast.get_docstring(tree) or "").strip().splitlines()
+            found[file.stem] = doc[0] if doc else ""
+    return found
+
+
+def load_analysis(name: str, directory: Path):
+    """Import ``directory/name.py`` (as ``analyses.<name>`` so sibling imports work) and return the module."""
+    if not name.isidentifier():
+        raise CLIError(f"{name!r} is not an analysis name (a Python module name such as table1).")
+    file = directory / f"{name}.py"
+    if not file.is_file():
+        known = ", ".join(list_analyses(directory)) or "none"
+        raise CLIError(f"no analysis {name!r} in {directory} (available: {known}).")
+    for entry in (str(directory.parent), str(directory)):
+        if entry not in sys.path:
+            sys.path.insert(0, entry)
+    package = sys.modules.get(directory.name)
+    same_package = package is not None and any(
+        Path(p).resolve() == directory for p in getattr(package, "__path__", [])
+    )
+    if directory.name == "analyses" and (package is None or same_package):
+        module = importlib.import_module(f"analyses.{name}")
+    else:  # another folder, or another 'analyses' package already imported: load by path
+        spec = importlib.util.spec_from_file_location(f"_prefixlens_analysis_{name}", file)
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[spec.name] = module
+        spec.loader.exec_module(module)
+    if not callable(getattr(module, "main", None)):
+        raise CLIError(f"analysis {name!r} ({file}) has no main(argv=None) function.")
+    return module
+
+
+def _run(args: argparse.Namespace, rest: list[str]) -> int:
+    directory = find_analyses_dir(args.analyses_dir)
+    if args.list or not args.name:
+        analyses = list_analyses(directory)
+        if not args.list:
+            print("prefixlens run: name an analysis; available ones:", file=sys.stderr)
+        out = sys.stdout if args.list else sys.stderr
+        if not analyses:
+            print(f"(no analyses with a main() in {directory})", file=out)
+        width = max((len(n) for n in analyses), default=0)
+        for name, doc in analyses.items():
+            print(f"  {name:<{width}}  {doc}".rstrip(), file=out)
+        return 0 if args.list else 2
+    module = load_analysis(args.name, directory)
+    return call_main(module, rest)
+
+
+def call_main(module, argv: list[str]) -> int:
+    """Call ``module.main(argv)``; a ``main()`` without parameters reads ``sys.argv``, which is set to
+    ``[script path, *argv]`` for the call (and restored). ``SystemExit`` (e.g. from ``--help``) becomes
+    the returned status; a non-integer result counts as success."""
+    import inspect
+
+    main_fn = module.main
+    try:
+        params = inspect.signature(main_fn).parameters.values()
+        takes_argv = any(p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD, p.VAR_POSITIONAL) for p in params)
+    except (TypeError, ValueError):
+        takes_argv = True
+    saved = sys.argv
+    sys.argv = [getattr(module, "__file__", None) or module.__name__, *argv]
+    try:
+        result = main_fn(argv) if takes_argv else main_fn()
+    except SystemExit as exit_:
+        code = exit_.code
+        return code if isinstance(code, int) else (0 if code is None else 1)
+    finally:
+        sys.argv = saved
+    return result if isinstance(result, int) and not isinstance(result, bool) else 0
+
+
+# -------------------------------------------------------------------------------------------- demo
+
+
+def demo(out: str | os.PathLike = "prefixlens-demo.html", model_kind: str = "gpt2", seed: int = 0, n_samples: int = 8, quiet: bool = False):
+    """A small end-to-end study on a toy model; returns ``(report path, {prefix name: summary})``."""
+    import torch
+
+    import prefixlens as pl
+    from prefixlens import models, report
+
+    def say(*a):
+        if not quiet:
+            print(*a, flush=True)
+
+    torch.manual_seed(seed)
+    build = {"gpt2": models.toy_gpt2, "llama": models.toy_llama}[model_kind]
+    model = build(n_layers=2, d_model=64, n_heads=4, d_vocab=101, seed=seed)
+    say(f"model: toy {model_kind}, {model.cfg.n_layers} layers, {model.cfg.n_heads} heads, d_model {model.cfg.d_model}")
+    gen = torch.Generator().manual_seed(seed)
+    bos = torch.ones(n_samples, 1, dtype=torch.long)
+    tokens = torch.cat([bos, torch.randint(3, 101, (n_samples, 9), generator=gen)], dim=1)
+    prompt = torch.tensor([1, 11, 12, 13])
+
+    prefixes = {
+        "prompt (KV prefix)": pl.KVPrefix.from_prompt(model, prompt),
+        "random residual prefix": pl.ResidualPrefix.random(model, 2, seed=seed + 1),
+        "random soft prompt": pl.SoftPrompt.random(model, 3, seed=seed + 2),
+    }
+    with torch.no_grad():
+        exact = (pl.run_with_prefix(model, tokens, prefixes["prompt (KV prefix)"]) - model(
+            torch.cat([prompt.expand(n_samples, -1), tokens], 1))[:, prompt.numel():]).abs().max()
+    say(f"KV prefix from a real prompt vs the prompt itself: max |Δ logits| = {float(exact):.2e}")
+
+    decompositions, summaries = {}, {}
+    say(f"{'prefix':<24} {'P':>2} {'reconstruction':>15} {'relative attn':>14} {'mean A':>7}")
+    for name, prefix in prefixes.items():
+        d = pl.decompose(model, tokens, prefix)
+        decompositions[name] = d
+        summaries[name] = s = d.summary()
+        say(
+            f"{name:<24} {prefix.length:>2} {s['reconstruction_error']:>15.2e} "
+            f"{max(s['relative_attention_error_per_layer']):>14.2e} "
+            f"{sum(s['mean_prefix_attention_per_layer']) / len(s['mean_prefix_attention_per_layer']):>7.3f}"
+        )
+    first = "prompt (KV prefix)"
+    figures = [
+        report.summary_figure(decompositions),
+        report.attention_figure(model, tokens, prefixes[first], layer=0, decomposition=decompositions[first]),
+        report.attention_figure(model, tokens, prefixes["random residual prefix"], layer=1, head=0,
+                                decomposition=decompositions["random residual prefix"]),
+        report.prefix_mass_figure(decompositions[first], tokens, model=model),
+        report.bias_shift_figure(model, tokens, prefixes, layer=int(model.cfg.n_layers) - 1),
+    ]
+    path = report.html(out, figures, title=f"prefixlens demo: toy {model_kind}")
+    say(f"wrote {path} ({path.stat().st_size / 1e6:.2f} MB, self-contained; open it in a browser)")
+    return path, summaries
+
+
+# -------------------------------------------------------------------------------------------- main
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="prefixlens",
+        description="Prompting, soft prompting and prefix-tuning, studied mechanistically on TransformerLens.",
+    )
+    from prefixlens import __version__
+
+    parser.add_argument("--version", action="version", version=f"prefixlens {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    d = sub.add_parser(
+        "demo",
+        help="a small end-to-end study on a toy model, written as an HTML report",
+        description="Attach prefixes to a toy model, decompose every head, print the errors and write an "
+        "offline HTML report (attention with/without the prefix, prefix mass, attention-block shift).",
+    )
+    d.add_argument("--out", default="prefixlens-demo.html", help="report path (default: %(default)s)")
+    d.add_argument("--model", choices=["gpt2", "llama"], default="gpt2", help="toy model family (default: %(default)s)")
+    d.add_argument("--seed", type=int, default=0, help="seed for the model, inputs and prefixes (default: %(default)s)")
+    d.add_argument("--samples", type=int, default=8, help="number of input sequences (default: %(default)s)")
+    d.add_argument("--quiet", action="store_true", help="print nothing")
+    r = sub.add_parser(
+        "run",
+        help="run an analysis script from analyses/ (prefixlens run --list)",
+        description="Run analyses/NAME.py's main() with the remaining arguments; "
+        "`prefixlens run NAME --help` shows the analysis's own options.",
+        usage="prefixlens run [--list] [--analyses-dir DIR] NAME [ANALYSIS OPTIONS ...]",
+    )
+    r.add_argument("--list", action="store_true", help="list the available analyses")
+    r.add_argument("--analyses-dir", help=f"folder of analysis scripts (default: ${ANALYSES_ENV} or <repo>/analyses)")
+    r.add_argument("name", nargs="?", help="analysis module name, e.g. table1")
+    return parser
+
+
+def _split_run(argv: list[str]) -> tuple[list[str], list[str]]:
+    """Split ``run`` arguments into ours (before NAME, plus NAME) and the analysis's (after NAME)."""
+    i = 1  # argv[0] == "run"
+    while i < len(argv):
+        a = argv[i]
+        if a == "--analyses-dir":
+            i += 2
+        elif a.startswith("-"):
+            i += 1
+        else:
+            return argv[: i + 1], argv[i + 1 :]
+    return argv, []
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``prefixlens`` command; returns the exit status."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = _parser()
+    rest: list[str] = []
+    if argv and argv[0] == "run":
+        argv, rest = _split_run(argv)
+    args = parser.parse_args(argv)
+    try:
+        if args.command == "demo":
+            os.environ.setdefault("HF_HUB_OFFLINE", "1")
+            if args.samples < 2:
+                raise CLIError("--samples must be at least 2.")
+            demo(args.out, args.model, args.seed, args.samples, args.quiet)
+            return 0
+        if args.command == "run":
+            return _run(args, rest)
+        parser.print_help()
+        return 2
+    except CLIError as err:
+        print(f"prefixlens: error: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())
