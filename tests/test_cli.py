@@ -1,0 +1,148 @@
+"""The ``prefixlens`` command: demo, run (discovery, forwarding, --help) and clear errors."""
+
+from __future__ import annotations
+
+import json
+import textwrap
+from pathlib import Path
+
+import pytest
+
+from prefixlens import cli, report
+
+
+@pytest.fixture(scope="module")
+def demo_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("demo") / "demo.html"
+    path, summaries = cli.demo(out, quiet=True)
+    return out, path, summaries
+
+
+def test_demo_writes_a_report(demo_run):
+    out, path, summaries = demo_run
+    assert path == out and out.is_file()
+    text = out.read_text(encoding="utf-8")
+    assert text.count(report.circuitsvis_bundle()) == 1
+    assert text.count("data-kind='circuitsvis'") >= 4 and text.count("data-kind='svg'") == 2
+    assert set(summaries) == {"prompt (KV prefix)", "random residual prefix", "random soft prompt"}
+    for s in summaries.values():  # the toy model is float32: identities hold to float32 rounding
+        assert s["reconstruction_error"] < 1e-5
+        assert max(s["relative_attention_error_per_layer"]) < 1e-5
+        assert all(0 < a < 1 for a in s["mean_prefix_attention_per_layer"])
+
+
+def test_demo_command_prints_errors(tmp_path, capsys):
+    out = tmp_path / "d.html"
+    assert cli.main(["demo", "--out", str(out), "--samples", "3", "--model", "llama"]) == 0
+    printed = capsys.readouterr().out
+    assert f"wrote {out}" in printed and out.is_file()
+    rows = [line.split() for line in printed.splitlines() if line.startswith(("prompt", "random"))]
+    assert len(rows) == 3
+    assert all(float(r[-3]) < 1e-5 and float(r[-2]) < 1e-5 for r in rows), printed  # reconstruction, relative
+    assert cli.main(["demo", "--samples", "1", "--out", str(out)]) == 2
+
+
+@pytest.mark.parametrize("argv", [["--help"], ["demo", "--help"], ["run", "--help"]])
+def test_help(argv, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        cli.main(argv)
+    assert exit_.value.code == 0
+    assert "usage: prefixlens" in capsys.readouterr().out
+
+
+def test_no_command_prints_help(capsys):
+    assert cli.main([]) == 2
+    assert "demo" in capsys.readouterr().out
+
+
+@pytest.fixture
+def analyses(tmp_path, monkeypatch):
+    d = tmp_path / "analyses"
+    d.mkdir()
+    (d / "alpha.py").write_text(
+        textwrap.dedent(
+            '''
+            """Alpha: writes its arguments.
+
+            More text.
+            """
+            import argparse, json, _helper
+
+            def main(argv=None):
+                ap = argparse.ArgumentParser(description="the alpha analysis")
+                ap.add_argument("--out", required=True)
+                ap.add_argument("--n", type=int, default=1)
+                args = ap.parse_args(argv)
+                open(args.out, "w").write(json.dumps({"n": args.n, "helper": _helper.VALUE}))
+                return 3
+            '''
+        )
+    )
+    (d / "beta.py").write_text(
+        textwrap.dedent(
+            '''
+            """Beta: reads sys.argv itself."""
+            import argparse, json, sys
+
+            def main():
+                ap = argparse.ArgumentParser()
+                ap.add_argument("--out")
+                args = ap.parse_args()
+                open(args.out, "w").write(json.dumps(sys.argv[1:]))
+            '''
+        )
+    )
+    (d / "_helper.py").write_text("VALUE = 7\ndef main():\n    pass\n")
+    (d / "notes.py").write_text('"""No main here."""\nX = 1\n')
+    monkeypatch.setenv(cli.ANALYSES_ENV, str(d))
+    return d
+
+
+def test_run_list(analyses, capsys):
+    assert cli.main(["run", "--list"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert [l.split()[0] for l in lines] == ["alpha", "beta"]
+    assert "Alpha: writes its arguments." in lines[0]
+
+
+def test_run_forwards_arguments(analyses, tmp_path):
+    out = tmp_path / "a.json"
+    assert cli.main(["run", "alpha", "--out", str(out), "--n", "5"]) == 3
+    assert json.loads(out.read_text()) == {"n": 5, "helper": 7}
+    out_b = tmp_path / "b.json"
+    assert cli.main(["run", "beta", "--out", str(out_b)]) == 0
+    assert json.loads(out_b.read_text()) == ["--out", str(out_b)]
+
+
+def test_run_help_goes_to_the_analysis(analyses, capsys):
+    assert cli.main(["run", "alpha", "--help"]) == 0
+    assert "the alpha analysis" in capsys.readouterr().out
+    assert cli.main(["run", "alpha"]) == 2  # its own argparse error (missing --out)
+
+
+def test_run_errors(analyses, tmp_path, capsys, monkeypatch):
+    assert cli.main(["run", "gamma"]) == 2
+    assert "no analysis 'gamma'" in capsys.readouterr().err
+    assert cli.main(["run", "notes"]) == 2
+    assert "no main" in capsys.readouterr().err
+    assert cli.main(["run"]) == 2
+    assert "alpha" in capsys.readouterr().err
+    assert cli.main(["run", "--analyses-dir", str(tmp_path / "nowhere"), "--list"]) == 2
+    assert "does not exist" in capsys.readouterr().err
+    monkeypatch.delenv(cli.ANALYSES_ENV)
+    monkeypatch.setattr(cli, "__file__", str(tmp_path / "site-packages" / "prefixlens" / "cli.py"))
+    assert cli.main(["run", "--list"]) == 2
+    err = capsys.readouterr().err
+    assert "no analyses/ folder" in err and "pip install -e ." in err
+
+
+def test_the_repository_analyses_are_found(capsys, monkeypatch):
+    monkeypatch.delenv(cli.ANALYSES_ENV, raising=False)
+    folder = Path(cli.__file__).resolve().parent.parent / "analyses"
+    if not folder.is_dir():
+        pytest.skip("no analyses/ folder in this checkout")
+    assert cli.find_analyses_dir() == folder
+    assert cli.main(["run", "--list"]) == 0
+    listed = {l.split()[0] for l in capsys.readouterr().out.splitlines() if l.strip()}
+    expected = {p.stem for p in folder.glob("*.py") if not p.stem.startswith("_") and "\ndef main(" in p.read_text()}
+    assert listed == expected
