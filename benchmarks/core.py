@@ -9,8 +9,8 @@ alternately so load on the machine hits both sides alike):
 - ``run_with_prefix`` (P slots + T tokens, prefix written at every layer's hook_k/hook_v) vs the plain
   forward on P + T real tokens — target <= 1.10;
 - ``decompose`` (per-head prefix/content decomposition) vs ``model.run_with_cache`` on P + T real
-  tokens — target <= 2.0 (an extra informative row times ``reference=False``, which skips the
-  second, no-prefix forward pass);
+  tokens — target <= 2.0 (an extra informative row adds the relative-attention and cross-layer
+  checks, which cost a second, no-prefix forward pass on 2·B rows);
 - ``generate`` with a prefix vs ``model.generate(..., do_sample=False, use_past_kv_cache=True,
   stop_at_eos=False)`` on P + T real tokens, same number of new tokens — target <= 1.2.
 
@@ -77,7 +77,7 @@ QUICK = Sizes(n_layers=2, d_model=64, n_heads=4, n_kv_heads=2, d_vocab=101, batc
 class Row:
     name: str
     compared: str
-    target: float
+    target: float | None
     baseline_s: float | None = None
     ours_s: float | None = None
     baseline_mem: int | None = None
@@ -150,21 +150,22 @@ def run(sizes: Sizes, device: torch.device, clock: Callable[[], float] = time.pe
         row.baseline_mem, row.ours_mem = peak_memory(base_fn, device), peak_memory(ours_fn, device)
         rows.append(row)
 
-        row = Row("decompose", "`pl.decompose(model, x, prefix)` vs `model.run_with_cache(P+T tokens)`", 2.0)
-        if hasattr(pl, "decompose"):
-            base_fn = lambda: model.run_with_cache(full)  # noqa: E731
-            ours_fn = lambda: pl.decompose(model, tokens, prefix)  # noqa: E731
-            row.baseline_s, row.ours_s = tm(base_fn, ours_fn)
-            row.baseline_mem, row.ours_mem = peak_memory(base_fn, device), peak_memory(ours_fn, device)
-        else:
-            row.note = "pl.decompose not available in this checkout"
+        base_fn = lambda: model.run_with_cache(full)  # noqa: E731
+        row = Row("decompose", "`pl.decompose(model, x, prefix)` (A, t, b, z, content pattern) vs `model.run_with_cache(P+T tokens)`", 2.0)
+        ours_fn = lambda: pl.decompose(model, tokens, prefix)  # noqa: E731
+        row.baseline_s, row.ours_s = tm(base_fn, ours_fn)
+        row.baseline_mem, row.ours_mem = peak_memory(base_fn, device), peak_memory(ours_fn, device)
         rows.append(row)
-        if hasattr(pl, "decompose"):  # informative: without the second (no-prefix reference) forward pass
-            row = Row("decompose (reference=False)", "as above, without the reference run", 2.0)
-            ours_fn = lambda: pl.decompose(model, tokens, prefix, reference=False)  # noqa: E731
-            row.baseline_s, row.ours_s = tm(base_fn, ours_fn)
-            row.baseline_mem, row.ours_mem = peak_memory(base_fn, device), peak_memory(ours_fn, device)
-            rows.append(row)
+        # With the checks against the run without the prefix (one more forward pass on 2·B rows).
+        row = Row(
+            "decompose + reference checks",
+            "as above, then `relative_attention_error()` and `cross_layer_shift()` (no target: informative)",
+            None,
+        )
+        ours_fn = lambda: pl.decompose(model, tokens, prefix).relative_attention_error()  # noqa: E731
+        row.baseline_s, row.ours_s = tm(base_fn, ours_fn)
+        row.baseline_mem, row.ours_mem = peak_memory(base_fn, device), peak_memory(ours_fn, device)
+        rows.append(row)
 
         row = Row(
             "generate",
@@ -204,11 +205,11 @@ def table(rows: list[Row], with_memory: bool) -> str:
         sep += "---:|"
     lines = [head, sep]
     for r in rows:
-        ok = "n/a" if r.ratio is None else ("yes" if r.ratio <= r.target else "**no**")
+        ok = "n/a" if r.ratio is None or r.target is None else ("yes" if r.ratio <= r.target else "**no**")
         line = (
             f"| {r.name} | {r.compared}{' (' + r.note + ')' if r.note else ''} | "
             f"{_fmt(r.baseline_s and r.baseline_s * 1e3, '.2f')} | {_fmt(r.ours_s and r.ours_s * 1e3, '.2f')} | "
-            f"{_fmt(r.ratio, '.3f')} | <= {r.target:g} | {ok} |"
+            f"{_fmt(r.ratio, '.3f')} | {'—' if r.target is None else f'<= {r.target:g}'} | {ok} |"
         )
         if with_memory:
             line += f" {_fmt(r.mem_ratio, '.2f')} |"

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Callable
 
 import torch
 from jaxtyping import Float, Int
@@ -20,8 +21,9 @@ __all__ = ["HeadDecomposition", "decompose", "fires_pre_softmax_scores"]
 class HeadDecomposition:
     """The decomposition of every layer and head at the content positions of a prefixed run.
 
-    ``reference_pattern`` is the attention the same layer gives to the *same layer input* without
-    the prefix (the prefixed run's content residual is patched into a run without slots), so
+    ``reference_pattern`` and ``layer_input_shift`` need one more forward pass, run on first use
+    (and kept), with the model as it is then. ``reference_pattern`` is the attention the same
+    layer gives to the *same layer input* without the prefix (the prefixed run's content residual is patched into a run without slots), so
     ``content_pattern == reference_pattern`` is the theorem's "relative attention is unchanged".
     ``layer_input_shift`` is the cross-layer effect: ``‖x_prefixed − x_plain‖ / ‖x_plain‖`` of each
     layer's input at each content position, against the run without the prefix with the content at
@@ -35,9 +37,33 @@ class HeadDecomposition:
     prefix_bias: Float[Tensor, "layer batch pos head d_head"]
     z: Float[Tensor, "layer batch pos head d_head"]
     content_pattern: Float[Tensor, "layer batch head pos pos"]
-    reference_pattern: Float[Tensor, "layer batch head pos pos"] | None = None
-    layer_input_shift: Float[Tensor, "layer batch pos"] | None = None
     W_O: Float[Tensor, "layer head d_head d_model"] | None = None
+    _reference_run: Callable[[], tuple[Tensor, Tensor]] | None = field(default=None, repr=False)
+    _reference: tuple[Tensor, Tensor] | None = field(default=None, repr=False)
+
+    @property
+    def has_reference(self) -> bool:
+        """Whether the no-prefix reference (relative attention, cross-layer shift) is available."""
+        return self._reference is not None or self._reference_run is not None
+
+    def _reference_results(self) -> tuple[Tensor, Tensor]:
+        if self._reference is None:
+            if self._reference_run is None:
+                raise ValueError(
+                    "this decomposition was made with reference=False; call decompose(..., reference=True)."
+                )
+            self._reference, self._reference_run = self._reference_run(), None
+        return self._reference
+
+    @property
+    def reference_pattern(self) -> Float[Tensor, "layer batch head pos pos"]:
+        """The attention each layer gives to the prefixed run's content input, without the prefix."""
+        return self._reference_results()[0]
+
+    @property
+    def layer_input_shift(self) -> Float[Tensor, "layer batch pos"]:
+        """``‖x_prefixed − x_plain‖ / ‖x_plain‖`` of each layer's input at each content position."""
+        return self._reference_results()[1]
 
     @property
     def n_layers(self) -> int:
@@ -71,16 +97,12 @@ class HeadDecomposition:
 
     def relative_attention_error(self) -> Float[Tensor, "layer"]:
         """max |prefixed content attention renormalised − attention without the prefix|, per layer."""
-        if self.reference_pattern is None:
-            raise ValueError("this decomposition was made with reference=False; call decompose(..., reference=True).")
         valid = torch.isfinite(self.reference_pattern)
         diff = (self.content_pattern - self.reference_pattern).abs().where(valid, torch.zeros_like(self.content_pattern))
         return diff.amax(dim=(1, 2, 3, 4))
 
     def cross_layer_shift(self) -> Float[Tensor, "layer"]:
         """Mean relative change of each layer's input caused by the prefix (0 for layer 0)."""
-        if self.layer_input_shift is None:
-            raise ValueError("this decomposition was made with reference=False; call decompose(..., reference=True).")
         return self.layer_input_shift.mean(dim=(1, 2))
 
     def summary(self) -> dict[str, list[float] | float]:
@@ -92,7 +114,7 @@ class HeadDecomposition:
         }
         if self.W_O is not None:
             out["residual_reconstruction_error_per_layer"] = self.residual_reconstruction_error().amax(-1).tolist()
-        if self.reference_pattern is not None:
+        if self.has_reference:
             out["relative_attention_error_per_layer"] = self.relative_attention_error().tolist()
             out["cross_layer_shift_per_layer"] = self.cross_layer_shift().tolist()
         return out
@@ -123,9 +145,9 @@ def decompose(
     """Decompose every head of every layer of ``model`` run on ``tokens`` with ``prefix``.
 
     One prefixed forward pass gives ``A``, ``t``, ``b`` and ``hook_z`` from the pre-softmax scores.
-    With ``reference=True`` one more forward pass (the plain run and the patched run batched
-    together) gives the attention without the prefix for the same layer inputs, and the shift of
-    each layer's input.
+    With ``reference=True`` the checks against the run without the prefix (attention for the same
+    layer inputs, shift of each layer's input) are available; their one extra forward pass (the
+    plain run and the patched run batched together) runs when first asked for.
     """
     tokens = check_tokens(model, tokens, prefix)
     P, n_layers, n_heads = prefix.length, int(model.cfg.n_layers), int(model.cfg.n_heads)
@@ -161,7 +183,8 @@ def decompose(
         W_O=_stacked_W_O(model),
     )
     if reference:
-        result.reference_pattern, result.layer_input_shift = _reference_run(model, tokens, cache, P)
+        inputs = [cache[f"blocks.{l}.hook_resid_pre"][:, P:] for l in range(n_layers)]
+        result._reference_run = lambda: _reference_run(model, tokens, inputs, P)
     return result
 
 
@@ -171,12 +194,11 @@ def _stacked_W_O(model) -> Tensor | None:
 
 
 @torch.no_grad()
-def _reference_run(model, tokens, prefixed_cache, P):
+def _reference_run(model, tokens, prefixed_inputs: list[Tensor], P: int):
     """One forward pass on ``[tokens; tokens]`` at positions ``P..P+T-1`` and without slots: rows
     ``:B`` are the plain run, rows ``B:`` have each layer's input replaced by the prefixed run's."""
     B, T = tokens.shape
     n_layers = int(model.cfg.n_layers)
-    prefixed_inputs = [prefixed_cache[f"blocks.{l}.hook_resid_pre"][:, P:] for l in range(n_layers)]
     plain_inputs, patterns = [None] * n_layers, [None] * n_layers
 
     def patch_input(l):
