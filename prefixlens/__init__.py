@@ -5,6 +5,7 @@ from prefixlens.generation import generate
 from prefixlens.injection import Slots, attached, run_with_cache, run_with_prefix
 from prefixlens.prefixes import KVPrefix, Prefix, ResidualPrefix, SoftPrompt
 from prefixlens.signature import ModelSignature, signature_of
+from prefixlens import report  # noqa: E402  (cheap: CircuitsVis loads only when a report is written)
 
 __version__ = "0.1.0"
 
@@ -19,6 +20,7 @@ __all__ = [
     "attached",
     "decompose",
     "generate",
+    "report",
     "run_with_cache",
     "run_with_prefix",
     "signature_of",
