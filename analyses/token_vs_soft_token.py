@@ -21,7 +21,6 @@ import io
 import json
 import os
 import shlex
-import shutil
 import sys
 import tempfile
 import time
@@ -34,7 +33,7 @@ if str(ROOT) not in sys.path:
 import torch  # noqa: E402
 
 from prefixlens import capacity, models  # noqa: E402
-from prefixlens.serialization import atomic_write_text  # noqa: E402
+from prefixlens.serialization import atomic_write_text, load_tensors, save_tensors  # noqa: E402
 
 EXPERIMENT = "token_vs_soft_token"
 REFERENCE = {  # reference-spec §6: LLaMA-7B, greedy 10-token completions, no BOS
@@ -68,26 +67,26 @@ def parse_args(argv=None) -> argparse.Namespace:
     return args
 
 
+TOY = dict(n_layers=1, n_heads=4, d_model=64, d_vocab=10, n_ctx=64)
+
+
 def trained_toy(args) -> tuple[object, str]:
     """A 1-layer GPT-2 (d = 64, V = 10) pretrained on the four-task mixture with prefixlens.train,
-    cached under ``artifacts/`` (save_pretrained) so later runs reload it."""
-    cache = Path(args.artifacts) / EXPERIMENT / f"toy-mixture-{args.train_iters}it-seed{args.seed}"
-    desc = f"toy GPT-2 (1 layer, d=64, V=10) pretrained {args.train_iters} iterations on the task mixture"
-    if (cache / "config.json").exists():
-        return models.load(cache, device=args.device, dtype=DTYPES[args.dtype]), desc + " (cached)"
+    cached as a safetensors state dict under ``artifacts/`` so later runs reload it."""
+    cache = Path(args.artifacts) / EXPERIMENT / f"toy-mixture-{args.train_iters}it-seed{args.seed}.safetensors"
+    desc = f"toy GPT-2 (1 layer, 4 heads, d=64, V=10) pretrained {args.train_iters} iterations on the task mixture"
+    model = models.toy_gpt2(**TOY, seed=args.seed, device=args.device)
+    if cache.exists():
+        tensors, meta = load_tensors(cache)
+        model.load_state_dict(tensors, strict=True)
+        return model.to(DTYPES[args.dtype]), desc + f" (cached; final loss {meta['final_loss']})"
     from prefixlens.train import TrainConfig, train_model
 
-    model = models.toy_gpt2(n_layers=1, n_heads=4, d_model=64, d_vocab=10, n_ctx=64, seed=args.seed)
     result = train_model(model, "mixture", 1, TrainConfig(iters=args.train_iters, lr=3e-3, seed=args.seed,
                                                            progress=args.progress))
-    cache.parent.mkdir(parents=True, exist_ok=True)
-    tmp = tempfile.mkdtemp(dir=cache.parent, prefix=".tmp-")
-    try:
-        model.original_model.save_pretrained(tmp)
-        os.replace(tmp, cache)  # atomic: a half-written cache is never picked up
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return models.load(cache, device=args.device, dtype=DTYPES[args.dtype]), desc + f" (final loss {result.final_loss:.3f})"
+    save_tensors(cache, {k: v.detach().clone() for k, v in model.state_dict().items()},
+                 {"final_loss": f"{result.final_loss:.3f}", "config": json.dumps(TOY)})
+    return model.eval().to(DTYPES[args.dtype]), desc + f" (final loss {result.final_loss:.3f})"
 
 
 def load_model(name: str, args):

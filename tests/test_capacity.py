@@ -1,0 +1,145 @@
+"""Distinct completions from real vs virtual first positions (prefixlens.capacity + the analysis script)."""
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import prefixlens as pl
+from prefixlens import capacity as cap
+from prefixlens import models
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def llama():
+    return models.toy_llama(n_layers=2, d_model=32, n_heads=4, n_kv_heads=2, d_vocab=13, n_ctx=32, seed=1)
+
+
+@pytest.fixture(scope="module")
+def gpt2():
+    return models.toy_gpt2(n_layers=1, d_model=32, n_heads=2, d_vocab=7, n_ctx=32, init_range=0.5, seed=2)
+
+
+def test_count_and_curve():
+    c = torch.tensor([[1, 2], [1, 2], [3, 4], [1, 2], [5, 6]])
+    assert cap.count_distinct(c) == 3
+    assert cap.distinct_curve(c, [1, 2, 3, 5]) == [1, 1, 2, 3]
+
+
+@pytest.mark.parametrize("name", ["llama", "gpt2"])
+def test_real_token_prefixes_reproduce_the_token_arm(name, request):
+    """A prefix made from a real token is that token: identical completions, in both protocols."""
+    model = request.getfixturevalue(name)
+    tokens = torch.arange(int(model.cfg.d_vocab))
+    plain = cap.greedy_completions(model, tokens, 4, batch_size=8)
+    assert plain.shape == (len(tokens), 4)
+    for form in ("soft", "residual"):
+        assert torch.equal(cap.greedy_completions(model, cap.real_token_prefixes(model, form, tokens), 4, batch_size=8), plain)
+    with_c = cap.greedy_completions(model, tokens, 3, content_token=1)
+    for form in ("soft", "residual", "kv"):
+        prefixes = cap.real_token_prefixes(model, form, tokens)
+        assert torch.equal(cap.greedy_completions(model, prefixes, 3, content_token=1), with_c)
+    # and the first arm agrees with plain pl.generate on a real prompt
+    assert torch.equal(pl.generate(model, tokens[:3, None], None, 4)[:, 1:], plain[:3])
+
+
+def test_kv_prefix_needs_a_content_token(llama):
+    kv = cap.sample_prefixes(llama, "kv", 4)
+    with pytest.raises(ValueError, match="content_token"):
+        cap.greedy_completions(llama, kv, 3)
+    with pytest.raises(ValueError, match="one-slot"):
+        cap.greedy_completions(llama, pl.SoftPrompt.random(llama, 2), 3)
+
+
+def test_gaussian_sampler_matches_the_embedding_statistics(llama):
+    n = 4000
+    soft = cap.sample_prefixes(llama, "soft", n, "gaussian", seed=3)
+    assert soft.batched and soft.batch_size == n and soft.length == 1
+    X = pl.SoftPrompt.from_prompt(llama, torch.arange(13)[:, None]).embeddings.detach()[:, 0].double()
+    S = soft.embeddings.detach()[:, 0].double()
+    sd = X.std(0)
+    assert ((S.mean(0) - X.mean(0)).abs() / sd).max() < 0.15  # ~ 4.5 standard errors at n = 4000
+    assert ((S.std(0) / sd) - 1).abs().max() < 0.15
+    # samples lie in the span of the centred embeddings (rank <= M - 1)
+    centred = X - X.mean(0)
+    resid = (S - X.mean(0)) - (S - X.mean(0)) @ torch.linalg.pinv(centred) @ centred
+    assert resid.abs().max() < 1e-5
+    again = cap.sample_prefixes(llama, "soft", n, "gaussian", seed=3)
+    assert torch.equal(again.embeddings, soft.embeddings)
+    assert not torch.equal(cap.sample_prefixes(llama, "soft", n, "gaussian", seed=4).embeddings, soft.embeddings)
+
+
+def test_convex_sampler(llama):
+    kv = cap.sample_prefixes(llama, "kv", 50, "convex", seed=5, k=1)  # k = 1: exactly a real token's keys
+    real = cap.real_token_prefixes(llama, "kv", torch.arange(13))
+    for i in range(5):
+        assert any(torch.allclose(kv.keys[i], real.keys[j], atol=1e-6) and torch.allclose(kv.values[i], real.values[j], atol=1e-6)
+                   for j in range(13))
+    res = cap.sample_prefixes(llama, "residual", 200, "convex", seed=5, k=4)
+    R = cap.real_token_prefixes(llama, "residual", torch.arange(13)).resid.detach()
+    lo, hi = R.min(0).values, R.max(0).values
+    assert ((res.resid >= lo - 1e-5) & (res.resid <= hi + 1e-5)).all()  # inside the bounding box of the hull
+    with pytest.raises(ValueError, match="k must be"):
+        cap.sample_prefixes(llama, "soft", 2, "convex", k=100)
+    with pytest.raises(ValueError, match="sampler"):
+        cap.sample_prefixes(llama, "soft", 2, "uniform")
+    with pytest.raises(ValueError, match="form"):
+        cap.sample_prefixes(llama, "lora", 2)
+
+
+def test_virtual_first_positions_exceed_V(gpt2):
+    """The paper's point on a model with V = 7: real tokens give at most 7 completions, soft tokens more."""
+    token = cap.run_arm(gpt2, "token", 64, length=6)
+    assert token.n == 7 and token.distinct <= 7
+    soft = cap.run_arm(gpt2, "soft-gaussian", 64, length=6, seed=1)
+    assert soft.n == 64 and soft.distinct > 7
+    assert soft.curve[-1] == soft.distinct and soft.ns[-1] == 64
+    assert all(a <= b for a, b in zip(soft.curve, soft.curve[1:]))
+
+
+def _script():
+    sys.path.insert(0, str(ROOT / "analyses"))
+    import token_vs_soft_token
+
+    return token_vs_soft_token
+
+
+def test_script_on_a_local_llama_checkpoint(tmp_path):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    hf = LlamaForCausalLM(LlamaConfig(vocab_size=19, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=32,
+                                      bos_token_id=1, eos_token_id=2, pad_token_id=0))
+    hf.save_pretrained(tmp_path / "llama")
+    out = tmp_path / "results"
+    result = _script().main(["--model", str(tmp_path / "llama"), "--n", "24", "--length", "3", "--out", str(out),
+                             "--artifacts", str(tmp_path / "art")])
+    data = json.loads((out / "token_vs_soft_token.json").read_text())
+    assert data["reference"]["token"]["distinct"] == 24426
+    arms = {(p, row["arm"]): row for p, b in data["models"][0]["protocols"].items() for row in b["arms"]}
+    assert set(arms) == {("reference", "token"), ("reference", "soft-gaussian"), ("reference", "soft-convex"),
+                         ("reference", "residual-gaussian"), ("prefix", "token"), ("prefix", "soft-gaussian"),
+                         ("prefix", "residual-gaussian"), ("prefix", "kv-gaussian")}
+    assert arms[("reference", "token")]["n"] == 19 and arms[("prefix", "kv-gaussian")]["n"] == 24
+    assert all(1 <= r["distinct"] <= r["n"] for r in arms.values())
+    assert data["models"][0]["protocols"]["prefix"]["content_token"] == 1
+    md = (out / "token_vs_soft_token.md").read_text()
+    assert "24,426" in md and "46,812" in md and "kv-gaussian" in md
+    assert (out / "token_vs_soft_token.png").read_bytes()[:4] == b"\x89PNG"
+    assert result["models"][0]["d_vocab"] == 19
+
+
+def test_script_trains_and_caches_the_toy_model(tmp_path):
+    script = _script()
+    args = script.parse_args(["--train-iters", "2", "--artifacts", str(tmp_path)])
+    model, desc = script.trained_toy(args)
+    assert "final loss" in desc and int(model.cfg.d_vocab) == 10
+    again, desc2 = script.trained_toy(args)
+    assert "cached" in desc2 and desc2.split("final loss")[1].strip(" )") == desc.split("final loss")[1].strip(" )")
+    tokens = torch.arange(10)[:, None]
+    assert torch.equal(model(tokens), again(tokens))
