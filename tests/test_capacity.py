@@ -127,6 +127,7 @@ def test_script_on_a_local_llama_checkpoint(tmp_path):
                          ("prefix", "residual-gaussian"), ("prefix", "kv-gaussian")}
     assert arms[("reference", "token")]["n"] == 19 and arms[("prefix", "kv-gaussian")]["n"] == 24
     assert all(1 <= r["distinct"] <= r["n"] for r in arms.values())
+    assert all(r["distinct_at_token_n"] <= min(r["distinct"], 19) for r in arms.values())
     assert data["models"][0]["protocols"]["prefix"]["content_token"] == 1
     md = (out / "token_vs_soft_token.md").read_text()
     assert "24,426" in md and "46,812" in md and "kv-gaussian" in md
