@@ -11,7 +11,7 @@ from prefixlens import analysis as an
 from tests.conftest import DECOMPOSITION_TOL, build, n_attached_hooks, random_tokens
 
 
-@pytest.mark.parametrize("P", [1, 3])
+@pytest.mark.parametrize("family,P", [("gpt2", 1), ("llama_gqa", 1), ("llama_gqa", 3), ("native", 2)])
 def test_identities_hold_every_layer_and_head(family, dtype, P):
     model = build(family, dtype)
     prefix = pl.ResidualPrefix.random(model, P, seed=1)
