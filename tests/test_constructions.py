@@ -270,3 +270,17 @@ def test_bad_inputs():
     other = C.Theorem1(N=6, V=10)
     with pytest.raises(ValueError, match="different model"):
         pl.run_with_prefix(other.model, torch.tensor([[0]]), builder.virtual_token(torch.arange(5)))
+
+
+def test_reports_render_a_construction(tmp_path):
+    from prefixlens import report
+
+    builder = C.Theorem2(V=8)
+    vt = builder.virtual_token(torch.randint(0, 8, (8,), generator=torch.Generator().manual_seed(11)))
+    tokens = torch.arange(8)[:, None]
+    d = decompose(builder.model, tokens, vt)
+    figures = [report.attention_figure(builder.model, tokens, vt, decomposition=d),
+               report.prefix_mass_figure(d, tokens, builder.model), report.summary_figure({"theorem2": d})]
+    path = report.html(tmp_path / "theorem2.html", figures, title="Theorem 2")
+    assert path.stat().st_size > 0 and "Theorem 2" in path.read_text()
+    assert _no_hooks(builder.model)
