@@ -73,7 +73,7 @@ def _fans(module: nn.Module) -> tuple[int, int, bool]:
     W = module.weight
     if isinstance(module, nn.Linear):
         return W.shape[1], W.shape[0], False
-    if type(module).__name__ == "Conv1D":
+    if any(c.__name__ == "Conv1D" for c in type(module).__mro__):  # also when already parametrised
         return W.shape[0], W.shape[1], True
     raise TypeError(f"LoRA supports nn.Linear and HF Conv1D, got {type(module).__name__}.")
 

@@ -73,6 +73,7 @@ class TrainConfig:
     eval_every: int = 0  # 0: no periodic evaluation
     eval_items: int = 512
     target_accuracy: float | None = None  # stop once the periodic evaluation reaches this
+    schedule: str = "constant"  # or "cosine": lr decays to lr/10 over `iters` (the reference: constant)
     checkpoint_dir: str | None = None
     checkpoint_every: int = 0
     progress: bool = True
@@ -350,6 +351,8 @@ def fit(
         raise ValueError(f"iters must be >= 0, got {config.iters}.")
     if not params:
         raise ValueError("nothing to train: params is empty.")
+    if config.schedule not in ("constant", "cosine"):
+        raise ValueError(f"schedule must be 'constant' or 'cosine', got {config.schedule!r}.")
     plist = list(params.values())
     decay = decay or (lambda n, p: True)
     groups = [
@@ -389,6 +392,10 @@ def fit(
     step = start
     for step in bar:
         batch = next(stream)
+        if config.schedule == "cosine":
+            factor = 0.1 + 0.45 * (1 + math.cos(math.pi * step / max(1, config.iters)))
+            for group in opt.param_groups:
+                group["lr"] = config.lr * factor
         loss = loss_fn(batch)
         if not torch.isfinite(loss):
             raise FloatingPointError(f"{name}: loss became {float(loss)} at step {step}.")

@@ -1,0 +1,111 @@
+"""Cost of one training step per method, as a ratio to a plain forward + backward of the same model
+and batch (all parameters trainable, no optimiser step).
+
+    python benchmarks/training_step.py [--d-model 64 --n-layers 4 --batch 64 --repeats 30]
+
+Methods: full fine-tuning (forward + backward + AdamW over every weight), prefix-tuning
+(residual and KV forms, base frozen with requires_grad_(False)), rank-1 LoRA (reference targets,
+base frozen). Steps are timed interleaved (round-robin) and summarised by the median, so background
+load affects every method alike.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from prefixlens import models, tasks as T, train as TR  # noqa: E402
+from prefixlens.lora import add_lora  # noqa: E402
+from prefixlens.serialization import atomic_write_text  # noqa: E402
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--d-model", type=int, default=64)
+    ap.add_argument("--n-layers", type=int, default=4)
+    ap.add_argument("--n-heads", type=int, default=4)
+    ap.add_argument("--n-pad", type=int, default=12)
+    ap.add_argument("--batch", type=int, default=64)
+    ap.add_argument("--repeats", type=int, default=30)
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--out", default=str(ROOT / "results" / "benchmark_training_step.json"))
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    P = args.n_pad
+    model = models.toy_gpt2(n_layers=args.n_layers, d_model=args.d_model, n_heads=args.n_heads,
+                            d_vocab=T.VOCAB, n_ctx=P + 20, seed=0)
+    batch = T.make_batch("ascending", args.batch, P, "train", torch.Generator().manual_seed(0))
+    full_params = [p for n, p in model.named_parameters() if ".qkv." not in n]
+    full_opt = torch.optim.AdamW(full_params, lr=1e-4)
+    prefixes = {f: TR.PREFIX_FORMS[f].random(model, P, seed=0) for f in ("residual", "kv")}
+    popt = {f: torch.optim.AdamW(p.parameters(), lr=1e-4) for f, p in prefixes.items()}
+    lora = add_lora(model, rank=1, targets="reference")
+    lopt = torch.optim.AdamW(lora.parameters(), lr=1e-4)
+    lora.remove()
+
+    def plain():
+        model.requires_grad_(True)
+        model.zero_grad(set_to_none=True)
+        TR.batch_loss(model, batch).backward()
+
+    def full():
+        model.requires_grad_(True)
+        full_opt.zero_grad(set_to_none=True)
+        TR.batch_loss(model, batch).backward()
+        full_opt.step()
+
+    def prefix_step(form):
+        def step():
+            model.requires_grad_(False)
+            popt[form].zero_grad(set_to_none=True)
+            TR.batch_loss(model, batch, prefixes[form]).backward()
+            popt[form].step()
+        return step
+
+    def lora_step():
+        model.requires_grad_(False)
+        with lora:
+            lopt.zero_grad(set_to_none=True)
+            TR.batch_loss(model, batch).backward()
+            lopt.step()
+
+    methods = {"forward_backward": plain, "full_finetune": full, "prefix_residual": prefix_step("residual"),
+               "prefix_kv": prefix_step("kv"), "lora_r1": lora_step}
+    times = {k: [] for k in methods}
+    with torch.no_grad():
+        snapshot = {k: v.clone() for k, v in model.state_dict().items()}
+    for _ in range(3):  # warm-up
+        for fn in methods.values():
+            fn()
+    for _ in range(args.repeats):
+        for k, fn in methods.items():
+            t0 = time.perf_counter()
+            fn()
+            times[k].append(time.perf_counter() - t0)
+    model.load_state_dict(snapshot)
+    med = {k: statistics.median(v) for k, v in times.items()}
+    base = med["forward_backward"]
+    result = {
+        "config": vars(args) | {"tokens_per_step": args.batch * (P + 19)},
+        "median_ms": {k: round(1000 * v, 3) for k, v in med.items()},
+        "ratio_to_forward_backward": {k: round(v / base, 3) for k, v in med.items()},
+        "prefix_vs_full": round(med["prefix_residual"] / med["full_finetune"], 3),
+    }
+    atomic_write_text(args.out, json.dumps(result, indent=1) + "\n")
+    print(f"{'method':<18}{'median ms':>10}{'× fwd+bwd':>11}")
+    for k in methods:
+        print(f"{k:<18}{1000 * med[k]:>10.2f}{med[k] / base:>11.2f}")
+    print(f"prefix (residual) step / full fine-tune step = {result['prefix_vs_full']:.2f}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,174 @@
+"""prefixlens.train and prefixlens.lora on tiny models (short runs; identities, not accuracies)."""
+
+import copy
+
+import pytest
+import torch
+
+from prefixlens import models, tasks as T, train as TR
+from prefixlens.lora import MLP_TARGETS, REFERENCE_TARGETS, add_lora, lora_parameter_count
+
+P = 2
+
+
+def tiny(seed=0, **kw):
+    kw = {"n_layers": 2, "d_model": 16, "n_heads": 2, **kw}
+    return models.toy_gpt2(d_vocab=T.VOCAB, n_ctx=P + 20 + 2, seed=seed, **kw)
+
+
+def cfg(**kw):
+    return TR.TrainConfig(**{"iters": 12, "lr": 1e-2, "batch_size": 16, "progress": False, **kw})
+
+
+def _state(model):
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+def test_full_training_is_seeded_and_learns():
+    a, b = tiny(), tiny()
+    ra = TR.train_model(a, "add1", P, cfg(iters=25))
+    rb = TR.train_model(b, "add1", P, cfg(iters=25))
+    assert ra.losses == rb.losses
+    assert sum(ra.losses[-5:]) < sum(ra.losses[:5])
+    rc = TR.train_model(tiny(), "add1", P, cfg(iters=25, seed=1))
+    assert rc.losses != ra.losses
+    assert not a.training  # returned in eval mode
+
+
+@pytest.mark.parametrize("form", ["residual", "kv", "soft"])
+def test_prefix_training_keeps_the_base_frozen(form):
+    model = tiny()
+    before = _state(model)
+    init = TR.PREFIX_FORMS[form].random(model, P, seed=0)
+    prefix, res = TR.train_prefix(model, "ascending", P, cfg(iters=6), form=form)
+    assert all(not p.requires_grad for p in model.parameters())
+    assert all(p.grad is None for p in model.parameters())  # no weight gradients were computed
+    after = _state(model)
+    assert all(torch.equal(before[k], after[k]) for k in before)
+    assert res.n_trainable == prefix.n_parameters() == TR.prefix_parameter_count(model, P, form)
+    assert all(not torch.equal(getattr(prefix, n), getattr(init, n)) for n in prefix._tensor_names)
+    assert not model._forward_hooks and all(not m._forward_hooks for m in model.modules())
+
+
+def test_prefix_mlp_reparametrisation_exports_a_plain_prefix():
+    model = tiny()
+    prefix, res = TR.train_prefix(model, "ascending", P, cfg(), reparam={"d_small": 8, "hidden": 16})
+    assert isinstance(prefix, TR.ResidualPrefix) and prefix.resid.grad_fn is None
+    assert res.n_trainable > prefix.n_parameters()  # the MLP is trained, the prefix is its output
+    kv, _ = TR.train_prefix(model, "ascending", P, cfg(iters=3), form="kv", reparam={"d_small": 8, "hidden": 16})
+    assert kv.keys.shape == (2, P, 2, 8)
+
+
+def test_shorter_prefix_keeps_remaining_pads_and_too_long_is_refused():
+    model = tiny()
+    p, _ = TR.train_prefix(model, "add2", P, cfg(iters=2), length=1)
+    assert p.length == 1
+    with pytest.raises(ValueError, match="prefix length"):
+        TR.train_prefix(model, "add2", P, cfg(iters=2), length=P + 1)
+
+
+def test_lora_counts_match_prefix_sizes():
+    model = tiny(n_layers=3, d_model=16)
+    L, d = 3, 16
+    assert lora_parameter_count(model, 1, REFERENCE_TARGETS) == L * 12 * d == TR.prefix_parameter_count(model, 12)
+    assert lora_parameter_count(model, 1, MLP_TARGETS) == L * 10 * d == TR.prefix_parameter_count(model, 10)
+    lora = add_lora(model, rank=2, targets="mlp")
+    assert lora.n_parameters() == lora_parameter_count(model, 2, "mlp") == 2 * L * 10 * d
+    lora.remove()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_lora_delta_orientation_and_exact_removal(dtype):
+    model = tiny(dtype=dtype)
+    x = torch.randint(0, 10, (3, 12))
+    base = model(x).detach()
+    W = model.blocks[0].mlp.out.original_component.weight.detach().clone()
+    lora = add_lora(model, rank=1, targets=("mlp_out", "o", "q"), seed=3)
+    assert torch.equal(model(x).detach(), base)  # B = 0 at initialisation
+    with torch.no_grad():
+        for d in lora.deltas.values():
+            d.B.normal_()
+    d = lora.deltas["0_mlp_out"]
+    conv = model.blocks[0].mlp.out.original_component  # HF Conv1D, weight [in, out]
+    expected = W + (d.B @ d.A).T * d.scaling
+    tol = 1e-6 if dtype == torch.float32 else 1e-12
+    assert torch.allclose(conv.weight, expected, atol=tol)
+    h = torch.randn(4, W.shape[0], dtype=dtype)
+    assert torch.allclose(conv(h), h @ expected + conv.bias, atol=tol * 10)
+    q = model.blocks[0].attn.q.original_component  # nn.Linear, weight [out, in]
+    dq = lora.deltas["0_q"]
+    assert torch.allclose(q.weight - q.parametrizations.weight.original, dq.B @ dq.A * dq.scaling, atol=tol)
+    assert not torch.allclose(model(x), base)
+    lora.remove()
+    assert torch.equal(model(x).detach(), base)
+    assert torch.equal(conv.weight, W)
+
+
+def test_lora_training_trains_only_the_adapters():
+    model = tiny()
+    before = _state(model)
+    lora, res = TR.train_lora(model, "histogram", P, cfg(iters=15, lr=2e-2), rank=1, targets="reference")
+    assert res.n_trainable == lora.n_parameters() == lora_parameter_count(model, 1, "reference")
+    assert res.losses[-1] < res.losses[0]
+    base = [(n, p) for n, p in model.named_parameters() if ".parametrizations.weight.0." not in n]
+    assert len(base) > 10 and all(p.grad is None and not p.requires_grad for _, p in base)
+    lora.remove()
+    after = _state(model)
+    assert all(torch.equal(before[k], after[k]) for k in before)
+
+
+def test_evaluate_greedy_equals_teacher_forced():
+    model = tiny()
+    TR.train_model(model, "add1", P, cfg(iters=30, lr=1e-2, batch_size=16))
+    test = T.test_set("add1", 48, P, seed=0)
+    prefix = TR.ResidualPrefix.random(model, P, seed=0)
+    for pre in (None, prefix):
+        g = TR.evaluate(model, test, pre, method="greedy", batch_size=32)
+        tf = TR.evaluate(model, test, pre, method="teacher_forced")
+        assert g.correct == tf.correct and g.n == 48
+    acc = TR.Accuracy(3, 10)
+    assert acc.mean == 0.3 and acc.ci95[0] < 0.3 < acc.ci95[1]
+    with pytest.raises(ValueError):
+        TR.evaluate(model, test, method="beam")
+
+
+def test_checkpoint_resume_is_exact(tmp_path):
+    straight = tiny()
+    r0 = TR.train_model(straight, "add2", P, cfg(iters=20))
+    model = tiny()
+    r1 = TR.train_model(model, "add2", P, cfg(iters=20, checkpoint_dir=str(tmp_path), checkpoint_every=10))
+    (run_dir,) = tmp_path.iterdir()
+    assert sorted(p.name for p in run_dir.iterdir()) == ["step_000000010.safetensors", "step_000000020.safetensors"]
+    (run_dir / "step_000000020.safetensors").unlink()  # "interrupted" after step 10
+    resumed = tiny()
+    r2 = TR.train_model(resumed, "add2", P, cfg(iters=20, checkpoint_dir=str(tmp_path), checkpoint_every=10))
+    assert r2.resumed_from == 10 and r2.losses == r0.losses == r1.losses
+    s0, s2 = straight.state_dict(), resumed.state_dict()
+    assert all(torch.equal(s0[k], s2[k]) for k in s0 if ".qkv." not in k)
+
+
+def test_resume_never_picks_up_another_runs_checkpoint(tmp_path):
+    TR.train_model(tiny(), "ascending", P, cfg(checkpoint_dir=str(tmp_path), checkpoint_every=6), name="run")
+    # same name and directory, another task / seed / base model: fresh runs
+    for task, seed, model_seed in (("ascending_add1", 0, 0), ("ascending", 1, 0), ("ascending", 0, 5)):
+        r = TR.train_model(tiny(model_seed), task, P, cfg(seed=seed, checkpoint_dir=str(tmp_path)), name="run")
+        assert r.resumed_from is None
+    # a foreign checkpoint copied into this run's directory is ignored
+    prefix_dir = tmp_path / "p"
+    _, first = TR.train_prefix(tiny(), "ascending", P, cfg(iters=4, checkpoint_dir=str(prefix_dir), checkpoint_every=4), name="x")
+    (target,) = prefix_dir.iterdir()
+    for src in tmp_path.glob("run-*/step_*.safetensors"):
+        (target / ("step_999999999.safetensors")).write_bytes(src.read_bytes())
+        break
+    _, again = TR.train_prefix(tiny(), "ascending", P, cfg(iters=4, checkpoint_dir=str(prefix_dir), checkpoint_every=4), name="x")
+    assert again.resumed_from == 4 and again.losses == first.losses
+
+
+def test_early_stopping_and_bad_inputs():
+    model = tiny()
+    res = TR.train_model(model, "add1", P, cfg(iters=50, eval_every=5, eval_items=32, target_accuracy=0.0))
+    assert res.stopped_early and res.steps == 5 and res.evals[0][0] == 5
+    with pytest.raises(ValueError, match="form"):
+        TR.train_prefix(model, "add1", P, cfg(), form="lora")
+    with pytest.raises(ValueError, match="targets"):
+        add_lora(model, targets=("c_attn",))
