@@ -24,7 +24,7 @@ PROFILES = {
                   pretrain=dict(iters=20_000, lr=5e-4), prefix=dict(iters=30_000, lr=5e-5)),
     "quick": dict(model=dict(n_layers=1, n_heads=4, d_model=64, dropout=0.0), n_pad=1, test_items=1000,
                   pretrain=dict(iters=6000, lr=3e-3, schedule="cosine"),
-                  prefix=dict(iters=800, lr=1e-2, eval_every=200, target_accuracy=0.98)),
+                  prefix=dict(iters=2000, lr=1e-2, schedule="cosine", eval_every=250, target_accuracy=0.98)),
 }
 
 

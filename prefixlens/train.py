@@ -297,7 +297,9 @@ def _ckpt_dir(config: TrainConfig, name: str, run_id: str) -> Path | None:
     return Path(config.checkpoint_dir) / f"{safe}-{run_id[:16]}"
 
 
-def _save_checkpoint(path: Path, run_id: str, step: int, params: dict[str, Tensor], opt, gen, result: TrainResult) -> None:
+def _save_checkpoint(
+    path: Path, run_id: str, step: int, params: dict[str, Tensor], opt, gen, result: TrainResult, finished: bool = False
+) -> None:
     tensors = {f"param.{k}": v for k, v in params.items()}
     plist = list(params.values())
     for i, p in enumerate(plist):
@@ -313,6 +315,7 @@ def _save_checkpoint(path: Path, run_id: str, step: int, params: dict[str, Tenso
         "step": str(step),
         "losses": json.dumps(result.losses),
         "evals": json.dumps(result.evals),
+        "finished": "1" if finished else "0",
     }
     save_tensors(path / f"step_{step:09d}.safetensors", tensors, meta)
 
@@ -385,6 +388,10 @@ def fit(
         result.losses = json.loads(meta["losses"])
         result.evals = json.loads(meta["evals"])
         result.resumed_from = start
+        if meta.get("finished") == "1":  # e.g. stopped early: the run is complete, do not train on
+            result.steps = start
+            result.stopped_early = start < config.iters
+            return result
     stream = T.batches(task, config.batch_size, n_pad, config.seed, generator=gen)
     if set_mode:
         set_mode()
@@ -416,10 +423,10 @@ def fit(
                 result.stopped_early = done < config.iters
                 step = done
                 if ckdir is not None:
-                    _save_checkpoint(ckdir, run_id, done, params, opt, gen, result)
+                    _save_checkpoint(ckdir, run_id, done, params, opt, gen, result, finished=True)
                 break
         if ckdir is not None and config.checkpoint_every and (done % config.checkpoint_every == 0 or done == config.iters):
-            _save_checkpoint(ckdir, run_id, done, params, opt, gen, result)
+            _save_checkpoint(ckdir, run_id, done, params, opt, gen, result, finished=done == config.iters)
         step = done
     bar.close()
     result.steps = step

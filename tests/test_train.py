@@ -164,10 +164,15 @@ def test_resume_never_picks_up_another_runs_checkpoint(tmp_path):
     assert again.resumed_from == 4 and again.losses == first.losses
 
 
-def test_early_stopping_and_bad_inputs():
+def test_early_stopping_and_bad_inputs(tmp_path):
     model = tiny()
-    res = TR.train_model(model, "add1", P, cfg(iters=50, eval_every=5, eval_items=32, target_accuracy=0.0))
+    kw = dict(iters=50, eval_every=5, eval_items=32, target_accuracy=0.0, checkpoint_dir=str(tmp_path))
+    res = TR.train_model(model, "add1", P, cfg(**kw))
     assert res.stopped_early and res.steps == 5 and res.evals[0][0] == 5
+    again = tiny()
+    res2 = TR.train_model(again, "add1", P, cfg(**kw))  # a finished run is loaded, not continued
+    assert res2.resumed_from == 5 and res2.steps == 5 and res2.losses == res.losses
+    assert all(torch.equal(a, b) for a, b in zip(model.parameters(), again.parameters()))
     with pytest.raises(ValueError, match="form"):
         TR.train_prefix(model, "add1", P, cfg(), form="lora")
     with pytest.raises(ValueError, match="targets"):
