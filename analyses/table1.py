@@ -45,13 +45,13 @@ def run_seed(args, seed: int) -> dict:
     ft = copy.deepcopy(model)
     res = TR.train_model(ft, "descending", P, cfg("finetune"), name=f"s{seed}-finetune")
     rows["full_finetune_descending"] = {t: TR.evaluate(ft, tests[t]) for t in COLUMNS}
-    logs["finetune"] = res.evals
+    logs["finetune"], logs["finetune_steps"] = res.evals, res.steps
     del ft
 
     prefix, res = TR.train_prefix(model, "descending", P, cfg("prefix"), form="residual", name=f"s{seed}-prefix")
     rows["prefix_descending"] = {t: TR.evaluate(model, tests[t], prefix) for t in COLUMNS}
     logs["prefix_final_loss"] = res.final_loss
-    logs["finetune_steps"], logs["pretrain_steps"] = res.steps, pre.steps
+    logs["prefix_steps"], logs["pretrain_steps"] = res.steps, pre.steps
     return {
         "rows": {r: {t: (a.correct, a.n) for t, a in cols.items()} for r, cols in rows.items()},
         "logs": logs,
