@@ -1,5 +1,7 @@
-"""Appendix B on every head: how a longer prefix's attention is spread over its slots, and how much of
-the span of the prefix values the realised biases use.
+"""Appendix B on every head: attention over the slots of a longer prefix, and the span its biases use.
+
+How a longer prefix's attention is spread over its slots, and how much of the span of the prefix
+values the realised biases use.
 
 Default: a toy GPT-2 is pretrained briefly on the mixture of the four pretraining tasks, then P = 10
 residual prefixes (the paper's form) are prefix-tuned on one task for several seeds with
