@@ -5,7 +5,7 @@ from prefixlens.generation import generate
 from prefixlens.injection import Slots, attached, run_with_cache, run_with_prefix
 from prefixlens.prefixes import KVPrefix, Prefix, ResidualPrefix, SoftPrompt
 from prefixlens.signature import ModelSignature, signature_of
-from prefixlens import report  # noqa: E402  (cheap: CircuitsVis loads only when a report is written)
+from prefixlens import capacity, constructions, report  # noqa: E402  (report loads CircuitsVis only when writing)
 
 __version__ = "0.1.0"
 
@@ -18,6 +18,8 @@ __all__ = [
     "Slots",
     "SoftPrompt",
     "attached",
+    "capacity",
+    "constructions",
     "decompose",
     "generate",
     "report",
