@@ -36,7 +36,41 @@ def parser(description: str) -> argparse.ArgumentParser:
     p.add_argument("--out", default=str(ROOT / "results"), help="directory for <experiment>.json/.md")
     p.add_argument("--artifacts", default=str(ROOT / "runs"), help="checkpoints (git-ignored)")
     p.add_argument("--progress", action="store_true", help="tqdm bars (per process)")
+    p.add_argument("--render-only", action="store_true",
+                   help="rewrite the Markdown from the existing JSON (no training)")
     return p
+
+
+# the quick profile's acceptance margins (issue 3): (row pattern, column rule, bound)
+TARGETS = {
+    "table1": [("pretrained", "ascending", ">=", 0.80), ("full_finetune_descending", "descending", ">=", 0.70),
+               ("prefix_descending", "descending", "<=", 0.05)],
+    "table2": [("prefix_*", "own", ">=", 0.80), ("prefix_*", "other", "<=", 0.05)],
+    "table3": [(f"prefix_{t}", "own", ">=", 0.90) for t in ("ascending", "descending", "add1", "add2")]
+    + [("prefix_ascending_add1", "own", ">=", 0.50), ("prefix_histogram", "own", "<=", 0.05)],
+    "section6": [("lora", "histogram", ">=", 0.70), ("lora_mlp_only", "histogram", ">=", 0.70),
+                 ("prefix", "histogram", "<=", 0.05), ("prefix_mlp_matched", "histogram", "<=", 0.05)],
+}
+
+
+def check_targets(experiment: str, rows: dict) -> list[str]:
+    """One line per margin of the quick profile: met or missed, with the measured mean."""
+    out = []
+    for row_pat, col_rule, op, bound in TARGETS.get(experiment, []):
+        for row, cols in rows.items():
+            if not (row == row_pat or (row_pat.endswith("*") and row.startswith(row_pat[:-1]))):
+                continue
+            own = row.removeprefix("prefix_")
+            for col, c in cols.items():
+                if col == "params":
+                    continue
+                if col_rule == "own" and col != own or col_rule == "other" and col == own:
+                    continue
+                if col_rule not in ("own", "other") and col != col_rule:
+                    continue
+                ok = c["mean"] >= bound if op == ">=" else c["mean"] <= bound
+                out.append(f"{'met' if ok else 'MISSED'}: {row} on {col} = {100 * c['mean']:.1f}% (target {op} {100 * bound:.0f}%)")
+    return out
 
 
 def command_line() -> str:
@@ -94,7 +128,14 @@ def fmt(c: dict) -> str:
 
 
 def write(args, experiment: str, rows: dict, paper: dict, extra: dict, notes: list[str], wall_s: float, columns: list[str]) -> dict:
-    """Write ``results/<experiment>.json`` (the contract) and ``.md`` (ours next to the paper's)."""
+    """Write ``results/<experiment>.json`` (the contract) and ``.md`` (ours next to the paper's).
+
+    With ``--render-only`` the JSON already on disk is kept and only the Markdown is rewritten."""
+    out = Path(args.out)
+    if getattr(args, "render_only", False):
+        data = json.loads((out / f"{experiment}.json").read_text())
+        render(data, paper, notes, columns, out)
+        return data
     data = {
         "experiment": experiment,
         "profile": args.profile,
@@ -102,15 +143,22 @@ def write(args, experiment: str, rows: dict, paper: dict, extra: dict, notes: li
         "command": command_line(),
         "rows": rows,
         "wall_time_s": round(wall_s, 1),
+        "cpu_time_s": round(cpu_seconds(), 1),
         **extra,
     }
-    out = Path(args.out)
     atomic_write_text(out / f"{experiment}.json", json.dumps(data, indent=1) + "\n")
+    render(data, paper, notes, columns, out)
+    return data
+
+
+def render(data: dict, paper: dict, notes: list[str], columns: list[str], out: Path) -> None:
+    experiment, rows = data["experiment"], data["rows"]
+    cpu = data.get("cpu_time_s")
     lines = [
-        f"# {experiment} ({args.profile} profile, {args.seeds} seeds)",
+        f"# {experiment} ({data['profile']} profile, {data['seeds']} seeds)",
         "",
         f"Command: `{data['command']}`  ",
-        f"Wall time: {wall_s / 60:.1f} min ({args.jobs} processes × {args.threads} thread(s)).",
+        f"Wall time: {data['wall_time_s'] / 60:.1f} min" + (f"; CPU time {cpu / 60:.1f} min" if cpu else "") + ".",
         "",
         "Exact-match accuracy in %, mean over seeds [95% CI]; the paper's number in parentheses.",
         "",
@@ -127,10 +175,31 @@ def write(args, experiment: str, rows: dict, paper: dict, extra: dict, notes: li
             cells.append(fmt(cols[c]) + (f" ({p})" if p is not None else ""))
         label = row + (f" ({rows[row]['params']} params)" if isinstance(rows[row].get("params"), int) else "")
         lines.append(f"| {label} | " + " | ".join(cells) + " |")
+    checks = check_targets(experiment, rows) if data["profile"] == "quick" else []
+    if checks:
+        lines += ["", "## Quick-profile margins", ""] + [f"- {c}" for c in checks]
     if notes:
         lines += ["", "## Notes", ""] + [f"- {n}" for n in notes]
     atomic_write_text(out / f"{experiment}.md", "\n".join(lines) + "\n")
-    return data
+
+
+def cpu_seconds() -> float:
+    """User + system CPU time of this process and its finished children (the seed workers)."""
+    import resource
+
+    own, kids = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    return own.ru_utime + own.ru_stime + kids.ru_utime + kids.ru_stime
+
+
+def run_or_load(args, experiment: str, fn) -> tuple[list[dict] | None, dict | None, float]:
+    """Run the seeds (``(outputs, None, wall_s)``) or, with ``--render-only``, load the JSON
+    (``(None, data, wall_s)``)."""
+    if args.render_only:
+        data = json.loads((Path(args.out) / f"{experiment}.json").read_text())
+        return None, data, data["wall_time_s"]
+    with Timer() as tm:
+        out = run_seeds(fn, args, list(range(args.seeds)))
+    return out, None, tm.s
 
 
 class Timer:

@@ -57,21 +57,24 @@ def run_seed(args, seed: int) -> dict:
 
 def main() -> None:
     args = C.parser(__doc__.splitlines()[0]).parse_args()
-    with C.Timer() as tm:
-        out = C.run_seeds(run_seed, args, list(range(args.seeds)))
-    per_seed = [{r: {"histogram": v["histogram"]} for r, v in o["rows"].items()} for o in out]
-    rows = C.aggregate(per_seed)
-    for r in rows:
-        rows[r]["params"] = out[0]["rows"][r]["params"]
+    out, data, wall = C.run_or_load(args, EXPERIMENT, run_seed)
+    if data is None:
+        per_seed = [{r: {"histogram": v["histogram"]} for r, v in o["rows"].items()} for o in out]
+        rows = C.aggregate(per_seed)
+        for r in rows:
+            rows[r]["params"] = out[0]["rows"][r]["params"]
+        logs = [o["logs"] for o in out]
+    else:
+        rows, logs = data["rows"], data["per_seed_logs"]
     notes = [
         "Equal trainable parameter counts: prefix P = 12 ↔ rank-1 LoRA on attn output + MLP in/out "
         "(L·12·d each; what the reference's add_lora_by_name(['c_proj', 'c_fc']) adapts), and prefix P = 10 ↔ "
         "rank-1 LoRA on the MLP only (L·10·d each; what the paper's text describes).",
         "LoRA can change the attention/MLP computation and learns the histogram; a prefix of the same size can only "
         "add biases to the attention outputs and does not.",
-        f"Pretrained model without adaptation (per seed): {[round(o['logs']['pretrained_histogram'], 4) for o in out]}.",
+        f"Pretrained model without adaptation (per seed): {[round(l['pretrained_histogram'], 4) for l in logs]}.",
     ]
-    C.write(args, EXPERIMENT, rows, PAPER, {"per_seed_logs": [o["logs"] for o in out]}, notes, tm.s, COLUMNS)
+    C.write(args, EXPERIMENT, rows, PAPER, {"per_seed_logs": logs}, notes, wall, COLUMNS)
     print(open(f"{args.out}/{EXPERIMENT}.md").read())
 
 

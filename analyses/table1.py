@@ -62,19 +62,19 @@ def run_seed(args, seed: int) -> dict:
 
 def main() -> None:
     args = C.parser(__doc__.splitlines()[0]).parse_args()
-    with C.Timer() as tm:
-        out = C.run_seeds(run_seed, args, list(range(args.seeds)))
-    rows = C.aggregate([o["rows"] for o in out])
+    out, data, wall = C.run_or_load(args, EXPERIMENT, run_seed)
+    rows = C.aggregate([o["rows"] for o in out]) if data is None else data["rows"]
+    logs = [o["logs"] for o in out] if data is None else data["per_seed_logs"]
+    params = out[0]["params"] if data is None else data["params"]
     notes = [
         "Pretrained and fine-tuned models learn their task; the prefix (residual form, the reference's) "
         "cannot make the ascending model sort descending: prefix-tuning cannot learn a new attention pattern.",
-        f"Prefix training loss at the end (per seed): {[round(o['logs']['prefix_final_loss'], 3) for o in out]} "
+        f"Prefix training loss at the end (per seed): {[round(l['prefix_final_loss'], 3) for l in logs]} "
         "(the reference reports it stuck around 5).",
         "Our pretrained accuracy is higher than the paper's 91% because the quick profile trains without dropout "
         "and evaluates a model selected by early stopping on a train-split validation set.",
     ]
-    C.write(args, EXPERIMENT, rows, PAPER, {"per_seed_logs": [o["logs"] for o in out], "params": out[0]["params"]},
-            notes, tm.s, COLUMNS)
+    C.write(args, EXPERIMENT, rows, PAPER, {"per_seed_logs": logs, "params": params}, notes, wall, COLUMNS)
     print(open(f"{args.out}/{EXPERIMENT}.md").read())
 
 

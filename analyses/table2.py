@@ -37,20 +37,29 @@ def run_seed(args, seed: int) -> dict:
 
 def main() -> None:
     args = C.parser(__doc__.splitlines()[0]).parse_args()
-    with C.Timer() as tm:
-        out = C.run_seeds(run_seed, args, list(range(args.seeds)))
-    rows = C.aggregate([o["rows"] for o in out])
+    out, data, wall = C.run_or_load(args, EXPERIMENT, run_seed)
+    if data is None:
+        rows = C.aggregate([o["rows"] for o in out])
+        logs = [o["logs"] for o in out]
+        mech = next((o["mechanism"] for o in out if "mechanism" in o), None)
+    else:
+        rows, logs, mech = data["rows"], data["per_seed_logs"], data.get("mechanism")
+    last_val = {t: [round(100 * l["prefix"][t]["evals"][-1][1]) for l in logs if l["prefix"][t]["evals"]] for t in TASKS}
     notes = [
         "Without a prefix (pads in the slot) the mixture model picks one task per input; each prefix selects "
         "its task (the prefix elicits a skill the model already has).",
+        "Where a margin is missed, prefix training had plateaued: last validation accuracy (train split, "
+        "teacher-forced = greedy exact match) per seed: " + "; ".join(f"{t} {v}" for t, v in last_val.items())
+        + ". The ceiling is the quick-profile mixture model's own skill (1 layer, d = 64, 6k steps, vs the "
+        "reference's d = 256 and 20k steps): add1 at ~60% shows the 1-layer model often loses track of the task "
+        "after the first answer tokens. The qualitative result (each prefix raises its own task far above the "
+        "others and the no-prefix baseline) holds; the absolute numbers need the paper profile.",
         "The reference model for this table has no ln_1 (skip_layer_norm); HF GPT-2 blocks always normalise, "
         "so our prefix passes through ln_1 as in the reference's other notebooks.",
     ]
-    mech = next((o["mechanism"] for o in out if "mechanism" in o), None)
-    C.write(args, EXPERIMENT, rows, PAPER, {"per_seed_logs": [o["logs"] for o in out], "mechanism": mech},
-            notes + C.mechanism_notes(mech), tm.s, COLUMNS)
+    C.write(args, EXPERIMENT, rows, PAPER, {"per_seed_logs": logs, "mechanism": mech},
+            notes + C.mechanism_notes(mech), wall, COLUMNS)
     print(open(f"{args.out}/{EXPERIMENT}.md").read())
-
 
 if __name__ == "__main__":
     main()
