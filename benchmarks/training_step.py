@@ -37,7 +37,7 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=64)
     ap.add_argument("--repeats", type=int, default=30)
     ap.add_argument("--threads", type=int, default=1)
-    ap.add_argument("--out", default=str(ROOT / "results" / "benchmark_training_step.json"))
+    ap.add_argument("--out", default="results/benchmark_training_step.json")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     P = args.n_pad
@@ -95,7 +95,7 @@ def main() -> None:
     med = {k: statistics.median(v) for k, v in times.items()}
     base = med["forward_backward"]
     result = {
-        "config": vars(args) | {"tokens_per_step": args.batch * (P + 19)},
+        "config": vars(args) | {"tokens_per_step": args.batch * (P + 19), "command": " ".join(["python"] + sys.argv)},
         "median_ms": {k: round(1000 * v, 3) for k, v in med.items()},
         "ratio_to_forward_backward": {k: round(v / base, 3) for k, v in med.items()},
         "prefix_vs_full": round(med["prefix_residual"] / med["full_finetune"], 3),
