@@ -360,7 +360,6 @@ def main() -> None:
 
     for name in NOTEBOOKS:
         path = atomic_write_text(HERE / f"{name}.ipynb", nbformat.writes(build(name)) + "\n")
-        path.chmod(0o644)
         print(f"wrote analyses/{name}.ipynb")
 
 

@@ -30,8 +30,8 @@ from jaxtyping import Float, Int
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from prefixlens.attention_math import causal_scores, expand_kv_heads, prefix_mass
-from prefixlens.decomposition import _attn_scale, decompose, fires_pre_softmax_scores
+from prefixlens.attention_math import expand_kv_heads, prefix_mass
+from prefixlens.decomposition import decompose, prefixed_scores
 from prefixlens.injection import attached, check_tokens
 from prefixlens.prefixes import Prefix
 from prefixlens.signature import model_dtype_device
@@ -248,25 +248,10 @@ def numerical_rank(x: Float[Tensor, "n d"], rtol: float = 1e-6) -> int:
 
 def _slot_scores(model, tokens: Tensor, prefix: Prefix, positions: Tensor):
     """Pre-softmax scores of the selected content queries over every key, and the slots' per-query-head values."""
-    P, n_layers, n_heads = prefix.length, int(model.cfg.n_layers), int(model.cfg.n_heads)
-    pre_softmax = fires_pre_softmax_scores(model)
-    per_layer = ["hook_v"] + (["hook_attn_scores"] if pre_softmax else ["hook_q", "hook_k"])
-    names = {f"blocks.{l}.attn.{h}" for l in range(n_layers) for h in per_layer}
-    with torch.no_grad(), attached(model, prefix) as slots:
-        _, cache = model.run_with_cache(slots.prepend(tokens), names_filter=lambda n: n in names)
+    P = prefix.length
+    scores, values, _ = prefixed_scores(model, tokens, prefix)
     rows = positions + P
-    scores, values = [], []
-    for l in range(n_layers):
-        attn = f"blocks.{l}.attn"
-        if pre_softmax:
-            s = cache[f"{attn}.hook_attn_scores"][:, :, rows]
-        else:
-            q = expand_kv_heads(cache[f"{attn}.hook_q"], n_heads)
-            k = expand_kv_heads(cache[f"{attn}.hook_k"], n_heads)
-            s = causal_scores(q, k, _attn_scale(model))[:, :, rows]
-        scores.append(s)  # [b, h, q, P + T]
-        values.append(expand_kv_heads(cache[f"{attn}.hook_v"][:, :P], n_heads))  # [b, p, h, d]
-    return torch.stack(scores), torch.stack(values)
+    return torch.stack([s[:, :, rows] for s in scores]), torch.stack([v[:, :P] for v in values])
 
 
 @dataclass

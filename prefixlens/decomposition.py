@@ -14,7 +14,7 @@ from prefixlens.attention_math import causal_scores, combine, expand_kv_heads, s
 from prefixlens.injection import attached, check_tokens
 from prefixlens.prefixes import Prefix
 
-__all__ = ["HeadDecomposition", "decompose", "fires_pre_softmax_scores"]
+__all__ = ["HeadDecomposition", "decompose", "prefixed_scores", "attention_scale", "fires_pre_softmax_scores"]
 
 
 @dataclass
@@ -131,7 +131,8 @@ def fires_pre_softmax_scores(model) -> bool:
     return getattr(model.cfg, "architecture", None) != "TransformerLensNative"
 
 
-def _attn_scale(model) -> float:
+def attention_scale(model) -> float:
+    """The divisor of ``q·k`` (``cfg.attn_scale`` when set, else ``sqrt(d_head)``)."""
     scale = float(getattr(model.cfg, "attn_scale", -1.0) or -1.0)
     return scale if scale > 0 else math.sqrt(model.cfg.d_head)
 
@@ -150,28 +151,15 @@ def decompose(
     plain run and the patched run batched together) runs when first asked for.
     """
     tokens = check_tokens(model, tokens, prefix)
-    P, n_layers, n_heads = prefix.length, int(model.cfg.n_layers), int(model.cfg.n_heads)
-    pre_softmax = fires_pre_softmax_scores(model)
-    per_layer = ["hook_v", "hook_z"] + (["hook_attn_scores"] if pre_softmax else ["hook_q", "hook_k"])
-    names = {f"blocks.{l}.attn.{h}" for l in range(n_layers) for h in per_layer}
-    if reference:
-        names |= {f"blocks.{l}.hook_resid_pre" for l in range(n_layers)}
-    with torch.no_grad(), attached(model, prefix) as slots:
-        _, cache = model.run_with_cache(slots.prepend(tokens), names_filter=lambda n: n in names)
+    P, n_layers = prefix.length, int(model.cfg.n_layers)
+    extra = {f"blocks.{l}.hook_resid_pre" for l in range(n_layers)} if reference else set()
+    scores, values, cache = prefixed_scores(model, tokens, prefix, extra_names=extra)
 
     A, t, b, z, pattern = [], [], [], [], []
     for l in range(n_layers):
-        attn = f"blocks.{l}.attn"
-        if pre_softmax:
-            scores = cache[f"{attn}.hook_attn_scores"][:, :, P:]
-        else:
-            q = expand_kv_heads(cache[f"{attn}.hook_q"], n_heads)[:, P:]
-            k = expand_kv_heads(cache[f"{attn}.hook_k"], n_heads)
-            scores = causal_scores(q, k, _attn_scale(model))
-        values = expand_kv_heads(cache[f"{attn}.hook_v"], n_heads)
-        A_l, t_l, b_l, pattern_l = split_attention(scores, values, P)
+        A_l, t_l, b_l, pattern_l = split_attention(scores[l][:, :, P:], values[l], P)
         A.append(A_l), t.append(t_l), b.append(b_l), pattern.append(pattern_l)
-        z.append(cache[f"{attn}.hook_z"][:, P:])
+        z.append(cache[f"blocks.{l}.attn.hook_z"][:, P:])
 
     result = HeadDecomposition(
         n_slots=P,
@@ -186,6 +174,31 @@ def decompose(
         inputs = [cache[f"blocks.{l}.hook_resid_pre"][:, P:] for l in range(n_layers)]
         result._reference_run = lambda: _reference_run(model, tokens, inputs, P)
     return result
+
+
+def prefixed_scores(
+    model, tokens: Int[Tensor, "batch pos"], prefix: Prefix, extra_names: set[str] = frozenset()
+) -> tuple[list[Float[Tensor, "batch head n_pos n_pos"]], list[Float[Tensor, "batch n_pos head d_head"]], "ActivationCache"]:
+    """One prefixed forward pass: each layer's pre-softmax scores over all ``P + T`` positions
+    (causal mask as ``-inf`` or the model's own large negative), its values with one head per query
+    head, and the cache (``hook_z`` and ``extra_names`` included)."""
+    n_layers, n_heads = int(model.cfg.n_layers), int(model.cfg.n_heads)
+    pre_softmax = fires_pre_softmax_scores(model)
+    per_layer = ["hook_v", "hook_z"] + (["hook_attn_scores"] if pre_softmax else ["hook_q", "hook_k"])
+    names = {f"blocks.{l}.attn.{h}" for l in range(n_layers) for h in per_layer} | set(extra_names)
+    with torch.no_grad(), attached(model, prefix) as slots:
+        _, cache = model.run_with_cache(slots.prepend(tokens), names_filter=lambda n: n in names)
+    scores, values = [], []
+    for l in range(n_layers):
+        attn = f"blocks.{l}.attn"
+        if pre_softmax:
+            scores.append(cache[f"{attn}.hook_attn_scores"])
+        else:
+            q = expand_kv_heads(cache[f"{attn}.hook_q"], n_heads)
+            k = expand_kv_heads(cache[f"{attn}.hook_k"], n_heads)
+            scores.append(causal_scores(q, k, attention_scale(model)))
+        values.append(expand_kv_heads(cache[f"{attn}.hook_v"], n_heads))
+    return scores, values, cache
 
 
 def _stacked_W_O(model) -> Tensor | None:

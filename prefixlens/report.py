@@ -645,12 +645,8 @@ def render_html(figures: Iterable, title: str = "prefixlens report") -> str:
 
 
 def html(path: str | os.PathLike, figures: Iterable, title: str = "prefixlens report") -> Path:
-    """Write the report to ``path`` atomically and return the path (readable like any new file)."""
-    path = atomic_write_text(path, render_html(figures, title))
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(path, 0o666 & ~umask)  # the temp file behind the atomic write is private (0600)
-    return path
+    """Write the report to ``path`` atomically and return the path."""
+    return atomic_write_text(path, render_html(figures, title))
 
 
 class Report:

@@ -13,6 +13,13 @@ from safetensors.torch import save_file
 __all__ = ["save_tensors", "load_tensors", "atomic_write_text"]
 
 
+def _umask_permissions(path: str) -> None:
+    """``mkstemp`` creates private (0600) files; give the final file the usual umask permissions."""
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(path, 0o666 & ~umask)
+
+
 def save_tensors(path: str | os.PathLike, tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> Path:
     """Write ``tensors`` and string ``metadata`` to ``path`` atomically (temp file, then rename)."""
     path = Path(path)
@@ -22,6 +29,7 @@ def save_tensors(path: str | os.PathLike, tensors: dict[str, torch.Tensor], meta
     os.close(fd)
     try:
         save_file(plain, tmp, metadata=metadata)
+        _umask_permissions(tmp)
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
@@ -48,6 +56,7 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as f:
             f.write(text)
+        _umask_permissions(tmp)
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

@@ -24,3 +24,16 @@ def test_atomic_text(tmp_path):
     assert (tmp_path / "r.md").read_text() == "hello"
     with pytest.raises(FileNotFoundError):
         load_tensors(tmp_path / "missing.safetensors")
+
+
+def test_written_files_follow_the_umask(tmp_path):
+    import os
+
+    umask = os.umask(0o022)
+    try:
+        atomic_write_text(tmp_path / "r.md", "x")
+        save_tensors(tmp_path / "t.safetensors", {"w": torch.ones(1)}, {})
+    finally:
+        os.umask(umask)
+    assert (tmp_path / "r.md").stat().st_mode & 0o777 == 0o644
+    assert (tmp_path / "t.safetensors").stat().st_mode & 0o777 == 0o644
