@@ -5,7 +5,7 @@ from prefixlens.generation import generate
 from prefixlens.injection import Slots, attached, run_with_cache, run_with_prefix
 from prefixlens.prefixes import KVPrefix, Prefix, ResidualPrefix, SoftPrompt
 from prefixlens.signature import ModelSignature, signature_of
-from prefixlens import capacity, constructions, report  # noqa: E402  (report loads CircuitsVis only when writing)
+from prefixlens import analysis, capacity, constructions, report  # noqa: E402  (report loads CircuitsVis only when writing)
 
 __version__ = "0.1.0"
 
@@ -17,6 +17,7 @@ __all__ = [
     "ResidualPrefix",
     "Slots",
     "SoftPrompt",
+    "analysis",
     "attached",
     "capacity",
     "constructions",
