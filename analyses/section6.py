@@ -70,8 +70,15 @@ def main() -> None:
         "Equal trainable parameter counts: prefix P = 12 ↔ rank-1 LoRA on attn output + MLP in/out "
         "(L·12·d each; what the reference's add_lora_by_name(['c_proj', 'c_fc']) adapts), and prefix P = 10 ↔ "
         "rank-1 LoRA on the MLP only (L·10·d each; what the paper's text describes).",
-        "LoRA can change the attention/MLP computation and learns the histogram; a prefix of the same size can only "
-        "add biases to the attention outputs and does not.",
+        "The paper's claim: LoRA can change the attention/MLP computation and learns the histogram, while a prefix "
+        "of the same size can only add biases to the attention outputs and does not. See the margins above for "
+        "whether this run shows it.",
+        "LoRA validation accuracy along training, per seed: "
+        + "; ".join(f"{r}: " + ", ".join(str([f"{s}:{round(100 * a)}" for s, a in l[r].get("evals", [])]) for l in logs)
+                    for r in ("lora", "lora_mlp_only")) + ".",
+        "If LoRA misses 70%: the quick profile gives rank-1 LoRA on a d = 64 model 1,500 steps; the reference "
+        "(d = 256) trains 10k steps and its loss only falls after 4–6k steps (1.08 at 1k, 0.85 at 4k, 0.19 at 6k). "
+        "Rank 1 on d = 64 is also a much smaller adapter (L·12·64 = 3,072 parameters vs 12,288).",
         f"Pretrained model without adaptation (per seed): {[round(l['pretrained_histogram'], 4) for l in logs]}.",
     ]
     C.write(args, EXPERIMENT, rows, PAPER, {"per_seed_logs": logs}, notes, wall, COLUMNS)
