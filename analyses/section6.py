@@ -55,8 +55,8 @@ def run_seed(args, seed: int) -> dict:
     return {"rows": rows, "logs": logs}
 
 
-def main() -> None:
-    args = C.parser(__doc__.splitlines()[0]).parse_args()
+def main(argv=None) -> None:
+    args = C.parser(__doc__.splitlines()[0]).parse_args(argv)
     out, data, wall = C.run_or_load(args, EXPERIMENT, run_seed)
     if data is None:
         per_seed = [{r: {"histogram": v["histogram"]} for r, v in o["rows"].items()} for o in out]

@@ -60,8 +60,8 @@ def run_seed(args, seed: int) -> dict:
     }
 
 
-def main() -> None:
-    args = C.parser(__doc__.splitlines()[0]).parse_args()
+def main(argv=None) -> None:
+    args = C.parser(__doc__.splitlines()[0]).parse_args(argv)
     out, data, wall = C.run_or_load(args, EXPERIMENT, run_seed)
     rows = C.aggregate([o["rows"] for o in out]) if data is None else data["rows"]
     logs = [o["logs"] for o in out] if data is None else data["per_seed_logs"]

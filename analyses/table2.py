@@ -35,8 +35,8 @@ def run_seed(args, seed: int) -> dict:
     return result
 
 
-def main() -> None:
-    args = C.parser(__doc__.splitlines()[0]).parse_args()
+def main(argv=None) -> None:
+    args = C.parser(__doc__.splitlines()[0]).parse_args(argv)
     out, data, wall = C.run_or_load(args, EXPERIMENT, run_seed)
     if data is None:
         rows = C.aggregate([o["rows"] for o in out])

@@ -7,7 +7,7 @@ constant learning rate, global grad-norm clipping, a seeded data stream, periodi
 fixed validation set from the *train* split, and safetensors checkpoints that resume exactly (optimiser,
 data stream and dropout RNG state) and only into the run that wrote them.
 
-Reference defaults (see ``docs/tables.md``): AdamW betas (0.9, 0.95); weight decay 0.1 on the weight
+Reference defaults (see the README's toy-tasks section): AdamW betas (0.9, 0.95); weight decay 0.1 on the weight
 matrices for full training (embeddings, norms and biases excluded), the torch default 0.01 for
 prefixes and LoRA; grad-norm clip 1.0; batch 64. Full training runs the model in train mode (the HF
 modules apply the dropout the model was built with); prefix and LoRA training run it in eval mode.
