@@ -81,7 +81,7 @@ def main(argv=None) -> None:
         "Rank 1 on d = 64 is also a much smaller adapter (L·12·64 = 3,072 parameters vs 12,288). Single-seed "
         "probes on the seed-0 model stayed at ~1% validation accuracy with lr 2e-2 or 5e-2 (3,000 steps) and "
         "with batch 256 at lr 5e-3 (2,000 steps): more samples per step or a larger step do not shortcut the "
-        "plateau. The trajectories above are still rising at 8,000 steps.",
+        "plateau.",
         f"Pretrained model without adaptation (per seed): {[round(l['pretrained_histogram'], 4) for l in logs]}.",
     ]
     C.write(args, EXPERIMENT, rows, PAPER, {"per_seed_logs": logs}, notes, wall, COLUMNS)
