@@ -5,7 +5,8 @@ and batch (all parameters trainable, no optimiser step).
 
 Methods: full fine-tuning (forward + backward + AdamW over every weight), prefix-tuning
 (residual and KV forms, base frozen with requires_grad_(False)), rank-1 LoRA (reference targets,
-base frozen). Steps are timed interleaved (round-robin) and summarised by the median, so background
+base frozen), each with and without ``share_pads`` (the pad positions and prefix slots run once
+per batch instead of once per row). Steps are timed interleaved (round-robin) and summarised by the median, so background
 load affects every method alike.
 """
 
@@ -55,31 +56,37 @@ def main() -> None:
     def plain():
         model.requires_grad_(True)
         model.zero_grad(set_to_none=True)
-        TR.batch_loss(model, batch).backward()
+        TR.batch_loss(model, batch, share_pads=False).backward()
 
-    def full():
-        model.requires_grad_(True)
-        full_opt.zero_grad(set_to_none=True)
-        TR.batch_loss(model, batch).backward()
-        full_opt.step()
+    def full(share):
+        def step():
+            model.requires_grad_(True)
+            full_opt.zero_grad(set_to_none=True)
+            TR.batch_loss(model, batch, share_pads=share).backward()
+            full_opt.step()
+        return step
 
-    def prefix_step(form):
+    def prefix_step(form, share):
         def step():
             model.requires_grad_(False)
             popt[form].zero_grad(set_to_none=True)
-            TR.batch_loss(model, batch, prefixes[form]).backward()
+            TR.batch_loss(model, batch, prefixes[form], share_pads=share).backward()
             popt[form].step()
         return step
 
-    def lora_step():
-        model.requires_grad_(False)
-        with lora:
-            lopt.zero_grad(set_to_none=True)
-            TR.batch_loss(model, batch).backward()
-            lopt.step()
+    def lora_step(share):
+        def step():
+            model.requires_grad_(False)
+            with lora:
+                lopt.zero_grad(set_to_none=True)
+                TR.batch_loss(model, batch, share_pads=share).backward()
+                lopt.step()
+        return step
 
-    methods = {"forward_backward": plain, "full_finetune": full, "prefix_residual": prefix_step("residual"),
-               "prefix_kv": prefix_step("kv"), "lora_r1": lora_step}
+    methods = {"forward_backward": plain}
+    for suffix, share in (("", False), ("_shared_pads", True)):
+        methods |= {f"full_finetune{suffix}": full(share), f"prefix_residual{suffix}": prefix_step("residual", share),
+                    f"prefix_kv{suffix}": prefix_step("kv", share), f"lora_r1{suffix}": lora_step(share)}
     times = {k: [] for k in methods}
     with torch.no_grad():
         snapshot = {k: v.clone() for k, v in model.state_dict().items()}
@@ -99,12 +106,16 @@ def main() -> None:
         "median_ms": {k: round(1000 * v, 3) for k, v in med.items()},
         "ratio_to_forward_backward": {k: round(v / base, 3) for k, v in med.items()},
         "prefix_vs_full": round(med["prefix_residual"] / med["full_finetune"], 3),
+        "shared_pads_speedup": {k: round(med[k] / med[f"{k}_shared_pads"], 3)
+                                for k in ("full_finetune", "prefix_residual", "prefix_kv", "lora_r1")},
     }
     atomic_write_text(args.out, json.dumps(result, indent=1) + "\n")
     print(f"{'method':<18}{'median ms':>10}{'× fwd+bwd':>11}")
     for k in methods:
         print(f"{k:<18}{1000 * med[k]:>10.2f}{med[k] / base:>11.2f}")
     print(f"prefix (residual) step / full fine-tune step = {result['prefix_vs_full']:.2f}")
+    print("speed-up from running the pads once per batch (share_pads):",
+          ", ".join(f"{k} {v:.2f}x" for k, v in result["shared_pads_speedup"].items()))
 
 
 if __name__ == "__main__":

@@ -80,6 +80,7 @@ def toy_gpt2(
     d_mlp: int | None = None,
     init_range: float = 0.02,
     dropout: float = 0.0,
+    tie_embeddings: bool = True,
     seed: int = 0,
     dtype: torch.dtype = torch.float32,
     device: str | torch.device | None = None,
@@ -87,7 +88,8 @@ def toy_gpt2(
     """A random GPT-2 (LayerNorm, learned absolute positions, GELU MLP) wrapped as a bridge.
 
     ``dropout`` is applied by the HuggingFace modules in train mode only (the reference's minGPT
-    pretraining uses 0.1); the bridge is returned in eval mode.
+    pretraining uses 0.1); the bridge is returned in eval mode. ``tie_embeddings=False`` gives the
+    unembedding its own matrix, as minGPT's ``lm_head`` (HF GPT-2 ties it to the embedding).
     """
     from transformers import GPT2Config, GPT2LMHeadModel
 
@@ -106,6 +108,7 @@ def toy_gpt2(
         bos_token_id=1,
         eos_token_id=2,
         attn_implementation="eager",
+        tie_word_embeddings=tie_embeddings,
     )
     torch.manual_seed(seed)
     return _bridge("prefixlens-toy-gpt2", GPT2LMHeadModel(config), dtype, device)

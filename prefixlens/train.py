@@ -21,6 +21,7 @@ import json
 import math
 import os
 import re
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -32,7 +33,7 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from prefixlens import tasks as T
-from prefixlens.injection import run_with_prefix
+from prefixlens.injection import Slots, attached, run_with_prefix
 from prefixlens.lora import LoRA, add_lora
 from prefixlens.prefixes import KVPrefix, Prefix, ResidualPrefix, SoftPrompt
 from prefixlens.serialization import load_tensors, save_tensors
@@ -130,8 +131,9 @@ class Accuracy:
 def lm_loss(
     logits: Float[Tensor, "batch pos d_vocab"], targets: Int[Tensor, "batch pos"]
 ) -> Float[Tensor, ""]:
-    """Mean cross-entropy over the non-ignored (answer) positions."""
-    return F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), targets.reshape(-1), ignore_index=T.IGNORE)
+    """Mean cross-entropy over the non-ignored (answer) positions (in float32 or wider)."""
+    logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
+    return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1), ignore_index=T.IGNORE)
 
 
 def freeze(model) -> None:
@@ -177,8 +179,56 @@ def _logits(model, tokens: Tensor, prefix: Prefix | None) -> Tensor:
     return model(tokens) if prefix is None else run_with_prefix(model, tokens, prefix)
 
 
-def batch_loss(model, batch: T.TaskBatch, prefix: Prefix | None = None) -> Tensor:
+def _dropout_active(model) -> bool:
+    return model.training and any(isinstance(m, nn.Dropout) and m.p > 0 for m in model.modules())
+
+
+def _can_share_pads(model, tokens: Tensor, n_shared: int, prefix: Prefix | None) -> bool:
+    """Whether the first ``n_shared`` positions (and the prefix slots) are the same computation in
+    every row: identical pad tokens, one prefix for the whole batch, no dropout, and a model whose
+    forward takes a key/value cache."""
+    from prefixlens.generation import has_kv_cache
+
+    return (
+        tokens.shape[0] > 1
+        and (n_shared > 0 or prefix is not None)
+        and (prefix is None or not prefix.batched)
+        and has_kv_cache(model)
+        and not _dropout_active(model)
+        and bool((tokens[:, :n_shared] == tokens[:1, :n_shared]).all())
+    )
+
+
+def _logits_shared_pads(
+    model, tokens: Int[Tensor, "batch pos"], n_shared: int, prefix: Prefix | None
+) -> Float[Tensor, "batch pos-n_shared d_vocab"]:
+    """Logits at positions ``n_shared:`` of ``tokens`` (after ``prefix``'s slots), with the slots
+    and the first ``n_shared`` (pad) positions run once for the whole batch.
+
+    Those positions only attend to each other, so their keys and values are the same in every row:
+    one batch-1 pass puts them into the model's key/value cache, which is repeated over the batch
+    (gradients flow back through it to the prefix or adapters), and the rest of the sequence runs
+    on top of it. This is the same computation as the full pass (checked in the tests to float32
+    precision) at ``(pos - n_shared) / (P + pos)`` of the cost of the position-wise layers.
+    """
+    head = tokens[:1, :n_shared]
+    context = attached(model, prefix) if prefix is not None else nullcontext(Slots(0))
+    with context as slots:
+        _, cache = model(slots.prepend(head), return_type="logits_and_cache")
+    cache.batch_repeat_interleave(tokens.shape[0])
+    return model(tokens[:, n_shared:], past_key_values=cache)
+
+
+def batch_loss(model, batch: T.TaskBatch, prefix: Prefix | None = None, share_pads: bool = True) -> Tensor:
+    """Mean answer-token cross-entropy of ``model`` (with ``prefix``) on ``batch``.
+
+    With ``share_pads`` (the default) the pad positions and prefix slots, identical in every row,
+    run once per batch instead of once per row when that is exact (see ``_logits_shared_pads``).
+    """
     tokens, targets = _content(batch.tokens, batch.targets, batch.n_pad, prefix)
+    n_shared = batch.n_pad - (prefix.length if prefix is not None else 0)
+    if share_pads and _can_share_pads(model, tokens, n_shared, prefix):
+        return lm_loss(_logits_shared_pads(model, tokens, n_shared, prefix), targets[:, n_shared:])
     return lm_loss(_logits(model, tokens, prefix), targets)
 
 

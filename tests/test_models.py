@@ -65,3 +65,16 @@ def test_float64_llama_softmax_is_float64():
     _, cache = m.run_with_cache(x, names_filter=lambda n: n.endswith(("hook_attn_scores", "hook_pattern")))
     scores = cache["blocks.0.attn.hook_attn_scores"]
     assert (cache["blocks.0.attn.hook_pattern"] - scores.softmax(-1)).abs().max() < 1e-15
+
+
+def test_toy_gpt2_untied_unembedding_is_its_own_matrix():
+    model = models.toy_gpt2(n_layers=1, d_model=16, n_heads=2, d_vocab=10, n_ctx=8, tie_embeddings=False)
+    hf = model.original_model
+    assert hf.lm_head.weight.data_ptr() != hf.transformer.wte.weight.data_ptr()
+    x = torch.randint(0, 10, (2, 5), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        hf.lm_head.weight.mul_(2.0)  # the bridge reads the HF head, not a copy of the embedding
+    torch.testing.assert_close(model(x), hf(x).logits, rtol=0, atol=0)
+    torch.testing.assert_close(model.W_U, hf.lm_head.weight.T, rtol=0, atol=0)
+    tied = models.toy_gpt2(n_layers=1, d_model=16, n_heads=2, d_vocab=10, n_ctx=8)
+    assert tied.original_model.lm_head.weight.data_ptr() == tied.original_model.transformer.wte.weight.data_ptr()

@@ -177,3 +177,61 @@ def test_early_stopping_and_bad_inputs(tmp_path):
         TR.train_prefix(model, "add1", P, cfg(), form="lora")
     with pytest.raises(ValueError, match="targets"):
         add_lora(model, targets=("c_attn",))
+
+
+def _loss_and_grads(model, batch, params, prefix, share):
+    for p in params:
+        p.grad = None
+    loss = TR.batch_loss(model, batch, prefix, share_pads=share)
+    loss.backward()
+    return loss.detach(), [p.grad.clone() for p in params]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("method", ["full", "residual", "residual_all_pads", "kv", "soft", "lora"])
+def test_shared_pads_give_the_full_pass_loss_and_gradients(method, dtype):
+    n_pad = 4
+    model = models.toy_gpt2(d_vocab=T.VOCAB, n_ctx=n_pad + 20, seed=0, n_layers=2, d_model=16, n_heads=2, dtype=dtype)
+    batch = T.make_batch("histogram", 8, n_pad, "train", torch.Generator().manual_seed(0))
+    model.eval()
+    prefix = None
+    if method == "full":
+        model.requires_grad_(True)
+        params = [p for n, p in model.named_parameters() if ".qkv." not in n]
+    elif method == "lora":
+        model.requires_grad_(False)
+        lora = add_lora(model, rank=1, targets="reference")
+        with torch.no_grad():
+            for p in lora.parameters():
+                p.add_(0.1 * torch.randn(p.shape, generator=torch.Generator().manual_seed(1), dtype=p.dtype))
+        params = list(lora.parameters())
+    else:
+        model.requires_grad_(False)
+        form = "residual" if method.startswith("residual") else method
+        prefix = TR.PREFIX_FORMS[form].random(model, n_pad if method == "residual_all_pads" else 3, seed=0)
+        params = list(prefix.parameters())
+    assert TR._can_share_pads(model, *_shared_args(batch, prefix))
+    shared_loss, shared_grads = _loss_and_grads(model, batch, params, prefix, True)
+    full_loss, full_grads = _loss_and_grads(model, batch, params, prefix, False)
+    tol = 1e-5 if dtype == torch.float32 else 1e-12
+    torch.testing.assert_close(shared_loss, full_loss, rtol=tol, atol=tol)
+    for a, b in zip(shared_grads, full_grads):
+        torch.testing.assert_close(a, b, rtol=tol, atol=tol)
+    assert not any(m._forward_hooks for m in model.modules())
+
+
+def _shared_args(batch, prefix):
+    tokens, _ = TR._content(batch.tokens, batch.targets, batch.n_pad, prefix)
+    return tokens, batch.n_pad - (prefix.length if prefix is not None else 0), prefix
+
+
+def test_shared_pads_are_not_used_when_rows_differ():
+    model = tiny(dropout=0.1)
+    batch = T.make_batch("ascending", 4, P, "train", torch.Generator().manual_seed(0))
+    model.train()  # dropout makes the pad positions differ between rows
+    assert not TR._can_share_pads(model, *_shared_args(batch, None))
+    model.eval()
+    assert TR._can_share_pads(model, *_shared_args(batch, None))
+    tokens = batch.tokens.clone()
+    tokens[0, 0] = 5  # pads that differ between rows
+    assert not TR._can_share_pads(model, tokens, P, None)
