@@ -110,9 +110,9 @@ def main() -> None:
                                 for k in ("full_finetune", "prefix_residual", "prefix_kv", "lora_r1")},
     }
     atomic_write_text(args.out, json.dumps(result, indent=1) + "\n")
-    print(f"{'method':<18}{'median ms':>10}{'× fwd+bwd':>11}")
+    print(f"{'method':<28}{'median ms':>10}{'× fwd+bwd':>11}")
     for k in methods:
-        print(f"{k:<18}{1000 * med[k]:>10.2f}{med[k] / base:>11.2f}")
+        print(f"{k:<28}{1000 * med[k]:>10.2f}{med[k] / base:>11.2f}")
     print(f"prefix (residual) step / full fine-tune step = {result['prefix_vs_full']:.2f}")
     print("speed-up from running the pads once per batch (share_pads):",
           ", ".join(f"{k} {v:.2f}x" for k, v in result["shared_pads_speedup"].items()))

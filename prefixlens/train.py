@@ -219,14 +219,21 @@ def _logits_shared_pads(
     return model(tokens[:, n_shared:], past_key_values=cache)
 
 
-def batch_loss(model, batch: T.TaskBatch, prefix: Prefix | None = None, share_pads: bool = True) -> Tensor:
+def batch_loss(
+    model, batch: T.TaskBatch, prefix: Prefix | None = None, share_pads: bool | None = None
+) -> Tensor:
     """Mean answer-token cross-entropy of ``model`` (with ``prefix``) on ``batch``.
 
-    With ``share_pads`` (the default) the pad positions and prefix slots, identical in every row,
-    run once per batch instead of once per row when that is exact (see ``_logits_shared_pads``).
+    ``share_pads`` runs the pad positions and prefix slots, identical in every row, once per batch
+    instead of once per row (see ``_logits_shared_pads``) wherever that is exact: ``True`` always,
+    ``None`` (default) when they are at least a quarter of the sequence (below that the second
+    forward call costs about what it saves: 0.87-1.11x measured with 1 of 20 or 4 of 23 positions,
+    against 1.5x with 12 of 31), ``False`` never.
     """
     tokens, targets = _content(batch.tokens, batch.targets, batch.n_pad, prefix)
     n_shared = batch.n_pad - (prefix.length if prefix is not None else 0)
+    if share_pads is None:
+        share_pads = 4 * batch.n_pad >= batch.tokens.shape[1]
     if share_pads and _can_share_pads(model, tokens, n_shared, prefix):
         return lm_loss(_logits_shared_pads(model, tokens, n_shared, prefix), targets[:, n_shared:])
     return lm_loss(_logits(model, tokens, prefix), targets)
