@@ -1,8 +1,9 @@
 """Training on the toy tasks: pretraining / full fine-tuning, prefix-tuning, prompt tuning and LoRA.
 
-Every method runs the model through the ``TransformerBridge``; prefix methods go through
-:func:`prefixlens.run_with_prefix` with the base model frozen (``requires_grad_(False)``), so the
-backward pass computes no weight gradients. One loop (:func:`fit`) serves all methods: AdamW,
+Every method runs the model through the ``TransformerBridge``; prefix methods attach the prefix's
+hooks (:func:`prefixlens.attached`) with the base model frozen (``requires_grad_(False)``), so the
+backward pass computes no weight gradients. The pad positions and prefix slots, the same in every
+row, run once per batch through the key/value cache (:func:`batch_loss`). One loop (:func:`fit`) serves all methods: AdamW,
 constant learning rate, global grad-norm clipping, a seeded data stream, periodic evaluation on a
 fixed validation set from the *train* split, and safetensors checkpoints that resume exactly (optimiser,
 data stream and dropout RNG state) and only into the run that wrote them.
