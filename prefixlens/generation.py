@@ -2,14 +2,12 @@
 
 from __future__ import annotations
 
-from contextlib import nullcontext
-
 import torch
 from jaxtyping import Float, Int
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from prefixlens.injection import Slots, attached, check_tokens
+from prefixlens.injection import check_tokens, maybe_attached
 from prefixlens.prefixes import Prefix
 
 __all__ = ["generate", "has_kv_cache", "sample_next"]
@@ -96,10 +94,6 @@ def generate(
     return torch.cat(outputs, dim=0)
 
 
-def _slots(model, prefix):
-    return attached(model, prefix) if prefix is not None else nullcontext(Slots(0))
-
-
 def _append(new, finished, eos_token_id):
     if eos_token_id is None:
         return new, finished
@@ -110,7 +104,7 @@ def _append(new, finished, eos_token_id):
 @torch.no_grad()
 def _generate_cached(model, tokens, prefix, max_new_tokens, eos_token_id, sampling):
     finished = torch.zeros(tokens.shape[0], dtype=torch.bool, device=tokens.device)
-    with _slots(model, prefix) as slots:
+    with maybe_attached(model, prefix) as slots:
         logits, cache = model(slots.prepend(tokens), return_type="logits_and_cache")
     generated = []
     for i in range(max_new_tokens):
@@ -125,7 +119,7 @@ def _generate_cached(model, tokens, prefix, max_new_tokens, eos_token_id, sampli
 @torch.no_grad()
 def _generate_recompute(model, tokens, prefix, max_new_tokens, eos_token_id, sampling):
     finished = torch.zeros(tokens.shape[0], dtype=torch.bool, device=tokens.device)
-    with _slots(model, prefix) as slots:
+    with maybe_attached(model, prefix) as slots:
         sequence = slots.prepend(tokens)
         for _ in range(max_new_tokens):
             new, finished = _append(sample_next(model(sequence)[:, -1], **sampling), finished, eos_token_id)

@@ -8,7 +8,7 @@ reference code), so masks, rotary positions and grouped-query attention need no 
 
 from __future__ import annotations
 
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import dataclass
 from typing import Callable, Iterator
 
@@ -20,7 +20,7 @@ from transformer_lens import ActivationCache
 from prefixlens.prefixes import Prefix
 from prefixlens.signature import model_dtype_device
 
-__all__ = ["Slots", "attached", "run_with_prefix", "run_with_cache", "check_tokens"]
+__all__ = ["Slots", "attached", "maybe_attached", "run_with_prefix", "run_with_cache", "check_tokens"]
 
 PLACEHOLDER_TOKEN = 0
 
@@ -100,6 +100,11 @@ def attached(model, prefix: Prefix, placeholder: int = PLACEHOLDER_TOKEN) -> Ite
     prefix.validate(model)
     with model.hooks(fwd_hooks=prefix.injection_hooks()):
         yield Slots(prefix.length, placeholder)
+
+
+def maybe_attached(model, prefix: Prefix | None) -> AbstractContextManager[Slots]:
+    """``attached(model, prefix)``, or no hooks and ``Slots(0)`` when ``prefix`` is ``None``."""
+    return attached(model, prefix) if prefix is not None else nullcontext(Slots(0))
 
 
 def run_with_prefix(

@@ -22,7 +22,6 @@ import json
 import math
 import os
 import re
-from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -34,7 +33,8 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from prefixlens import tasks as T
-from prefixlens.injection import Slots, attached, run_with_prefix
+from prefixlens.generation import generate, has_kv_cache
+from prefixlens.injection import maybe_attached, run_with_prefix
 from prefixlens.lora import LoRA, add_lora
 from prefixlens.prefixes import KVPrefix, Prefix, ResidualPrefix, SoftPrompt
 from prefixlens.serialization import load_tensors, save_tensors
@@ -188,8 +188,6 @@ def _can_share_pads(model, tokens: Tensor, n_shared: int, prefix: Prefix | None)
     """Whether the first ``n_shared`` positions (and the prefix slots) are the same computation in
     every row: identical pad tokens, one prefix for the whole batch, no dropout, and a model whose
     forward takes a key/value cache."""
-    from prefixlens.generation import has_kv_cache
-
     return (
         tokens.shape[0] > 1
         and (n_shared > 0 or prefix is not None)
@@ -213,8 +211,7 @@ def _logits_shared_pads(
     precision) at ``(pos - n_shared) / (P + pos)`` of the cost of the position-wise layers.
     """
     head = tokens[:1, :n_shared]
-    context = attached(model, prefix) if prefix is not None else nullcontext(Slots(0))
-    with context as slots:
+    with maybe_attached(model, prefix) as slots:
         _, cache = model(slots.prepend(head), return_type="logits_and_cache")
     cache.batch_repeat_interleave(tokens.shape[0])
     return model(tokens[:, n_shared:], past_key_values=cache)
@@ -243,24 +240,6 @@ def batch_loss(
 # --------------------------------------------------------------------------------------------------
 # evaluation
 # --------------------------------------------------------------------------------------------------
-
-
-def _greedy_local(model, prompt: Tensor, prefix: Prefix | None, n_new: int) -> Tensor:
-    """Greedy decoding by full recomputation (used when ``prefixlens.generate`` is unavailable)."""
-    seq = prompt
-    for _ in range(n_new):
-        nxt = _logits(model, seq, prefix)[:, -1].argmax(-1, keepdim=True)
-        seq = torch.cat([seq, nxt], 1)
-    return seq
-
-
-def _greedy(model, prompt: Tensor, prefix: Prefix | None, n_new: int) -> Tensor:
-    import prefixlens
-
-    gen = getattr(prefixlens, "generate", None)
-    if gen is None:
-        return _greedy_local(model, prompt, prefix, n_new)
-    return gen(model, prompt, prefix=prefix, max_new_tokens=n_new, do_sample=False)
 
 
 @torch.no_grad()
@@ -294,7 +273,7 @@ def evaluate(
                 pred = _logits(model, tokens, prefix)[:, -T.LENGTH :].argmax(-1)
             else:
                 prompt, _ = _content(test.prompt()[sl].to(device), None, test.n_pad, prefix)
-                pred = _greedy(model, prompt, prefix, T.LENGTH)[:, -T.LENGTH :]
+                pred = generate(model, prompt, prefix=prefix, max_new_tokens=T.LENGTH)[:, -T.LENGTH :]
             correct += int((pred == answers).all(1).sum())
     finally:
         model.train(was_training)
