@@ -100,7 +100,9 @@ def toy_gpt2(
         n_layer=n_layers,
         n_head=n_heads,
         n_inner=d_mlp or 4 * d_model,
-        activation_function="gelu_new",
+        # minGPT's NewGELU (HF "gelu_new") as torch's fused kernel: the same function to 2.4e-7,
+        # and 1.2-1.3x faster training steps on CPU than HF's elementwise "gelu_new"
+        activation_function="gelu_pytorch_tanh",
         resid_pdrop=dropout,
         embd_pdrop=dropout,
         attn_pdrop=dropout,

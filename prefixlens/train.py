@@ -322,6 +322,7 @@ def _run_id(kind: str, task: str, n_pad: int, config: TrainConfig, model, extra:
         "config": config.identity(),
         "signature": json.loads(signature_of(model).to_json()),
         "base": _fingerprint(model),
+        "act_fn": str(getattr(model.cfg, "act_fn", None)),  # not in the weights, but changes the function
         "extra": extra,
     }
     return hashlib.sha256(json.dumps(ident, sort_keys=True).encode()).hexdigest()

@@ -153,6 +153,12 @@ def test_resume_never_picks_up_another_runs_checkpoint(tmp_path):
     for task, seed, model_seed in (("ascending_add1", 0, 0), ("ascending", 1, 0), ("ascending", 0, 5)):
         r = TR.train_model(tiny(model_seed), task, P, cfg(seed=seed, checkpoint_dir=str(tmp_path)), name="run")
         assert r.resumed_from is None
+    # same weights, another activation function: a fresh run
+    other = tiny()
+    other.cfg.act_fn = "relu"
+    for block in other.original_model.transformer.h:
+        block.mlp.act = torch.nn.ReLU()
+    assert TR.train_model(other, "ascending", P, cfg(checkpoint_dir=str(tmp_path)), name="run").resumed_from is None
     # a foreign checkpoint copied into this run's directory is ignored
     prefix_dir = tmp_path / "p"
     _, first = TR.train_prefix(tiny(), "ascending", P, cfg(iters=4, checkpoint_dir=str(prefix_dir), checkpoint_every=4), name="x")
