@@ -24,7 +24,7 @@ PROFILES = {
                   pretrain=dict(iters=20_000, lr=5e-4), prefix=dict(iters=30_000, lr=5e-5)),
     # laptop: d = 128 (a d = 64 model caps the prefixes at 60-85%: its own skill is the ceiling);
     # 4 heads (2 or 8 heads, or dropout 0.1, missed more margins in full 3-seed runs); 4 prefix
-    # slots (one slot on this smaller model reached only 48-98% per seed and task)
+    # slots (one slot on this smaller model reached only 48-99% per seed and task)
     "quick": dict(model=dict(n_layers=1, n_heads=4, d_model=128, dropout=0.0), n_pad=4, test_items=1000,
                   pretrain=dict(iters=8000, lr=3e-3, schedule="cosine"),
                   prefix=dict(iters=1000, lr=1e-2, schedule="cosine", eval_every=250, target_accuracy=0.98)),
@@ -67,8 +67,9 @@ def main(argv=None) -> None:
         "task (3-seed quick run at commit dffd148: own-task 94.7 / 76.4 / 79.3 / 91.6%, and 4 off-task cells at "
         "5.4-6.5%); restarting a 1-slot prefix from other random initialisations moved a bad seed's "
         "descending prefix between 50% and 77% and left add1 at 71% (test), so the limit was the single "
-        "slot (with its 1-pad pretraining layout), not the optimiser's start. A mixture model has no task marker: once the prefix has picked the first "
-        "answer token, the model must keep to the task on its own, and a 1-slot bias was too weak to hold it "
+        "slot (with its 1-pad pretraining layout), not the optimiser's start. A mixture model has no task "
+        "marker: once the prefix has picked the first answer token, the model must keep to the task on its "
+        "own, and a 1-slot bias was too weak to hold it "
         "there on this smaller model. More slots do not change what a prefix can do (a bias on each "
         "attention head, the paper's §4), only how strong and query-dependent that bias can be.",
         "The reference model for this table has no ln_1 (skip_layer_norm); HF GPT-2 blocks always normalise, "

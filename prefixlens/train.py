@@ -3,15 +3,15 @@
 Every method runs the model through the ``TransformerBridge``; prefix methods attach the prefix's
 hooks (:func:`prefixlens.attached`) with the base model frozen (``requires_grad_(False)``), so the
 backward pass computes no weight gradients. The pad positions and prefix slots, the same in every
-row, run once per batch through the key/value cache (:func:`batch_loss`). One loop (:func:`fit`) serves all methods: AdamW,
-constant learning rate, global grad-norm clipping, a seeded data stream, periodic evaluation on a
-fixed validation set from the *train* split, and safetensors checkpoints that resume exactly (optimiser,
-data stream and dropout RNG state) and only into the run that wrote them.
-
-Reference defaults (see the README's toy-tasks section): AdamW betas (0.9, 0.95); weight decay 0.1 on the weight
-matrices for full training (embeddings, norms and biases excluded), the torch default 0.01 for
-prefixes and LoRA; grad-norm clip 1.0; batch 64. Full training runs the model in train mode (the HF
-modules apply the dropout the model was built with); prefix and LoRA training run it in eval mode.
+row, run once per batch through the key/value cache (:func:`batch_loss`). One loop (:func:`fit`)
+serves all methods: AdamW, constant or cosine learning rate, global grad-norm clipping, a seeded
+data stream, periodic evaluation on a fixed validation set from the *train* split, and safetensors
+checkpoints that resume exactly (optimiser, data stream and dropout RNG state) and only into the run
+that wrote them. Reference defaults (see the README's toy-tasks section): AdamW betas (0.9, 0.95);
+weight decay 0.1 on the weight matrices for full training (embeddings, norms and biases excluded),
+the torch default 0.01 for prefixes and LoRA; grad-norm clip 1.0; batch 64. Full training runs the
+model in train mode (the HF modules apply the dropout the model was built with); prefix and LoRA
+training run it in eval mode.
 """
 
 from __future__ import annotations
@@ -226,7 +226,7 @@ def batch_loss(
     instead of once per row (see ``_logits_shared_pads``) wherever that is exact: ``True`` always,
     ``None`` (default) when they are at least a quarter of the sequence (below that the second
     forward call costs about what it saves: 0.87-1.11x measured with 1 of 20 or 4 of 23 positions,
-    against 1.5x with 12 of 31), ``False`` never.
+    against 1.3-1.6x with 12 of 31), ``False`` never.
     """
     tokens, targets = _content(batch.tokens, batch.targets, batch.n_pad, prefix)
     n_shared = batch.n_pad - (prefix.length if prefix is not None else 0)

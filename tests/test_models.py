@@ -1,3 +1,5 @@
+import math
+
 import pytest
 import torch
 
@@ -83,8 +85,6 @@ def test_toy_gpt2_untied_unembedding_is_its_own_matrix():
 @pytest.mark.parametrize("dtype,atol", [(torch.float32, 1e-6), (torch.float64, 1e-12)])
 def test_toy_gpt2_mlp_is_mingpt_new_gelu(dtype, atol):
     """The fused tanh GELU computes minGPT's NewGELU, 0.5·x·(1 + tanh(√(2/π)·(x + 0.044715·x³)))."""
-    import math
-
     model = models.toy_gpt2(n_layers=1, d_model=16, n_heads=2, d_vocab=10, n_ctx=8, dtype=dtype)
     x = torch.linspace(-8, 8, 4001, dtype=dtype)
     new_gelu = 0.5 * x * (1.0 + torch.tanh(math.sqrt(2.0 / math.pi) * (x + 0.044715 * x.pow(3))))
