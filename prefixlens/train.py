@@ -50,7 +50,9 @@ __all__ = [
     "train_model",
     "train_prefix",
     "train_lora",
+    "predict",
     "evaluate",
+    "position_accuracy",
     "accuracy_matrix",
     "count_trainable",
     "prefix_parameter_count",
@@ -243,6 +245,40 @@ def batch_loss(
 
 
 @torch.no_grad()
+def predict(
+    model,
+    test: T.TaskBatch,
+    prefix: Prefix | None = None,
+    method: str = "greedy",
+    batch_size: int = 500,
+) -> Int[Tensor, "n length"]:
+    """The model's 10 answer tokens for every item of ``test`` (on the CPU).
+
+    ``method="greedy"`` generates the answer greedily (``prefixlens.generate``) from pads + input;
+    ``"teacher_forced"`` takes the argmax at every answer position of one forward pass over the
+    correct answer, i.e. each token given the correct preceding ones.
+    """
+    if method not in ("greedy", "teacher_forced"):
+        raise ValueError(f"method must be 'greedy' or 'teacher_forced', got {method!r}.")
+    was_training = model.training
+    model.eval()
+    _, device = model_dtype_device(model)
+    out = []
+    try:
+        for start in range(0, len(test), batch_size):
+            sl = slice(start, start + batch_size)
+            if method == "teacher_forced":
+                tokens, _ = _content(test.tokens[sl].to(device), None, test.n_pad, prefix)
+                pred = _logits(model, tokens, prefix)[:, -T.LENGTH :].argmax(-1)
+            else:
+                prompt, _ = _content(test.prompt()[sl].to(device), None, test.n_pad, prefix)
+                pred = generate(model, prompt, prefix=prefix, max_new_tokens=T.LENGTH)[:, -T.LENGTH :]
+            out.append(pred.cpu())
+    finally:
+        model.train(was_training)
+    return torch.cat(out)
+
+
 def evaluate(
     model,
     test: T.TaskBatch,
@@ -250,34 +286,23 @@ def evaluate(
     method: str = "greedy",
     batch_size: int = 500,
 ) -> Accuracy:
-    """Whole-sequence exact match of the 10 answer tokens on ``test``.
+    """Whole-sequence exact match of the 10 answer tokens on ``test`` (see :func:`predict`).
 
-    ``method="greedy"`` generates the answer greedily (``prefixlens.generate``) from pads + input;
-    ``"teacher_forced"`` checks that the argmax is right at every answer position of one forward
-    pass. The two are the same number: greedy decoding reproduces the answer exactly iff every
-    next-token argmax given the correct preceding answer is correct (up to argmax ties between
-    float-level different logits); the second is ~10x cheaper and is used for periodic evaluation.
+    Greedy decoding and teacher forcing give the same number: greedy decoding reproduces the answer
+    exactly iff every next-token argmax given the correct preceding answer is correct (up to argmax
+    ties between float-level different logits); teacher forcing is ~10x cheaper and is used for
+    periodic evaluation.
     """
-    if method not in ("greedy", "teacher_forced"):
-        raise ValueError(f"method must be 'greedy' or 'teacher_forced', got {method!r}.")
-    was_training = model.training
-    model.eval()
-    _, device = model_dtype_device(model)
-    correct = 0
-    try:
-        for start in range(0, len(test), batch_size):
-            sl = slice(start, start + batch_size)
-            answers = test.answers[sl].to(device)
-            if method == "teacher_forced":
-                tokens, targets = _content(test.tokens[sl].to(device), test.targets[sl].to(device), test.n_pad, prefix)
-                pred = _logits(model, tokens, prefix)[:, -T.LENGTH :].argmax(-1)
-            else:
-                prompt, _ = _content(test.prompt()[sl].to(device), None, test.n_pad, prefix)
-                pred = generate(model, prompt, prefix=prefix, max_new_tokens=T.LENGTH)[:, -T.LENGTH :]
-            correct += int((pred == answers).all(1).sum())
-    finally:
-        model.train(was_training)
-    return Accuracy(correct, len(test))
+    pred = predict(model, test, prefix, method, batch_size)
+    return Accuracy(int((pred == test.answers).all(1).sum()), len(test))
+
+
+def position_accuracy(
+    model, test: T.TaskBatch, prefix: Prefix | None = None, batch_size: int = 500
+) -> Float[Tensor, "length"]:
+    """Teacher-forced accuracy at each of the 10 answer positions: which step of the answer fails."""
+    pred = predict(model, test, prefix, "teacher_forced", batch_size)
+    return (pred == test.answers).double().mean(0)
 
 
 def accuracy_matrix(

@@ -75,6 +75,38 @@ def test_table1_end_to_end_tiny(tmp_path, monkeypatch):
     assert "91±5" in (tmp_path / "table1.md").read_text()
 
 
+def test_section6_prefix_lengths_match_the_lora_sizes():
+    import section6
+
+    from prefixlens import models, tasks as T
+
+    reference = models.toy_gpt2(n_layers=4, n_heads=4, d_model=256, d_vocab=T.VOCAB, n_ctx=31, seed=0)
+    assert section6.equal_size_prefix_length(reference, 1, "reference") == 12  # the reference's notebook 04
+    assert section6.equal_size_prefix_length(reference, 1, "mlp") == 10
+    quick = models.toy_gpt2(n_layers=4, n_heads=4, d_model=64, d_vocab=T.VOCAB, n_ctx=68, seed=0)
+    assert section6.equal_size_prefix_length(quick, 4, "reference") == 48
+    assert section6.equal_size_prefix_length(quick, 4, "mlp") == 40
+
+
+@pytest.mark.slow
+def test_section6_end_to_end_tiny(tmp_path, monkeypatch):
+    import section6
+
+    from prefixlens import tasks as T
+
+    tiny = dict(model=dict(n_layers=1, n_heads=1, d_model=16, dropout=0.0), rank=1, test_items=40,
+                pretrain=dict(iters=6, lr=1e-2), prefix=dict(iters=4, lr=1e-2),
+                lora=dict(iters=4, lr=1e-2, eval_every=2))
+    monkeypatch.setitem(section6.PROFILES, "quick", tiny)
+    monkeypatch.setattr(sys, "argv", ["section6.py", "--seeds", "2", "--jobs", "1", "--out", str(tmp_path),
+                                      "--artifacts", str(tmp_path / "runs")])
+    section6.main()
+    data = json.loads((tmp_path / "section6.json").read_text())
+    _check_contract(data, "section6")
+    assert data["rows"]["prefix"]["params"] == 12 * 16 and data["rows"]["lora_mlp_only"]["params"] == 10 * 16
+    assert all(len(l["lora"]["position_accuracy"]) == T.LENGTH for l in data["per_seed_logs"])
+
+
 def test_mechanism_on_a_tiny_model(tmp_path):
     import argparse
 

@@ -132,6 +132,25 @@ def test_evaluate_greedy_equals_teacher_forced():
         TR.evaluate(model, test, method="beam")
 
 
+def test_predict_and_position_accuracy():
+    model = tiny()
+    TR.train_model(model, "add1", P, cfg(iters=30, lr=1e-2, batch_size=16))
+    test = T.test_set("add1", 48, P, seed=0)
+    prefix = TR.ResidualPrefix.random(model, P, seed=0)
+    for pre in (None, prefix):
+        greedy = TR.predict(model, test, pre, batch_size=20)
+        forced = TR.predict(model, test, pre, method="teacher_forced")
+        assert greedy.shape == forced.shape == test.answers.shape
+        # the first answer token has no preceding answer, so both decoders see the same prompt
+        assert torch.equal(greedy[:, 0], forced[:, 0])
+        right = (forced == test.answers).all(1)
+        assert torch.equal(greedy[right], forced[right])
+        acc = TR.position_accuracy(model, test, pre)
+        assert acc.shape == (T.LENGTH,)
+        assert torch.allclose(acc, (forced == test.answers).double().mean(0))
+        assert TR.evaluate(model, test, pre).mean <= acc.min().item()
+
+
 def test_checkpoint_resume_is_exact(tmp_path):
     straight = tiny()
     r0 = TR.train_model(straight, "add2", P, cfg(iters=20))
