@@ -235,8 +235,7 @@ def mixture_then_prefixes(args, seed: int, prof: dict, experiment: str, prefix_t
     for task in prefix_tasks:
         key = "prefix_" + task
         over = prof.get("prefix_overrides", {}).get(task, {})
-        p, res = TR.train_prefix(model, task, P, cfg("prefix", **over), form="residual",
-                                 length=prof.get("prefix_length"), name=f"s{seed}-prefix-{task}")
+        p, res = TR.train_prefix(model, task, P, cfg("prefix", **over), form="residual", name=f"s{seed}-prefix-{task}")
         prefixes[key] = p
         logs["prefix"][task] = {"steps": res.steps, "final_loss": res.final_loss, "evals": res.evals}
     mat = TR.accuracy_matrix(model, tests, prefixes)
