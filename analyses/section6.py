@@ -45,8 +45,8 @@ def run_seed(args, seed: int) -> dict:
     from prefixlens import models, tasks as T, train as TR
 
     prof = PROFILES[args.profile]
-    probe = models.toy_gpt2(d_vocab=T.VOCAB, n_ctx=2 * T.LENGTH, seed=seed, **prof["model"])
-    lengths = {t: equal_size_prefix_length(probe, prof["rank"], t) for t in VARIANTS.values()}
+    shape = models.toy_gpt2(d_vocab=T.VOCAB, n_ctx=2 * T.LENGTH, seed=seed, **prof["model"])  # sizes only
+    lengths = {t: equal_size_prefix_length(shape, prof["rank"], t) for t in VARIANTS.values()}
     P = max(lengths.values())  # the pads the longest prefix replaces, as in the reference (P = 12)
     ck = f"{args.artifacts}/checkpoints/shared"
     cfg = lambda key: TR.TrainConfig(seed=seed, checkpoint_dir=ck, checkpoint_every=1000, progress=args.progress, **prof[key])  # noqa: E731

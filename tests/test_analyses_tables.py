@@ -60,18 +60,25 @@ def test_committed_results_follow_the_contract(name):
     assert (ROOT / "results" / f"{name}.md").exists()
 
 
+def _run_tiny(script, name: str, profile: dict, tmp_path, monkeypatch) -> dict:
+    """Run ``script.main()`` with ``profile`` as its quick profile, 2 seeds, into ``tmp_path``; the
+    JSON it wrote, checked against the contract."""
+    monkeypatch.setitem(script.PROFILES, "quick", profile)
+    monkeypatch.setattr(sys, "argv", [f"{name}.py", "--seeds", "2", "--jobs", "1", "--out", str(tmp_path),
+                                      "--artifacts", str(tmp_path / "runs")])
+    script.main()
+    data = json.loads((tmp_path / f"{name}.json").read_text())
+    _check_contract(data, name)
+    return data
+
+
 @pytest.mark.slow
 def test_table1_end_to_end_tiny(tmp_path, monkeypatch):
     import table1
 
     tiny = dict(model=dict(n_layers=1, n_heads=1, d_model=16, dropout=0.0), n_pad=1, test_items=40,
                 pretrain=dict(iters=6, lr=1e-2), finetune=dict(iters=4, lr=1e-2), prefix=dict(iters=4, lr=1e-2))
-    monkeypatch.setitem(table1.PROFILES, "quick", tiny)
-    monkeypatch.setattr(sys, "argv", ["table1.py", "--seeds", "2", "--jobs", "1", "--out", str(tmp_path),
-                                      "--artifacts", str(tmp_path / "runs")])
-    table1.main()
-    data = json.loads((tmp_path / "table1.json").read_text())
-    _check_contract(data, "table1")
+    _run_tiny(table1, "table1", tiny, tmp_path, monkeypatch)
     assert "91±5" in (tmp_path / "table1.md").read_text()
 
 
@@ -97,12 +104,7 @@ def test_section6_end_to_end_tiny(tmp_path, monkeypatch):
     tiny = dict(model=dict(n_layers=1, n_heads=1, d_model=16, dropout=0.0), rank=1, test_items=40,
                 pretrain=dict(iters=6, lr=1e-2), prefix=dict(iters=4, lr=1e-2),
                 lora=dict(iters=4, lr=1e-2, eval_every=2))
-    monkeypatch.setitem(section6.PROFILES, "quick", tiny)
-    monkeypatch.setattr(sys, "argv", ["section6.py", "--seeds", "2", "--jobs", "1", "--out", str(tmp_path),
-                                      "--artifacts", str(tmp_path / "runs")])
-    section6.main()
-    data = json.loads((tmp_path / "section6.json").read_text())
-    _check_contract(data, "section6")
+    data = _run_tiny(section6, "section6", tiny, tmp_path, monkeypatch)
     assert data["rows"]["prefix"]["params"] == 12 * 16 and data["rows"]["lora_mlp_only"]["params"] == 10 * 16
     assert all(len(l["lora"]["position_accuracy"]) == T.LENGTH for l in data["per_seed_logs"])
 

@@ -117,11 +117,16 @@ def test_lora_training_trains_only_the_adapters():
     assert all(torch.equal(before[k], after[k]) for k in before)
 
 
-def test_evaluate_greedy_equals_teacher_forced():
+@pytest.fixture(scope="module")
+def add1_model():
+    """A tiny model briefly trained on add1, its test set, and a random prefix (read-only)."""
     model = tiny()
     TR.train_model(model, "add1", P, cfg(iters=30, lr=1e-2, batch_size=16))
-    test = T.test_set("add1", 48, P, seed=0)
-    prefix = TR.ResidualPrefix.random(model, P, seed=0)
+    return model, T.test_set("add1", 48, P, seed=0), TR.ResidualPrefix.random(model, P, seed=0)
+
+
+def test_evaluate_greedy_equals_teacher_forced(add1_model):
+    model, test, prefix = add1_model
     for pre in (None, prefix):
         g = TR.evaluate(model, test, pre, method="greedy", batch_size=32)
         tf = TR.evaluate(model, test, pre, method="teacher_forced")
@@ -132,11 +137,8 @@ def test_evaluate_greedy_equals_teacher_forced():
         TR.evaluate(model, test, method="beam")
 
 
-def test_predict_and_position_accuracy():
-    model = tiny()
-    TR.train_model(model, "add1", P, cfg(iters=30, lr=1e-2, batch_size=16))
-    test = T.test_set("add1", 48, P, seed=0)
-    prefix = TR.ResidualPrefix.random(model, P, seed=0)
+def test_predict_and_position_accuracy(add1_model):
+    model, test, prefix = add1_model
     for pre in (None, prefix):
         greedy = TR.predict(model, test, pre, batch_size=20)
         forced = TR.predict(model, test, pre, method="teacher_forced")
