@@ -211,33 +211,48 @@ class Timer:
         self.s = time.perf_counter() - self.t0
 
 
+def train_config(args, seed: int, settings: dict, checkpoints: str = "shared", every: int = 1000, **over):
+    """The ``TrainConfig`` of one run: a profile's ``settings`` (updated by ``over``), seeded, saving a
+    checkpoint every ``every`` steps under ``<artifacts>/checkpoints/<checkpoints>``."""
+    from prefixlens import train as TR
+
+    return TR.TrainConfig(seed=seed, checkpoint_dir=f"{args.artifacts}/checkpoints/{checkpoints}",
+                          checkpoint_every=every, progress=args.progress, **{**settings, **over})
+
+
+def prefix_run_name(seed: int, task: str, length: int | None = None) -> str:
+    """The checkpoint name of a prefix run (one format, so that experiments can share runs)."""
+    return f"s{seed}-prefix-{task}" + (f"-P{length}" if length else "")
+
+
 def mixture_then_prefixes(args, seed: int, prof: dict, experiment: str, prefix_tasks: list[str], columns: list[str]):
     """Pretrain on the four-task mixture, train one prefix per task, evaluate every (row, column).
 
     Returns ``(model, prefixes, result)`` where ``result`` is the picklable per-seed record.
-    Checkpoints go to ``<artifacts>/checkpoints/shared`` so experiments with identical settings
-    (same model, seed and config) reuse each other's runs instead of training them again.
+    With ``prof["prefix_length"]`` the prefixes take that many of the P pad slots. Checkpoints go to
+    ``<artifacts>/checkpoints/shared`` so experiments with identical settings (same model, seed and
+    config) reuse each other's runs instead of training them again (table 3's quick profile reuses
+    section 6's pretraining and its 40-slot histogram prefix).
     """
     from prefixlens import models, tasks as T, train as TR
 
     P = prof["n_pad"]
-    ck = f"{args.artifacts}/checkpoints/shared"
-
-    def cfg(key: str, **over) -> "TR.TrainConfig":
-        kw = {**prof[key], **over}
-        return TR.TrainConfig(seed=seed, checkpoint_dir=ck, checkpoint_every=1000, progress=args.progress, **kw)
-
+    cfg = lambda key, **over: train_config(args, seed, prof[key], **over)  # noqa: E731
     model = models.toy_gpt2(d_vocab=T.VOCAB, n_ctx=P + 2 * T.LENGTH, seed=seed, device=args.device, **prof["model"])
     pre = TR.train_model(model, T.MIXTURE, P, cfg("pretrain"), name=f"s{seed}-pretrain-mixture")
     tests = {t: T.test_set(t, prof["test_items"], P, seed=seed) for t in columns}
     prefixes: dict = {"pretrained": None}
-    logs = {"pretrain_steps": pre.steps, "pretrain_evals": pre.evals, "prefix": {}}
+    logs = {"pretrain_steps": pre.steps, "pretrain_evals": pre.evals, "pretrain_resumed_from": pre.resumed_from,
+            "prefix": {}}
     for task in prefix_tasks:
         key = "prefix_" + task
         over = prof.get("prefix_overrides", {}).get(task, {})
-        p, res = TR.train_prefix(model, task, P, cfg("prefix", **over), form="residual", name=f"s{seed}-prefix-{task}")
+        length = prof.get("prefix_length")  # None: the prefix replaces all P pads
+        p, res = TR.train_prefix(model, task, P, cfg("prefix", **over), form="residual", length=length,
+                                 name=prefix_run_name(seed, task, length))
         prefixes[key] = p
-        logs["prefix"][task] = {"steps": res.steps, "final_loss": res.final_loss, "evals": res.evals}
+        logs["prefix"][task] = {"steps": res.steps, "final_loss": res.final_loss, "evals": res.evals,
+                                "resumed_from": res.resumed_from}
     mat = TR.accuracy_matrix(model, tests, prefixes)
     rows = {r: {t: (a.correct, a.n) for t, a in cols.items()} for r, cols in mat.items()}
     return model, prefixes, {"rows": rows, "logs": logs}

@@ -34,8 +34,7 @@ def run_seed(args, seed: int) -> dict:
 
     prof = PROFILES[args.profile]
     P = prof["n_pad"]
-    ck = f"{args.artifacts}/checkpoints/{EXPERIMENT}"
-    cfg = lambda key: TR.TrainConfig(seed=seed, checkpoint_dir=ck, checkpoint_every=500, progress=args.progress, **prof[key])  # noqa: E731
+    cfg = lambda key: C.train_config(args, seed, prof[key], checkpoints=EXPERIMENT, every=500)  # noqa: E731
     model = models.toy_gpt2(d_vocab=T.VOCAB, n_ctx=P + 2 * T.LENGTH, seed=seed, device=args.device, **prof["model"])
     pre = TR.train_model(model, "ascending", P, cfg("pretrain"), name=f"s{seed}-pretrain")
     tests = {t: T.test_set(t, prof["test_items"], P, seed=seed) for t in COLUMNS}

@@ -95,6 +95,26 @@ def test_section6_prefix_lengths_match_the_lora_sizes():
     assert section6.equal_size_prefix_length(quick, 4, "mlp") == 40
 
 
+def test_table3_quick_shares_section6_pretraining_and_histogram_prefix():
+    """Table 3's quick profile runs on section 6's model: same shape, pads and pretraining config, and
+    its histogram prefix is section 6's MLP-matched one (same length, config and run name), so the
+    checkpoints are trained once for both. Its prefixes keep the reference's parameter count."""
+    import section6
+    import table3
+
+    from prefixlens import models, tasks as T, train as TR
+
+    t3, s6 = table3.PROFILES["quick"], section6.PROFILES["quick"]
+    assert t3["model"] == s6["model"] and t3["pretrain"] == s6["pretrain"]
+    shape = models.toy_gpt2(d_vocab=T.VOCAB, n_ctx=68, seed=0, **s6["model"])
+    assert t3["n_pad"] == section6.equal_size_prefix_length(shape, s6["rank"], "reference")
+    assert t3["prefix_length"] == section6.equal_size_prefix_length(shape, s6["rank"], "mlp")
+    assert {**t3["prefix"], **t3["prefix_overrides"]["histogram"]} == s6["prefix"]
+    ref = table3.PROFILES["paper"]
+    reference = models.toy_gpt2(d_vocab=T.VOCAB, n_ctx=ref["n_pad"] + 20, seed=0, **ref["model"])
+    assert TR.prefix_parameter_count(shape, t3["prefix_length"]) == TR.prefix_parameter_count(reference, ref["n_pad"])
+
+
 @pytest.mark.slow
 def test_section6_end_to_end_tiny(tmp_path, monkeypatch):
     import section6
