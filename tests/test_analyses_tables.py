@@ -97,8 +97,9 @@ def test_section6_prefix_lengths_match_the_lora_sizes():
 
 def test_table3_quick_shares_section6_pretraining_and_histogram_prefix():
     """Table 3's quick profile runs on section 6's model: same shape, pads and pretraining config, and
-    its histogram prefix is section 6's MLP-matched one (same length, config and run name), so the
-    checkpoints are trained once for both. Its prefixes keep the reference's parameter count."""
+    its histogram prefix is section 6's MLP-matched one (same length and config; both scripts name runs
+    with ``_common.prefix_run_name``), so the checkpoints are trained once for both. Its prefixes keep
+    the reference's parameter count."""
     import section6
     import table3
 
