@@ -242,12 +242,12 @@ def mixture_then_prefixes(args, seed: int, prof: dict, experiment: str, prefix_t
     pre = TR.train_model(model, T.MIXTURE, P, cfg("pretrain"), name=f"s{seed}-pretrain-mixture")
     tests = {t: T.test_set(t, prof["test_items"], P, seed=seed) for t in columns}
     prefixes: dict = {"pretrained": None}
+    length = prof.get("prefix_length")  # None: the prefixes replace all P pads
     logs = {"pretrain_steps": pre.steps, "pretrain_evals": pre.evals, "pretrain_resumed_from": pre.resumed_from,
             "prefix": {}}
     for task in prefix_tasks:
         key = "prefix_" + task
         over = prof.get("prefix_overrides", {}).get(task, {})
-        length = prof.get("prefix_length")  # None: the prefix replaces all P pads
         p, res = TR.train_prefix(model, task, P, cfg("prefix", **over), form="residual", length=length,
                                  name=prefix_run_name(seed, task, length))
         prefixes[key] = p

@@ -88,7 +88,7 @@ def main(argv=None) -> None:
         logs = [o["logs"] for o in out]
     else:
         rows, logs = data["rows"], data["per_seed_logs"]
-    n_pad = logs[0].get("n_pad", 12)
+    n_pad = logs[0]["n_pad"]
     notes = [
         "Equal trainable parameter counts: a rank-r LoRA on attention output + MLP in/out (what the reference's "
         "add_lora_by_name(['c_proj', 'c_fc']) adapts) has L·12·d·r parameters, as a residual prefix of P = 12·r "
@@ -111,13 +111,13 @@ def main(argv=None) -> None:
         "profile's total inside its budget (with 14,000 they reached 96.2 / 96.3 / 96.1%, commit 26f1d07).",
         "Teacher-forced accuracy per answer position, per seed: "
         + "; ".join(f"{r}: " + ", ".join(str([round(100 * a) for a in l[r]["position_accuracy"]]) for l in logs)
-                    for r in ("lora", "lora_mlp_only") if "position_accuracy" in logs[0].get(r, {}))
+                    for r in ("lora", "lora_mlp_only"))
         + ". In the probes the first count was the one LoRA learnt last (rank 4 at lr 2e-2, 12 pads, seed 0: "
         "81% at the first answer position against 99% at the others after 10k steps; rank 1: 37% against "
         "83-89%): it is predicted at the last input digit, where the pretrained mixture model cannot yet know "
         "the task; every later count is predicted from an answer position.",
         "Validation accuracy along training, per seed: "
-        + "; ".join(f"{r}: " + ", ".join(str([f"{s}:{round(100 * a)}" for s, a in l[r].get("evals", [])]) for l in logs)
+        + "; ".join(f"{r}: " + ", ".join(str([f"{s}:{round(100 * a)}" for s, a in l[r]["evals"]]) for l in logs)
                     for r in ("prefix", "prefix_mlp_matched", "lora", "lora_mlp_only")) + ".",
         "Final training loss per answer token (mean of the last 50 steps), per seed: "
         + ", ".join(f"{r} {[round(l[r]['final_loss'], 2) for l in logs]}" for r in ("prefix", "prefix_mlp_matched", "lora", "lora_mlp_only"))

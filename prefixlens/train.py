@@ -290,8 +290,9 @@ def evaluate(
 
     Greedy decoding and teacher forcing give the same number: greedy decoding reproduces the answer
     exactly iff every next-token argmax given the correct preceding answer is correct (up to argmax
-    ties between float-level different logits); teacher forcing is ~10x cheaper and is used for
-    periodic evaluation.
+    ties between float-level different logits). With the key/value cache the two cost about the
+    same (greedy 0.9-1.6x teacher forcing on 1,000 items, 4-48 pads); teacher forcing also gives the
+    per-position accuracies (:func:`position_accuracy`) and is used for periodic evaluation.
     """
     pred = predict(model, test, prefix, method, batch_size)
     return Accuracy(int((pred == test.answers).all(1).sum()), len(test))
