@@ -8,14 +8,10 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from prefixlens.injection import check_tokens, maybe_attached
+from prefixlens.kv_cache import cached_forward, has_kv_cache
 from prefixlens.prefixes import Prefix
 
-__all__ = ["generate", "has_kv_cache", "sample_next"]
-
-
-def has_kv_cache(model) -> bool:
-    """Whether the model returns a key/value cache (HF-backed bridges do; TL-native ones do not)."""
-    return getattr(model.cfg, "architecture", None) != "TransformerLensNative" and hasattr(model, "original_model")
+__all__ = ["generate", "sample_next"]
 
 
 def sample_next(
@@ -66,7 +62,10 @@ def generate(
 
     The first step runs ``[slots] + tokens`` with the prefix hooks; later steps feed one token at a
     time through the model's key/value cache, which already holds the prefix keys and values.
-    TL-native bridges have no cache: there every step recomputes the whole sequence.
+    Every cached step checks that the cache holds exactly the positions it should (slots + input +
+    tokens so far) and raises :class:`prefixlens.kv_cache.KVCacheError` otherwise;
+    ``use_cache=False`` recomputes the whole sequence at every step instead (always so on TL-native
+    bridges, which have no cache).
     ``batch_size`` splits a large batch into chunks (a batched prefix is split alongside);
     ``eos_token_id`` pads a finished row with EOS and stops once every row has finished.
     """
@@ -105,14 +104,14 @@ def _append(new, finished, eos_token_id):
 def _generate_cached(model, tokens, prefix, max_new_tokens, eos_token_id, sampling):
     finished = torch.zeros(tokens.shape[0], dtype=torch.bool, device=tokens.device)
     with maybe_attached(model, prefix) as slots:
-        logits, cache = model(slots.prepend(tokens), return_type="logits_and_cache")
+        logits, cache = cached_forward(model, slots.prepend(tokens))
     generated = []
     for i in range(max_new_tokens):
         new, finished = _append(sample_next(logits[:, -1], **sampling), finished, eos_token_id)
         generated.append(new)
         if i == max_new_tokens - 1 or bool(finished.all()):
             break
-        logits, cache = model(new[:, None], past_key_values=cache, return_type="logits_and_cache")
+        logits, cache = cached_forward(model, new[:, None], cache)
     return torch.cat([tokens, torch.stack(generated, dim=1)], dim=1)
 
 

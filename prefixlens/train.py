@@ -33,7 +33,8 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from prefixlens import tasks as T
-from prefixlens.generation import generate, has_kv_cache
+from prefixlens.generation import generate
+from prefixlens.kv_cache import cached_forward, has_kv_cache
 from prefixlens.injection import maybe_attached, run_with_prefix
 from prefixlens.lora import LoRA, add_lora
 from prefixlens.prefixes import KVPrefix, Prefix, ResidualPrefix, SoftPrompt
@@ -214,9 +215,9 @@ def _logits_shared_pads(
     """
     head = tokens[:1, :n_shared]
     with maybe_attached(model, prefix) as slots:
-        _, cache = model(slots.prepend(head), return_type="logits_and_cache")
+        _, cache = cached_forward(model, slots.prepend(head))
     cache.batch_repeat_interleave(tokens.shape[0])
-    return model(tokens[:, n_shared:], past_key_values=cache)
+    return cached_forward(model, tokens[:, n_shared:], cache)[0]
 
 
 def batch_loss(

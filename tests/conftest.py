@@ -53,3 +53,38 @@ def n_attached_hooks(model) -> int:
 
 def random_tokens(shape, seed=0, low=3, high=61):
     return torch.randint(low, high, shape, generator=torch.Generator().manual_seed(seed))
+
+
+# Tiny random HuggingFace models of further families (architectures TransformerLens 4.3 bridges), for
+# checks that must hold on every family: config class, model class, family-specific settings.
+_HF_COMMON = dict(
+    vocab_size=61, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+    max_position_embeddings=64, bos_token_id=1, eos_token_id=2, pad_token_id=0, attn_implementation="eager",
+    initializer_range=0.3,
+)
+HF_FAMILIES = {
+    "qwen2": ("Qwen2Config", "Qwen2ForCausalLM", dict(num_key_value_heads=2)),
+    "qwen3": ("Qwen3Config", "Qwen3ForCausalLM", dict(num_key_value_heads=2, head_dim=8)),
+    "mistral": ("MistralConfig", "MistralForCausalLM", dict(num_key_value_heads=2)),
+    "gemma": ("GemmaConfig", "GemmaForCausalLM", dict(num_key_value_heads=2, head_dim=8)),
+    "gemma2": ("Gemma2Config", "Gemma2ForCausalLM", dict(num_key_value_heads=2, head_dim=8)),
+    "phi": ("PhiConfig", "PhiForCausalLM", dict()),
+    "phi3": ("Phi3Config", "Phi3ForCausalLM", dict(num_key_value_heads=2)),
+    "gpt_neox": ("GPTNeoXConfig", "GPTNeoXForCausalLM", dict()),
+    "gptj": ("GPTJConfig", "GPTJForCausalLM", dict(n_embd=32, n_layer=2, n_head=4, n_positions=64, rotary_dim=4)),
+    "opt": ("OPTConfig", "OPTForCausalLM", dict(ffn_dim=64, word_embed_proj_dim=32)),
+    "bloom": ("BloomConfig", "BloomForCausalLM", dict(n_head=4, n_layer=2)),
+}
+
+
+@functools.lru_cache(maxsize=None)
+def build_hf(family: str, dtype: torch.dtype = torch.float32):
+    """A cached tiny random bridge of one of ``HF_FAMILIES`` (seed 0)."""
+    import transformers
+
+    config_name, model_name, extra = HF_FAMILIES[family]
+    torch.manual_seed(0)
+    config = getattr(transformers, config_name)(**{**_HF_COMMON, **extra})
+    model = models._bridge(f"prefixlens-test-{family}", getattr(transformers, model_name)(config), dtype, None)
+    model.requires_grad_(False)
+    return model

@@ -21,6 +21,7 @@ from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausa
 import prefixlens as pl  # noqa: E402
 from prefixlens import models  # noqa: E402
 from prefixlens.peft_interop import kv_prefix_from_peft  # noqa: E402
+from tests.upstream import PEFT_PREFIX_GENERATE_BROKEN, PEFT_PREFIX_GENERATE_REASON  # noqa: E402
 
 VOCAB, P, BATCH, T = 50, 3, 2, 6
 TOL = {torch.float32: 1e-5, torch.float64: 1e-10}
@@ -102,6 +103,34 @@ def test_imported_prefix_reproduces_peft_logits(kind, dtype, projection, tmp_pat
     assert (no_prefix - reference).abs().max().item() > 0.1
     assert bridge.hook_dict["blocks.0.attn.hook_k"].fwd_hooks == []
     assert pl.KVPrefix.from_peft(tmp_path, bridge).keys.shape == prefix.keys.shape
+
+
+@pytest.mark.parametrize("kind", ["llama", "gpt2"])
+def test_generation_with_an_imported_prefix_is_right(kind):
+    """Our greedy decoding with the imported prefix, cached and recomputed, equals greedy decoding of
+    the base model on PEFT's prefix run step by step through its (correct) forward."""
+    peft_model = prefix_peft(hf_model(kind, torch.float32), False, torch.float32)
+    tokens = tokens_for()
+    sequence = tokens
+    with torch.no_grad():
+        for _ in range(6):
+            sequence = torch.cat([sequence, peft_model(input_ids=sequence).logits[:, -1:].argmax(-1)], dim=1)
+    bridge = bridge_of(peft_model.get_base_model(), torch.float32)
+    prefix = kv_prefix_from_peft(peft_model, bridge)
+    assert torch.equal(pl.generate(bridge, tokens, prefix, max_new_tokens=6), sequence)
+    assert torch.equal(pl.generate(bridge, tokens, prefix, max_new_tokens=6, use_cache=False), sequence)
+
+
+@pytest.mark.xfail(PEFT_PREFIX_GENERATE_BROKEN, reason=PEFT_PREFIX_GENERATE_REASON, strict=True)
+@pytest.mark.parametrize("kind", ["llama", "gpt2"])
+def test_peft_generate_agrees_with_ours(kind):
+    peft_model = prefix_peft(hf_model(kind, torch.float32), False, torch.float32)
+    tokens = tokens_for()
+    with torch.no_grad():
+        theirs = peft_model.generate(input_ids=tokens, attention_mask=torch.ones_like(tokens), max_new_tokens=6,
+                                     do_sample=False)
+    bridge = bridge_of(peft_model.get_base_model(), torch.float32)
+    assert torch.equal(pl.generate(bridge, tokens, kv_prefix_from_peft(peft_model, bridge), max_new_tokens=6), theirs)
 
 
 def test_layout_and_unrotation_match_peft_cache():

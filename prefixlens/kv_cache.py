@@ -1,0 +1,98 @@
+"""One checked way to run a model on top of its HuggingFace key/value cache.
+
+Generation (after its first step) and the shared-pads training forward both run the model on new
+tokens with the keys and values of earlier positions taken from a cache. A cache that silently
+stays empty gives believable, wrong numbers (every new token attends to itself alone), so every
+step goes through :func:`cached_forward`, which checks that the cache grew by exactly the number
+of tokens it was given and raises :class:`KVCacheError` otherwise.
+
+transformers 5.24 renamed the cache argument that a model hands its attention layers from
+``past_key_values=`` to ``cache=``; TransformerLens 4.3's bridge attention reads only the old
+name, so on 5.24 its cache came back empty. While :func:`cached_forward` runs, a keyword
+pre-hook on every bridge attention module hands it the cache under both names (removed again
+when the call returns), which is right on either side of the rename.
+"""
+
+from __future__ import annotations
+
+import warnings
+from contextlib import contextmanager
+from importlib import metadata
+from typing import Any, Iterator
+
+from jaxtyping import Float, Int
+from torch import Tensor, nn
+
+__all__ = ["KVCacheError", "cached_forward", "cache_length", "has_kv_cache"]
+
+
+class KVCacheError(RuntimeError):
+    """The model's key/value cache does not hold the positions it should."""
+
+
+def has_kv_cache(model) -> bool:
+    """Whether the model returns a key/value cache (HF-backed bridges do; TL-native ones do not)."""
+    return getattr(model.cfg, "architecture", None) != "TransformerLensNative" and hasattr(model, "original_model")
+
+
+def cache_length(cache: Any) -> int | None:
+    """Number of positions a HuggingFace cache holds (``None`` for no cache)."""
+    return None if cache is None else int(cache.get_seq_length())
+
+
+def _hand_cache_under_both_names(module: nn.Module, args: tuple, kwargs: dict[str, Any]):
+    if kwargs.get("cache") is not None and kwargs.get("past_key_values") is None:
+        return args, {**kwargs, "past_key_values": kwargs["cache"]}
+    return None
+
+
+@contextmanager
+def _bridge_attention_reads_cache(model) -> Iterator[None]:
+    """Make every bridge attention module see the cache under ``past_key_values`` too."""
+    attention = [m for m in model.modules() if hasattr(m, "_update_kv_cache")]
+    handles = [m.register_forward_pre_hook(_hand_cache_under_both_names, with_kwargs=True) for m in attention]
+    try:
+        with warnings.catch_warnings():
+            # The bridge hands HF `past_key_values=`, which transformers >= 5.24 renames (with a warning).
+            warnings.filterwarnings("ignore", message=r".*past_key_values.*deprecated", category=FutureWarning)
+            yield
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+def _versions() -> str:
+    def version(name: str) -> str:
+        try:
+            return metadata.version(name)
+        except metadata.PackageNotFoundError:
+            return "not installed"
+
+    return f"transformers {version('transformers')}, transformer-lens {version('transformer-lens')}"
+
+
+def cached_forward(
+    model, tokens: Int[Tensor, "batch pos"], cache: Any = None, **kwargs
+) -> tuple[Float[Tensor, "batch pos d_vocab"], Any]:
+    """Logits of ``tokens`` run after the positions held in ``cache`` (none: from the start), and
+    the cache extended by them.
+
+    Raises :class:`KVCacheError` unless the returned cache holds exactly the previous positions
+    plus ``tokens.shape[1]``. Extra keyword arguments go to the model's forward; hooks attached to
+    the model (a prefix, ``run_with_hooks``) fire as usual.
+    """
+    before = cache_length(cache) or 0
+    with _bridge_attention_reads_cache(model):
+        logits, new_cache = model(tokens, past_key_values=cache, return_type="logits_and_cache", **kwargs)
+    expected = before + tokens.shape[1]
+    got = cache_length(new_cache)
+    if got != expected:
+        raise KVCacheError(
+            f"the model's key/value cache holds {got} positions after this step, expected {expected} "
+            f"({before} cached + {tokens.shape[1]} new). The model did not write its keys and values to the "
+            f"cache, so later tokens would attend to nothing before them and the results would be silently "
+            f"wrong. Installed: {_versions()}. Install the tested versions (`pip install -c constraints.txt -e .` "
+            f"in a prefixlens checkout), or turn the cache off: `generate(..., use_cache=False)` recomputes the "
+            f"sequence at every step, and `share_pads=False` does the same in training."
+        )
+    return logits, new_cache
