@@ -19,6 +19,7 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
+from prefixlens.environment import describe, environment  # noqa: E402
 from prefixlens.serialization import atomic_write_text  # noqa: E402
 from prefixlens.tasks import wilson_interval  # noqa: E402
 
@@ -145,6 +146,7 @@ def write(args, experiment: str, rows: dict, paper: dict, extra: dict, notes: li
         "wall_time_s": round(wall_s, 1),
         "cpu_time_s": round(cpu_seconds(), 1),
         **extra,
+        "environment": environment(),
     }
     atomic_write_text(out / f"{experiment}.json", json.dumps(data, indent=1) + "\n")
     render(data, paper, notes, columns, out)
@@ -158,7 +160,8 @@ def render(data: dict, paper: dict, notes: list[str], columns: list[str], out: P
         f"# {experiment} ({data['profile']} profile, {data['seeds']} seeds)",
         "",
         f"Command: `{data['command']}`  ",
-        f"Wall time: {data['wall_time_s'] / 60:.1f} min" + (f"; CPU time {cpu / 60:.1f} min" if cpu else "") + ".",
+        f"Wall time: {data['wall_time_s'] / 60:.1f} min" + (f"; CPU time {cpu / 60:.1f} min" if cpu else "") + ".  ",
+        f"Environment: {describe(data['environment'])}." if "environment" in data else "Environment: not recorded.",
         "",
         "Exact-match accuracy in %, mean over seeds [95% CI]; the paper's number in parentheses.",
         "",
@@ -333,6 +336,7 @@ def mechanism(args, experiment: str, model, prefixes: dict, n_pad: int, seed: in
     fig.savefig(tmp, dpi=120)
     os.replace(tmp, out_dir / f"{experiment}_figure3.png")
     plt.close(fig)
+    report["environment"] = environment()
     atomic_write_text(out_dir / f"{experiment}_mechanism.json", json.dumps(report, indent=1) + "\n")
     return report
 

@@ -35,6 +35,7 @@ import torch
 
 import prefixlens as pl
 from prefixlens import analysis, models, tasks, train
+from prefixlens.environment import environment
 from prefixlens.serialization import atomic_write_text
 
 # Appendix B, GPT-2 on Emotion, mean p99 − p1 gap per layer (head ℓ of layer ℓ only).
@@ -335,6 +336,7 @@ def _main(args, argv) -> dict:
         "slot_ranges": ranges,
         "reference_spread_per_layer": REFERENCE_SPREAD,
         "seconds": round(time.perf_counter() - t0, 1),
+        "environment": environment(),
     }
     atomic_write_text(out / "longer_prefixes.json", json.dumps(result, indent=1))
     atomic_write_text(out / "longer_prefixes.md", markdown(args, info, items, tables, ranges, command))

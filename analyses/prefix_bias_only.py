@@ -29,6 +29,7 @@ import torch
 
 import prefixlens as pl
 from prefixlens import analysis, models
+from prefixlens.environment import environment
 from prefixlens.serialization import atomic_write_text
 
 REFERENCE = {
@@ -267,6 +268,7 @@ def _main(args, argv) -> dict:
         "runs": runs,
         "report": report,
         "figure": str(out / "prefix_bias_only.png"),
+        "environment": environment(),
     }
     atomic_write_text(out / "prefix_bias_only.json", json.dumps(result, indent=1))
     atomic_write_text(out / "prefix_bias_only.md", markdown(args, runs, command, model_desc))

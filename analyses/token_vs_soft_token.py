@@ -33,6 +33,7 @@ if str(ROOT) not in sys.path:
 import torch  # noqa: E402
 
 from prefixlens import capacity, models  # noqa: E402
+from prefixlens.environment import describe, environment  # noqa: E402
 from prefixlens.serialization import atomic_write_text, load_tensors, save_tensors  # noqa: E402
 
 EXPERIMENT = "token_vs_soft_token"
@@ -142,7 +143,8 @@ def markdown(result: dict) -> str:
         "",
         f"Command: `{result['command']}`  ",
         f"Greedy completions of L = {result['length']} tokens; N samples per virtual arm = {result['n']}; "
-        f"seed {result['seed']}; wall time {result['wall_s']:.0f} s.",
+        f"seed {result['seed']}; wall time {result['wall_s']:.0f} s.  ",
+        f"Environment: {describe(result['environment'])}." if "environment" in result else "Environment: not recorded.",
         "",
         "| model | protocol | first position | N | distinct | distinct / N | distinct among the first N_token |",
         "|---|---|---|---|---|---|---|",
@@ -222,6 +224,7 @@ def main(argv=None) -> dict:
         ],
     }
     result["wall_s"] = time.time() - t0
+    result["environment"] = environment()
     out = Path(args.out)
     atomic_write_text(out / f"{EXPERIMENT}.json", json.dumps(result, indent=1))
     atomic_write_text(out / f"{EXPERIMENT}.md", markdown(result))

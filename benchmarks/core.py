@@ -40,6 +40,7 @@ except ImportError:  # run from a checkout without installing
 import torch
 
 from prefixlens import models
+from prefixlens.environment import describe
 from prefixlens.serialization import atomic_write_text
 
 RESULTS = Path(__file__).resolve().parent / "results-core.md"
@@ -240,6 +241,7 @@ def main(argv: list[str] | None = None) -> int:
         sizes.repeats = args.repeats
     header = [
         f"sizes: {sizes.describe()}",
+        f"environment: {describe()}",
         f"torch {torch.__version__}, {torch.get_num_threads()} thread(s), "
         f"clock {clock_name} ({'process CPU time' if clock_name == 'cpu' else 'wall-clock'}), device {device}"
         + (f" ({torch.cuda.get_device_name(device)})" if device.type == "cuda" else f" ({platform.processor() or platform.machine()})"),

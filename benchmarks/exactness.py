@@ -15,6 +15,7 @@ import torch
 
 import prefixlens as pl
 from prefixlens import models
+from prefixlens.environment import describe
 
 warnings.filterwarnings("ignore")
 
@@ -58,7 +59,7 @@ def main(argv=None) -> str:
                 table.setdefault(check, {})[col] = err
     lines = ["| check (max abs error) | " + " | ".join(columns) + " |", "|---" * (len(columns) + 1) + "|"]
     lines += [f"| {check} | " + " | ".join(f"{row[c]:.1e}" for c in columns) + " |" for check, row in table.items()]
-    text = "\n".join(lines)
+    text = "\n".join(lines + ["", f"Environment: {describe()}."])
     print(text)
     return text
 

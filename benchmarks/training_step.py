@@ -26,6 +26,7 @@ sys.path.insert(0, str(ROOT))
 
 from prefixlens import models, tasks as T, train as TR  # noqa: E402
 from prefixlens.lora import add_lora  # noqa: E402
+from prefixlens.environment import environment  # noqa: E402
 from prefixlens.serialization import atomic_write_text  # noqa: E402
 
 
@@ -108,6 +109,7 @@ def main() -> None:
         "prefix_vs_full": round(med["prefix_residual"] / med["full_finetune"], 3),
         "shared_pads_speedup": {k: round(med[k] / med[f"{k}_shared_pads"], 3)
                                 for k in ("full_finetune", "prefix_residual", "prefix_kv", "lora_r1")},
+        "environment": environment(),
     }
     atomic_write_text(args.out, json.dumps(result, indent=1) + "\n")
     print(f"{'method':<28}{'median ms':>10}{'× fwd+bwd':>11}")
