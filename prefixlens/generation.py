@@ -7,11 +7,11 @@ from jaxtyping import Float, Int
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from prefixlens.injection import check_tokens, maybe_attached
+from prefixlens.injection import check_not_attached, check_tokens, full_attention_mask, maybe_attached
 from prefixlens.kv_cache import cached_forward, has_kv_cache
 from prefixlens.prefixes import Prefix
 
-__all__ = ["generate", "sample_next"]
+__all__ = ["generate", "sample_next", "check_sampling", "row_seed"]
 
 
 def sample_next(
@@ -22,11 +22,14 @@ def sample_next(
     top_p: float | None = None,
     generator: torch.Generator | None = None,
 ) -> Int[Tensor, "batch"]:
-    """Greedy argmax, or a sample after temperature, top-k and nucleus (top-p) filtering."""
+    """Greedy argmax, or a sample after temperature, top-k and nucleus (top-p) filtering.
+
+    ``generator``: one ``torch.Generator`` for the whole batch, or a sequence of one per row (row ``i``
+    is then drawn from ``generator[i]`` alone, so it does not depend on the other rows).
+    """
+    check_sampling(temperature if do_sample else 1.0, top_k, top_p)
     if not do_sample:
         return logits.argmax(-1)
-    if temperature <= 0:
-        raise ValueError(f"temperature must be > 0 when sampling, got {temperature}.")
     logits = logits.float() / temperature
     if top_k is not None:
         kth = logits.topk(min(top_k, logits.shape[-1]), dim=-1).values[..., -1:]
@@ -36,7 +39,27 @@ def sample_next(
         cumulative = sorted_logits.softmax(-1).cumsum(-1)
         drop = cumulative - sorted_logits.softmax(-1) > top_p  # keep the smallest set reaching top_p
         logits = logits.masked_fill(drop.scatter(-1, order, drop), float("-inf"))
-    return torch.multinomial(logits.softmax(-1), 1, generator=generator).squeeze(-1)
+    probs = logits.softmax(-1)
+    if isinstance(generator, (list, tuple)):
+        if len(generator) != probs.shape[0]:
+            raise ValueError(f"got {len(generator)} generators for a batch of {probs.shape[0]} rows.")
+        return torch.cat([torch.multinomial(probs[i : i + 1], 1, generator=g) for i, g in enumerate(generator)]).squeeze(-1)
+    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+
+
+def check_sampling(temperature: float = 1.0, top_k: int | None = None, top_p: float | None = None) -> None:
+    """Raise a ``ValueError`` naming the argument for a temperature, top-k or top-p that filters nothing sensible."""
+    if not temperature > 0:
+        raise ValueError(f"temperature must be > 0 when sampling, got {temperature}.")
+    if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, int) or top_k <= 0):
+        raise ValueError(f"top_k must be a positive int (or None for no top-k filtering), got {top_k!r}.")
+    if top_p is not None and (isinstance(top_p, bool) or not 0 < top_p <= 1):
+        raise ValueError(f"top_p must lie in (0, 1] (or None for no nucleus filtering), got {top_p!r}.")
+
+
+def row_seed(seed: int, row: int) -> int:
+    """The seed of row ``row``'s generator: a function of ``seed`` and the row index only."""
+    return (int(seed) * 0x9E3779B97F4A7C15 + (row + 1) * 0xBF58476D1CE4E5B9) % (2**63)
 
 
 def generate(
@@ -53,6 +76,7 @@ def generate(
     use_cache: bool = True,
     batch_size: int | None = None,
     progress: bool = False,
+    attention_mask: Int[Tensor, "batch pos"] | None = None,
 ) -> Int[Tensor, "batch pos_plus_new"]:
     """Generate ``max_new_tokens`` after ``tokens`` with ``prefix`` in place.
 
@@ -66,30 +90,63 @@ def generate(
     tokens so far) and raises :class:`prefixlens.kv_cache.KVCacheError` otherwise;
     ``use_cache=False`` recomputes the whole sequence at every step instead (always so on TL-native
     bridges, which have no cache).
+
+    ``attention_mask`` (``[B, T]`` or ``[B, P + T]``, 1 = real token): a batch of prompts of different
+    lengths, padded on the left as in HuggingFace (a right-padded row is refused, since new tokens are
+    appended after the last column). The new tokens are appended and the mask extended by ones; each
+    row generates what it generates alone. The returned rows keep their padding.
+
+    Sampling draws row ``i`` from its own generator seeded from ``(seed, i)``, so ``batch_size``
+    only changes memory use, never the tokens. ``seed=None`` draws a fresh seed from torch's global
+    RNG (advancing it, never reseeding it): different on every call, reproducible under
+    ``torch.manual_seed``.
     ``batch_size`` splits a large batch into chunks (a batched prefix is split alongside);
-    ``eos_token_id`` pads a finished row with EOS and stops once every row has finished.
+    ``eos_token_id`` pads a finished row with EOS and stops once every row of a chunk has finished
+    (every row is padded with EOS to ``T + max_new_tokens``).
+    Refused inside a :func:`prefixlens.attached` block (prefixes do not nest).
     """
+    check_not_attached(model, "prefixlens.generate")
     tokens = check_tokens(model, tokens, prefix)
-    if max_new_tokens < 1:
-        raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}.")
+    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens must be an int >= 1, got {max_new_tokens!r}.")
+    if batch_size is not None and (isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1):
+        raise ValueError(f"batch_size must be an int >= 1 (or None for the whole batch at once), got {batch_size!r}.")
+    check_sampling(temperature if do_sample else 1.0, top_k, top_p)
     P = prefix.length if prefix is not None else 0
     if P + tokens.shape[1] + max_new_tokens > int(model.cfg.n_ctx):
         raise ValueError(
             f"prefix {P} + input {tokens.shape[1]} + new tokens {max_new_tokens} exceeds the model's context of "
             f"{int(model.cfg.n_ctx)} positions."
         )
-    generator = None
-    if do_sample:
-        generator = torch.Generator(device=tokens.device).manual_seed(0 if seed is None else seed)
-    sampling = dict(do_sample=do_sample, temperature=temperature, top_k=top_k, top_p=top_p, generator=generator)
-    step = batch_size or tokens.shape[0]
-    chunks = range(0, tokens.shape[0], step)
+    mask = full_attention_mask(attention_mask, tokens, P)
+    if mask is not None and not bool(mask[:, -1].all()):
+        rows = (mask[:, -1] == 0).nonzero().flatten().tolist()
+        raise ValueError(
+            f"attention_mask: row(s) {rows} end with padding; generation appends new tokens after the last "
+            f"column, so pad on the left (HuggingFace's padding_side='left')."
+        )
+    if do_sample and seed is None:
+        seed = int(torch.randint(0, 2**62, (1,)).item())  # fresh, from the global RNG (not reseeded)
+    B = tokens.shape[0]
+    step = batch_size or B
+    chunks = range(0, B, step)
+    width = tokens.shape[1] + max_new_tokens
     outputs = []
     for start in tqdm(chunks, desc="generate", disable=not progress or len(chunks) == 1):
         rows = slice(start, start + step)
         chunk_prefix = prefix.batch_slice(rows) if prefix is not None and prefix.batched else prefix
+        generators = None
+        if do_sample:
+            generators = [
+                torch.Generator(device=tokens.device).manual_seed(row_seed(seed, r)) for r in range(start, min(B, start + step))
+            ]
+        sampling = dict(do_sample=do_sample, temperature=temperature, top_k=top_k, top_p=top_p, generator=generators)
         run = _generate_cached if use_cache and has_kv_cache(model) else _generate_recompute
-        outputs.append(run(model, tokens[rows], chunk_prefix, max_new_tokens, eos_token_id, sampling))
+        chunk_mask = mask[rows] if mask is not None else None
+        out = run(model, tokens[rows], chunk_prefix, chunk_mask, max_new_tokens, eos_token_id, sampling)
+        if out.shape[1] < width:  # finished early (every row hit EOS): pad with EOS like a finished row
+            out = torch.cat([out, out.new_full((out.shape[0], width - out.shape[1]), eos_token_id)], dim=1)
+        outputs.append(out)
     return torch.cat(outputs, dim=0)
 
 
@@ -101,28 +158,35 @@ def _append(new, finished, eos_token_id):
 
 
 @torch.no_grad()
-def _generate_cached(model, tokens, prefix, max_new_tokens, eos_token_id, sampling):
+def _generate_cached(model, tokens, prefix, mask, max_new_tokens, eos_token_id, sampling):
     finished = torch.zeros(tokens.shape[0], dtype=torch.bool, device=tokens.device)
+    masked = {} if mask is None else {"attention_mask": mask}
     with maybe_attached(model, prefix) as slots:
-        logits, cache = cached_forward(model, slots.prepend(tokens))
+        logits, cache = cached_forward(model, slots.prepend(tokens), **masked)
     generated = []
     for i in range(max_new_tokens):
         new, finished = _append(sample_next(logits[:, -1], **sampling), finished, eos_token_id)
         generated.append(new)
         if i == max_new_tokens - 1 or bool(finished.all()):
             break
-        logits, cache = cached_forward(model, new[:, None], cache)
+        if mask is not None:
+            mask = torch.cat([mask, mask.new_ones(mask.shape[0], 1)], dim=1)
+            masked = {"attention_mask": mask}
+        logits, cache = cached_forward(model, new[:, None], cache, **masked)
     return torch.cat([tokens, torch.stack(generated, dim=1)], dim=1)
 
 
 @torch.no_grad()
-def _generate_recompute(model, tokens, prefix, max_new_tokens, eos_token_id, sampling):
+def _generate_recompute(model, tokens, prefix, mask, max_new_tokens, eos_token_id, sampling):
     finished = torch.zeros(tokens.shape[0], dtype=torch.bool, device=tokens.device)
     with maybe_attached(model, prefix) as slots:
         sequence = slots.prepend(tokens)
         for _ in range(max_new_tokens):
-            new, finished = _append(sample_next(model(sequence)[:, -1], **sampling), finished, eos_token_id)
+            masked = {} if mask is None else {"attention_mask": mask}
+            new, finished = _append(sample_next(model(sequence, **masked)[:, -1], **sampling), finished, eos_token_id)
             sequence = torch.cat([sequence, new[:, None]], dim=1)
+            if mask is not None:
+                mask = torch.cat([mask, mask.new_ones(mask.shape[0], 1)], dim=1)
             if bool(finished.all()):
                 break
     return slots.content(sequence)

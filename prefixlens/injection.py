@@ -4,13 +4,31 @@ The model runs on ``[P placeholder tokens] + tokens``; the prefix's hooks overwr
 placeholder positions ``0..P-1`` in every layer. Content token ``t`` therefore sits at position
 ``P + t``, exactly as after a real prompt of length ``P`` (the convention of PEFT and of the
 reference code), so masks, rotary positions and grouped-query attention need no special handling.
+
+**Padding.** ``run_with_prefix``, ``run_with_cache`` (and ``generate``, ``decompose``, the analysis
+functions and training) take an ``attention_mask``: either content-length ``[B, T]`` (what PEFT users
+pass; the slots are prepended as attended) or full ``[B, P + T]`` (its slot columns must be 1). The
+model then runs on ``[slots] + tokens`` with the full mask, and derives positions from it as
+HuggingFace does for padded batches (``cumsum(mask) - 1``): a row's real content tokens sit at
+``P, P + 1, ...`` whichever side it is padded on, so every row gives what it gives alone. Outputs at
+padded positions are undefined. A mask of another shape, with values other than 0/1, with a masked
+slot, or with a row that has no real token is refused.
+
+**One prefix at a time.** Prefixes do not nest: every prefix writes slots ``0..P-1``, so an
+``attached`` block (or ``run_with_prefix``, ``generate``, ``decompose``) inside another ``attached``
+block is refused; build one prefix that holds both (e.g. ``from_prompt`` on the joined prompts). A
+forward pass on top of a non-empty key/value cache inside ``attached`` (TransformerLens's own
+``model.generate`` with its cache) is refused too, since the slot hooks would overwrite the new
+tokens; use :func:`prefixlens.generate`, or ``model.generate(..., use_past_kv_cache=False)`` on
+``slots.prepend(tokens)``.
 """
 
 from __future__ import annotations
 
+import weakref
 from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import dataclass
-from typing import Callable, Iterator
+from typing import Any, Callable, Iterator
 
 import torch
 from jaxtyping import Float, Int
@@ -20,9 +38,24 @@ from transformer_lens import ActivationCache
 from prefixlens.prefixes import Prefix
 from prefixlens.signature import model_dtype_device
 
-__all__ = ["Slots", "attached", "maybe_attached", "run_with_prefix", "run_with_cache", "check_tokens"]
+__all__ = [
+    "Slots",
+    "attached",
+    "maybe_attached",
+    "run_with_prefix",
+    "run_with_cache",
+    "check_tokens",
+    "full_attention_mask",
+    "full_position_ids",
+    "attached_prefix",
+    "check_not_attached",
+]
 
 PLACEHOLDER_TOKEN = 0
+RETURN_TYPES = ("logits", "loss", "both", None)
+
+# model -> the prefix attached to it by an open ``attached`` block
+_ATTACHED: "weakref.WeakKeyDictionary[Any, Prefix]" = weakref.WeakKeyDictionary()
 
 
 @dataclass(frozen=True)
@@ -83,6 +116,99 @@ def check_tokens(model, tokens, prefix: Prefix | None = None) -> Int[Tensor, "ba
     return tokens
 
 
+def full_attention_mask(
+    attention_mask, tokens: Int[Tensor, "batch pos"], n_slots: int
+) -> Int[Tensor, "batch n_slots+pos"] | None:
+    """The mask of ``[slots] + tokens`` from a content mask ``[B, T]`` or a full mask ``[B, P + T]``
+    (1 = real token, 0 = padding); ``None`` when there is no padding at all (the unmasked run).
+
+    Raises ``ValueError`` for a mask of another shape, values other than 0/1, a masked slot, or a
+    row without a real content token.
+    """
+    if attention_mask is None:
+        return None
+    mask = torch.as_tensor(attention_mask)
+    B, T = tokens.shape
+    P = n_slots
+    shapes = f"[batch, T] = {(B, T)}" + (f" or [batch, P + T] = {(B, P + T)}" if P else "")
+    if mask.ndim != 2 or mask.shape[0] != B or mask.shape[1] not in (T, P + T):
+        raise ValueError(
+            f"attention_mask has shape {tuple(mask.shape)}; expected {shapes} (1 = real token, 0 = padding)."
+        )
+    if mask.device.type != tokens.device.type:
+        raise ValueError(f"device mismatch: attention_mask is on {mask.device} but tokens are on {tokens.device}.")
+    if not bool(((mask == 0) | (mask == 1)).all()):
+        raise ValueError("attention_mask must hold only 0 (padding) and 1 (real token).")
+    mask = mask.to(dtype=torch.long, device=tokens.device)
+    if mask.shape[1] == P + T and P:
+        if not bool(mask[:, :P].all()):
+            raise ValueError(
+                f"attention_mask masks a prefix slot (its first {P} columns must be 1: the prefix is always "
+                f"attended); pass the content mask [batch, {T}] instead."
+            )
+    else:
+        mask = torch.cat([mask.new_ones(B, P), mask], dim=1)
+    empty = (~mask[:, P:].bool()).all(dim=1)
+    if bool(empty.any()):
+        raise ValueError(
+            f"attention_mask row(s) {empty.nonzero().flatten().tolist()} have no real content token; "
+            f"drop those rows."
+        )
+    return None if bool(mask.all()) else mask
+
+
+def full_position_ids(position_ids, tokens: Int[Tensor, "batch pos"], n_slots: int) -> Int[Tensor, "batch n_slots+pos"] | None:
+    """Positions of ``[slots] + tokens``. ``[B, T]`` (or ``[T]``) are content positions counted from the
+    first content position, as PEFT takes them (it adds ``P``): content gets ``P + position_ids``, the
+    slots ``0..P-1`` (the default is ``arange(T)``, i.e. ``P..P+T-1``). ``[B, P + T]`` is taken as it is."""
+    if position_ids is None:
+        return None
+    pos = torch.as_tensor(position_ids)
+    B, T = tokens.shape
+    P = n_slots
+    if pos.ndim == 1:
+        pos = pos.expand(B, -1)
+    if pos.ndim != 2 or pos.shape[0] != B or pos.shape[1] not in (T, P + T) or pos.is_floating_point():
+        raise ValueError(
+            f"position_ids must be integer [batch, T] = {(B, T)} (content positions) or [batch, P + T] = "
+            f"{(B, P + T)}, got {tuple(pos.shape)} {pos.dtype}."
+        )
+    pos = pos.to(dtype=torch.long, device=tokens.device)
+    if pos.shape[1] == T and P:
+        pos = torch.cat([torch.arange(P, device=pos.device).expand(B, P), pos + P], dim=1)
+    if int(pos.min()) < 0:
+        raise ValueError(f"position_ids must be >= 0, got min {int(pos.min())}.")
+    return pos
+
+
+def attached_prefix(model) -> Prefix | None:
+    """The prefix an open :func:`attached` block has attached to ``model`` (``None``: none)."""
+    return _ATTACHED.get(model)
+
+
+def check_not_attached(model, what: str) -> None:
+    """Refuse to run ``what`` while a prefix is attached (its hooks would overwrite content positions)."""
+    outer = _ATTACHED.get(model)
+    if outer is not None:
+        raise RuntimeError(
+            f"{what} inside a `prefixlens.attached` block: a {outer.form} (P={outer.length}) is already attached "
+            f"to this model, and prefixes do not nest (each writes slots 0..P-1, so the second would overwrite "
+            f"content positions of the first). Leave the block first, or use one prefix that holds both "
+            f"(e.g. from_prompt on the joined prompts)."
+        )
+
+
+def _refuse_cached_steps(module, args, kwargs):
+    if kwargs.get("past_key_values") is not None:  # a step on top of earlier positions (even an empty cache)
+        raise RuntimeError(
+            "a forward pass on top of a key/value cache inside `prefixlens.attached`: the prefix hooks would "
+            "overwrite the new tokens with prefix slots (e.g. TransformerLens's model.generate with its cache). "
+            "Use prefixlens.generate(model, tokens, prefix), or model.generate(slots.prepend(tokens), "
+            "use_past_kv_cache=False) inside the block."
+        )
+    return None
+
+
 @contextmanager
 def attached(model, prefix: Prefix, placeholder: int = PLACEHOLDER_TOKEN) -> Iterator[Slots]:
     """Attach ``prefix`` to ``model`` for the duration of a ``with`` block.
@@ -98,27 +224,93 @@ def attached(model, prefix: Prefix, placeholder: int = PLACEHOLDER_TOKEN) -> Ite
     if not isinstance(prefix, Prefix):
         raise TypeError(f"expected a prefixlens prefix, got {type(prefix).__name__}.")
     prefix.validate(model)
-    with model.hooks(fwd_hooks=prefix.injection_hooks()):
-        yield Slots(prefix.length, placeholder)
+    check_not_attached(model, "attaching a prefix")
+    guard = model.register_forward_pre_hook(_refuse_cached_steps, with_kwargs=True)
+    _ATTACHED[model] = prefix
+    try:
+        with model.hooks(fwd_hooks=prefix.injection_hooks()):
+            yield Slots(prefix.length, placeholder)
+    finally:
+        _ATTACHED.pop(model, None)
+        guard.remove()
 
 
 def maybe_attached(model, prefix: Prefix | None) -> AbstractContextManager[Slots]:
-    """``attached(model, prefix)``, or no hooks and ``Slots(0)`` when ``prefix`` is ``None``."""
-    return attached(model, prefix) if prefix is not None else nullcontext(Slots(0))
+    """``attached(model, prefix)``, or no hooks and ``Slots(0)`` when ``prefix`` is ``None`` (refused
+    inside an ``attached`` block, whose slots would overwrite the first content positions)."""
+    if prefix is None:
+        check_not_attached(model, "running without a prefix")
+        return nullcontext(Slots(0))
+    return attached(model, prefix)
+
+
+def _forward_kwargs(model, tokens, P: int, attention_mask, position_ids, kwargs: dict) -> tuple[dict, Tensor | None]:
+    """The model's keyword arguments for ``[slots] + tokens`` and the content mask ``[B, T]`` (or None)."""
+    for name in ("past_key_values", "start_at_layer"):
+        if kwargs.get(name) is not None:
+            raise ValueError(f"{name}= is not supported with a prefix (the slots must run first, at positions 0..P-1).")
+    mask = full_attention_mask(attention_mask, tokens, P)
+    positions = full_position_ids(position_ids, tokens, P)
+    extra = dict(kwargs)
+    if mask is not None:
+        extra["attention_mask"] = mask
+    if positions is not None:
+        if int(positions.max()) >= int(model.cfg.n_ctx):
+            raise ValueError(
+                f"position_ids reach {int(positions.max())}, beyond the model's context of {int(model.cfg.n_ctx)}."
+            )
+        extra["position_ids"] = positions
+    return extra, (mask[:, P:] if mask is not None else None)
+
+
+def _check_return_type(return_type) -> None:
+    if return_type not in RETURN_TYPES:
+        raise ValueError(
+            f"return_type={return_type!r} is not supported with a prefix; use one of {RETURN_TYPES} "
+            f"('loss' covers the content positions only; for predictions take logits.argmax(-1))."
+        )
+
+
+def _finish(model, logits, tokens, content_mask, return_type, loss_per_token: bool):
+    """Content logits → what ``return_type`` asks for (the loss over content positions only)."""
+    if return_type is None:
+        return None
+    if return_type == "logits":
+        return logits
+    if tokens.shape[1] < 2:
+        raise ValueError("return_type='loss' needs at least 2 content tokens (the loss predicts the next one).")
+    loss = model.loss_fn(logits, tokens, attention_mask=content_mask, per_token=loss_per_token)
+    return (logits, loss) if return_type == "both" else loss
 
 
 def run_with_prefix(
-    model, tokens: Int[Tensor, "batch pos"], prefix: Prefix, **kwargs
+    model,
+    tokens: Int[Tensor, "batch pos"],
+    prefix: Prefix,
+    attention_mask: Int[Tensor, "batch pos"] | None = None,
+    position_ids: Int[Tensor, "batch pos"] | None = None,
+    return_type: str | None = "logits",
+    loss_per_token: bool = False,
+    **kwargs,
 ) -> Float[Tensor, "batch pos d_vocab"]:
     """Logits at the content positions of ``model`` run with ``prefix`` before ``tokens``.
 
     Equals ``model(prompt + tokens)[:, P:]`` when ``prefix`` comes from ``from_prompt(model, prompt)``.
+    ``attention_mask``: ``[B, T]`` (content) or ``[B, P + T]`` (full), see the module docstring.
+    ``position_ids``: ``[B, T]`` content positions counted from the first content token (PEFT's
+    convention: content token ``t`` sits at ``P + position_ids[:, t]``; default ``arange(T)``) or full
+    ``[B, P + T]`` positions.
+    ``return_type``: ``"logits"`` (content logits), ``"loss"`` (the model's own next-token loss over the
+    content positions only: content token ``t`` predicting ``t + 1``, padding excluded, i.e. what
+    ``model(prompt + tokens, loss_per_token=True)[:, P:]`` averages to), ``"both"`` or ``None``.
     Extra keyword arguments go to the model's forward.
     """
     tokens = check_tokens(model, tokens, prefix)
+    _check_return_type(return_type)
+    extra, content_mask = _forward_kwargs(model, tokens, prefix.length, attention_mask, position_ids, kwargs)
     with attached(model, prefix) as slots:
-        logits = model(slots.prepend(tokens), **kwargs)
-    return slots.content(logits)
+        logits = model(slots.prepend(tokens), **extra)
+    return _finish(model, slots.content(logits), tokens, content_mask, return_type, loss_per_token)
 
 
 def run_with_cache(
@@ -126,14 +318,22 @@ def run_with_cache(
     tokens: Int[Tensor, "batch pos"],
     prefix: Prefix,
     names_filter: Callable[[str], bool] | str | list[str] | None = None,
+    attention_mask: Int[Tensor, "batch pos"] | None = None,
+    position_ids: Int[Tensor, "batch pos"] | None = None,
+    return_type: str | None = "logits",
+    loss_per_token: bool = False,
     **kwargs,
 ) -> tuple[Float[Tensor, "batch pos d_vocab"], ActivationCache]:
-    """Content logits and the ``ActivationCache`` of the prefixed run.
+    """Content logits (or what ``return_type`` asks for, as in :func:`run_with_prefix`) and the
+    ``ActivationCache`` of the prefixed run.
 
     The cache covers all ``P + T`` positions (slots first), so attention patterns keep their
-    prefix columns; use ``cache[name][:, P:]`` for the content positions.
+    prefix columns; use ``cache[name][:, P:]`` for the content positions. With padding, the
+    activations of padded positions are undefined.
     """
     tokens = check_tokens(model, tokens, prefix)
+    _check_return_type(return_type)
+    extra, content_mask = _forward_kwargs(model, tokens, prefix.length, attention_mask, position_ids, kwargs)
     with attached(model, prefix) as slots:
-        logits, cache = model.run_with_cache(slots.prepend(tokens), names_filter=names_filter, **kwargs)
-    return slots.content(logits), cache
+        logits, cache = model.run_with_cache(slots.prepend(tokens), names_filter=names_filter, **extra)
+    return _finish(model, slots.content(logits), tokens, content_mask, return_type, loss_per_token), cache
