@@ -31,8 +31,8 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from prefixlens.attention_math import expand_kv_heads, prefix_mass
-from prefixlens.decomposition import decompose, prefixed_scores
-from prefixlens.injection import attached, check_tokens
+from prefixlens.decomposition import decompose, evaluation_mode, prefixed_scores
+from prefixlens.injection import attached, check_tokens, full_attention_mask
 from prefixlens.prefixes import Prefix
 from prefixlens.signature import model_dtype_device
 
@@ -91,9 +91,18 @@ class IdentityCheck:
         return self.relative_attention.shape[0]
 
     def max_error(self, name: str | None = None) -> float:
-        """The largest error of one kind (or of every kind) over all layers and heads."""
+        """The largest error of one kind (or of every kind) over all layers and heads (NaN if any is NaN)."""
         names = [name] if name else [n for n in self.ERRORS if getattr(self, n) is not None]
-        return max(float(getattr(self, n).max()) for n in names)
+        return float(torch.stack([getattr(self, n).max().double() for n in names]).max())
+
+    def __repr__(self) -> str:
+        errors = ", ".join(
+            f"{n}={float(getattr(self, n).max()):.3g}" for n in self.ERRORS if getattr(self, n) is not None
+        )
+        return (
+            f"IdentityCheck(dtype={self.dtype}, layers={self.n_layers}, heads={self.relative_attention.shape[1]}, "
+            f"n_slots={self.n_slots}, n_examples={self.n_examples}, n_positions={self.n_positions}, {errors})"
+        )
 
     def per_layer(self) -> list[dict[str, float]]:
         """One row per layer: the maximum over heads of each error, and the prefix-attention scale."""
@@ -129,22 +138,26 @@ class IdentityCheck:
         return out
 
 
-def _prefixed_patterns(model, tokens: Tensor, prefix: Prefix) -> tuple[list[Tensor], list[Tensor]]:
-    """The model's own post-softmax patterns and (per query head) values of a prefixed run."""
+def _prefixed_patterns(model, tokens: Tensor, prefix: Prefix, mask: Tensor | None = None) -> tuple[list[Tensor], list[Tensor]]:
+    """The model's own post-softmax patterns and (per query head) values of a prefixed run (with a
+    full ``mask``: padded query rows set to 0)."""
     n_layers, n_heads = int(model.cfg.n_layers), int(model.cfg.n_heads)
     names = {f"blocks.{l}.attn.hook_{h}" for l in range(n_layers) for h in ("pattern", "v")}
-    with torch.no_grad(), attached(model, prefix) as slots:
-        _, cache = model.run_with_cache(slots.prepend(tokens), names_filter=lambda n: n in names)
+    masked = {} if mask is None else {"attention_mask": mask}
+    with torch.no_grad(), evaluation_mode(model), attached(model, prefix) as slots:
+        _, cache = model.run_with_cache(slots.prepend(tokens), names_filter=lambda n: n in names, **masked)
     patterns = [cache[f"blocks.{l}.attn.hook_pattern"] for l in range(n_layers)]
+    if mask is not None:
+        patterns = [p.masked_fill(~mask.bool()[:, None, :, None], 0.0) for p in patterns]
     values = [expand_kv_heads(cache[f"blocks.{l}.attn.hook_v"], n_heads) for l in range(n_layers)]
     return patterns, values
 
 
-def _chunk_errors(model, tokens: Tensor, prefix: Prefix) -> dict[str, Tensor]:
+def _chunk_errors(model, tokens: Tensor, prefix: Prefix, mask: Tensor | None = None) -> dict[str, Tensor]:
     P = prefix.length
-    d = decompose(model, tokens, prefix, reference=True)
-    patterns, values = _prefixed_patterns(model, tokens, prefix)
-    ref = torch.nan_to_num(d.reference_pattern, nan=0.0, posinf=0.0, neginf=0.0)  # [l, b, h, q, k]
+    d = decompose(model, tokens, prefix, reference=True, attention_mask=mask)
+    patterns, values = _prefixed_patterns(model, tokens, prefix, mask)
+    ref = d.reference_pattern  # [l, b, h, q, k]; non-finite values propagate into the errors
     rel, bias = [], []
     for l, (pattern, v) in enumerate(zip(patterns, values)):
         on_slots = pattern[:, :, P:, :P]  # [b, h, q, p]
@@ -154,7 +167,7 @@ def _chunk_errors(model, tokens: Tensor, prefix: Prefix) -> dict[str, Tensor]:
         bias_term = torch.einsum("bhqp,bphd->bqhd", on_slots, v[:, :P])
         z_hat = bias_term + (1 - A.squeeze(-1)).transpose(1, 2).unsqueeze(-1) * t
         bias.append((d.z[l] - z_hat).abs().amax(dim=(0, 1, 3)))
-    renorm = (d.content_pattern - ref).abs().where(torch.isfinite(d.reference_pattern), torch.zeros_like(ref))
+    renorm = (d.content_pattern - ref).abs()
     out = {
         "relative_attention": torch.stack(rel),
         "renormalised_attention": renorm.amax(dim=(1, 3, 4)),
@@ -164,6 +177,7 @@ def _chunk_errors(model, tokens: Tensor, prefix: Prefix) -> dict[str, Tensor]:
         "A_sum": d.prefix_attention.sum(dim=(1, 3)),
         "A_max": d.prefix_attention.amax(dim=(1, 3)),
         "shift_sum": d.layer_input_shift.sum(dim=(1, 2)),
+        "n_real_sum": torch.tensor(float(tokens.numel() if mask is None else mask[:, P:].sum()), device=tokens.device),
     }
     if d.W_O is not None:
         out["bias_only_residual"] = d.residual_reconstruction_error()
@@ -176,14 +190,19 @@ def check_identities(
     prefix: Prefix,
     batch_size: int = 16,
     progress: bool = False,
+    attention_mask: Int[Tensor, "batch pos"] | None = None,
 ) -> IdentityCheck:
     """Measure both §4 identities for every layer and head of ``model`` over ``tokens`` with ``prefix``.
 
     The inputs are processed ``batch_size`` at a time; errors are maxima over inputs, positions and
-    features. Run it on a float64 model (``models.toy_llama(dtype=torch.float64)``,
+    features; a NaN or infinity anywhere shows as NaN in the errors of its layer and head, never
+    masked. The model runs in eval mode (dropout off), each submodule's mode restored afterwards.
+    Run it on a float64 model (``models.toy_llama(dtype=torch.float64)``,
     ``models.load(dir, dtype=torch.float64)``) to see the identities hold to ~1e-15.
+    ``attention_mask`` (``[B, T]`` or ``[B, P + T]``): padded positions are left out of every error and mean.
     """
     tokens = check_tokens(model, tokens, prefix)
+    mask = full_attention_mask(attention_mask, tokens, prefix.length)
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}.")
     if prefix.batched:
@@ -191,7 +210,8 @@ def check_identities(
     B, T = tokens.shape
     acc: dict[str, Tensor] = {}
     for start in tqdm(range(0, B, batch_size), desc="identities", disable=not progress, leave=False):
-        chunk = _chunk_errors(model, tokens[start : start + batch_size], prefix)
+        rows = slice(start, start + batch_size)
+        chunk = _chunk_errors(model, tokens[rows], prefix, mask[rows] if mask is not None else None)
         for k, v in chunk.items():
             if k in acc:
                 acc[k] = acc[k] + v if k.endswith("_sum") else torch.maximum(acc[k], v)
@@ -209,9 +229,9 @@ def check_identities(
         bias_only_scores=acc["bias_only_scores"].cpu(),
         bias_only_residual=acc["bias_only_residual"].cpu() if "bias_only_residual" in acc else None,
         z_scale=acc["z_scale"].cpu(),
-        mean_prefix_attention=(acc["A_sum"] / (B * T)).cpu(),
+        mean_prefix_attention=(acc["A_sum"] / acc["n_real_sum"]).cpu(),
         max_prefix_attention=acc["A_max"].cpu(),
-        cross_layer_shift=(acc["shift_sum"] / (B * T)).cpu(),
+        cross_layer_shift=(acc["shift_sum"] / acc["n_real_sum"]).cpu(),
     )
 
 
@@ -229,6 +249,8 @@ def effective_rank(x: Float[Tensor, "n d"], center: bool = False, eps: float = 1
     if x.ndim != 2:
         raise ValueError(f"effective_rank needs a [n, d] matrix, got shape {tuple(x.shape)}.")
     x = x.double()
+    if not bool(torch.isfinite(x).all()):
+        return float("nan")
     if center:
         x = x - x.mean(0, keepdim=True)
     s = torch.linalg.svdvals(x)
@@ -241,15 +263,17 @@ def effective_rank(x: Float[Tensor, "n d"], center: bool = False, eps: float = 1
 
 
 def numerical_rank(x: Float[Tensor, "n d"], rtol: float = 1e-6) -> int:
-    """The number of singular values above ``rtol`` times the largest."""
+    """The number of singular values above ``rtol`` times the largest (``ValueError`` for non-finite ``x``)."""
+    if not bool(torch.isfinite(x).all()):
+        raise ValueError("numerical_rank of a matrix with NaN or infinite entries is undefined.")
     s = torch.linalg.svdvals(x.double())
     return int((s > rtol * s.max()).sum()) if s.numel() and s.max() > 0 else 0
 
 
-def _slot_scores(model, tokens: Tensor, prefix: Prefix, positions: Tensor):
+def _slot_scores(model, tokens: Tensor, prefix: Prefix, positions: Tensor, mask: Tensor | None = None):
     """Pre-softmax scores of the selected content queries over every key, and the slots' per-query-head values."""
     P = prefix.length
-    scores, values, _ = prefixed_scores(model, tokens, prefix)
+    scores, values, _ = prefixed_scores(model, tokens, prefix, attention_mask=mask)
     rows = positions + P
     return torch.stack([s[:, :, rows] for s in scores]), torch.stack([v[:, :P] for v in values])
 
@@ -274,6 +298,13 @@ class SlotStatistics:
     @property
     def n_slots(self) -> int:
         return self.weights.shape[-1]
+
+    def __repr__(self) -> str:
+        L, H, N, P = self.weights.shape
+        return (
+            f"SlotStatistics(layers={L}, heads={H}, queries={N}, n_slots={P}, d_head={self.values.shape[-1]}, "
+            f"positions={self.positions if len(self.positions) <= 8 else f'<{len(self.positions)} positions>'}, mean_prefix_mass={float(self.prefix_mass.double().mean()):.3g})"
+        )
 
     @property
     def shape(self) -> tuple[int, int]:
@@ -309,7 +340,9 @@ class SlotStatistics:
 
     def value_rank(self, rtol: float = 1e-6) -> Float[Tensor, "layer head"]:
         """The dimension of the span of the prefix values ``{v_p}`` (at most ``min(P, d_head)``)."""
-        return self._per_head(lambda l, h: numerical_rank(self.values[l, h], rtol))
+        return self._per_head(
+            lambda l, h: numerical_rank(self.values[l, h], rtol) if bool(torch.isfinite(self.values[l, h]).all()) else math.nan
+        )
 
     def value_erank(self) -> Float[Tensor, "layer head"]:
         """Effective rank of the prefix values ``{v_p}``."""
@@ -356,12 +389,16 @@ def slot_statistics(
     positions: int | list[int] | None = -1,
     batch_size: int = 64,
     progress: bool = False,
+    attention_mask: Int[Tensor, "batch pos"] | None = None,
 ) -> SlotStatistics:
     """Attention over the slots of ``prefix`` from the content ``positions`` of every input, every head.
 
     ``positions``: content indices of the queries (``-1``: the last input token, as the reference's
-    Appendix B; ``None``: every content position). Weights are computed from the pre-softmax scores,
-    so they stay accurate when the total prefix attention is tiny.
+    Appendix B; ``None``: every content position). Weights are computed from the pre-softmax scores
+    (wherever :func:`prefixlens.decomposition.attention_sources` finds them), so they stay accurate
+    when the total prefix attention is tiny. The model runs in eval mode (dropout off).
+    ``attention_mask`` (``[B, T]`` or ``[B, P + T]``): the selected positions must be real tokens in
+    every row (e.g. ``-1`` with left padding); a padded one is refused.
     """
     tokens = check_tokens(model, tokens, prefix)
     if prefix.batched:
@@ -379,9 +416,17 @@ def slot_statistics(
         pos = [p % T for p in pos]
     index = torch.tensor(pos, device=tokens.device)
     P = prefix.length
+    mask = full_attention_mask(attention_mask, tokens, P)
+    if mask is not None and not bool(mask[:, P + index].all()):
+        bad = sorted({pos[int(j)] for j in (mask[:, P + index] == 0).nonzero()[:, 1]})
+        raise ValueError(
+            f"slot_statistics: content position(s) {bad} are padding in some rows; choose positions that are "
+            f"real tokens in every row (with left padding, -1 is the last real token of every row)."
+        )
     W, Bias, Mass, V = [], [], [], None
     for start in tqdm(range(0, B, batch_size), desc="slots", disable=not progress, leave=False):
-        scores, values = _slot_scores(model, tokens[start : start + batch_size], prefix, index)
+        rows = slice(start, start + batch_size)
+        scores, values = _slot_scores(model, tokens[rows], prefix, index, mask[rows] if mask is not None else None)
         # scores [l, b, h, q, P + T]; values [l, b, p, h, d] (the same for every b)
         w = scores[..., :P].softmax(-1)
         bias = torch.einsum("lbhqp,lbphd->lhbqd", w, values)

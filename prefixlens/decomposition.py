@@ -3,18 +3,29 @@
 from __future__ import annotations
 
 import math
+import weakref
+from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import Callable, Iterator
 
 import torch
 from jaxtyping import Float, Int
 from torch import Tensor
 
 from prefixlens.attention_math import causal_scores, combine, expand_kv_heads, split_attention
-from prefixlens.injection import attached, check_tokens
+from prefixlens.injection import attached, check_tokens, full_attention_mask
 from prefixlens.prefixes import Prefix
+from prefixlens.signature import model_dtype_device
 
-__all__ = ["HeadDecomposition", "decompose", "prefixed_scores", "attention_scale", "fires_pre_softmax_scores"]
+__all__ = [
+    "HeadDecomposition",
+    "decompose",
+    "prefixed_scores",
+    "attention_scale",
+    "fires_pre_softmax_scores",
+    "attention_sources",
+    "evaluation_mode",
+]
 
 
 @dataclass
@@ -96,10 +107,11 @@ class HeadDecomposition:
         return diff.abs().amax(dim=(1, 2, 4))
 
     def relative_attention_error(self) -> Float[Tensor, "layer"]:
-        """max |prefixed content attention renormalised − attention without the prefix|, per layer."""
-        valid = torch.isfinite(self.reference_pattern)
-        diff = (self.content_pattern - self.reference_pattern).abs().where(valid, torch.zeros_like(self.content_pattern))
-        return diff.amax(dim=(1, 2, 3, 4))
+        """max |prefixed content attention renormalised − attention without the prefix|, per layer.
+
+        Non-finite entries are not masked: a layer with a NaN or infinite pattern reports NaN.
+        """
+        return (self.content_pattern - self.reference_pattern).abs().amax(dim=(1, 2, 3, 4))
 
     def cross_layer_shift(self) -> Float[Tensor, "layer"]:
         """Mean relative change of each layer's input caused by the prefix (0 for layer 0)."""
@@ -119,16 +131,130 @@ class HeadDecomposition:
             out["cross_layer_shift_per_layer"] = self.cross_layer_shift().tolist()
         return out
 
+    def __repr__(self) -> str:
+        """A one-line summary (shapes, dtype, errors), never the tensors; no forward pass is run."""
+        L, B, H, T = self.prefix_attention.shape
+        parts = [
+            f"layers={L}", f"batch={B}", f"n_slots={self.n_slots}", f"positions={T}", f"heads={H}",
+            f"d_head={self.z.shape[-1]}", f"dtype={str(self.z.dtype).removeprefix('torch.')}",
+            f"reconstruction_error={self.reconstruction_error():.3g}",
+            f"mean_prefix_attention={float(self.prefix_attention.mean()):.3g}",
+        ]
+        if self._reference is not None:
+            parts.append(f"relative_attention_error={float(self.relative_attention_error().max()):.3g}")
+        elif self._reference_run is not None:
+            parts.append("relative_attention_error=<not computed yet>")
+        return f"HeadDecomposition({', '.join(parts)})"
+
     def _require_W_O(self) -> Tensor:
         if self.W_O is None:
             raise ValueError("the model exposes no W_O, so the residual-basis terms are unavailable.")
         return self.W_O
 
 
+@contextmanager
+def evaluation_mode(model) -> Iterator[None]:
+    """Run ``model`` in eval mode (dropout off) inside the block, then give every submodule back its
+    own mode exactly (also those of a bridge's ``original_model``, which ``.modules()`` misses).
+
+    Every analysis entry point (:func:`decompose`, :func:`prefixed_scores`, ``from_prompt``, the
+    ``prefixlens.analysis`` functions) measures the model's deterministic function this way: with
+    dropout the model's own ``hook_z`` is a random draw and no decomposition of it is exact.
+    """
+    modules = {id(m): m for m in model.modules()}
+    original = getattr(model, "original_model", None)
+    if isinstance(original, torch.nn.Module):
+        modules.update({id(m): m for m in original.modules()})
+    modes = [(m, m.training) for m in modules.values()]
+    try:
+        for m, _ in modes:
+            m.training = False
+        yield
+    finally:
+        for m, training in modes:
+            m.training = training
+
+
+# What each layer's attention hooks carry, per model (found by one probe forward pass):
+#   "scores"  - hook_attn_scores fires the pre-softmax scores, mask included (softmax(scores) == hook_pattern);
+#   "qk"      - TL-native attention: hook_attn_scores fires the pattern, and q·k / scale with the
+#               causal mask (recomputed from hook_q, hook_k) reproduces hook_pattern;
+#   "pattern" - hook_attn_scores fires the post-softmax pattern (HF modules the bridge delegates to:
+#               OPT, GPT-J, ...): the scores are log(hook_pattern), exact up to a per-row constant.
+_SOURCES: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+
+
+def _architecture(model) -> str:
+    return str(getattr(model.cfg, "architecture", None) or type(model).__name__)
+
+
+def attention_sources(model) -> list[str]:
+    """Where each layer's pre-softmax scores come from (``"scores"``, ``"qk"`` or ``"pattern"``).
+
+    Not read from the hook's name or the architecture: one probe forward pass (cached per model)
+    captures ``hook_attn_scores`` and ``hook_pattern`` of every layer and checks which of them the
+    other is, so a bridge that fires the post-softmax pattern under ``hook_attn_scores`` is found.
+    Raises a ``ValueError`` naming the architecture when a layer fires no pattern (e.g. an
+    ``sdpa``/flash attention implementation, which returns no weights) or scores that are neither.
+    """
+    try:
+        return _SOURCES[model]
+    except (KeyError, TypeError):
+        pass
+    n_layers, arch = int(model.cfg.n_layers), _architecture(model)
+    T = max(2, min(6, int(model.cfg.n_ctx)))
+    _, device = model_dtype_device(model)
+    tokens = ((torch.arange(T, device=device) * 7 + 3) % int(model.cfg.d_vocab))[None]
+    kinds = ("attn_scores", "pattern", "q", "k")
+    names = {f"blocks.{l}.attn.hook_{h}" for l in range(n_layers) for h in kinds}
+    with torch.no_grad(), evaluation_mode(model):
+        _, cache = model.run_with_cache(tokens, names_filter=lambda n: n in names)
+    sources = []
+    for l in range(n_layers):
+        attn = f"blocks.{l}.attn"
+        pattern = cache[f"{attn}.hook_pattern"] if f"{attn}.hook_pattern" in cache else None
+        if pattern is None:
+            impl = getattr(getattr(getattr(model, "original_model", None), "config", None), "_attn_implementation", None)
+            raise ValueError(
+                f"{arch}: layer {l}'s attention fires no hook_pattern (attention implementation {impl!r} returns no "
+                "weights), so the decomposition cannot be computed; load the model with attn_implementation='eager'."
+            )
+        p = pattern.double()
+        tol = max(1e-4, 8 * torch.finfo(pattern.dtype).eps)
+        scores = cache[f"{attn}.hook_attn_scores"] if f"{attn}.hook_attn_scores" in cache else None
+
+        def reproduces(s: Tensor) -> bool:
+            return bool((s.double().softmax(-1) - p).abs().max() <= tol)
+
+        is_pattern = scores is None or (
+            scores.shape == pattern.shape and bool((scores.double() - p).abs().max() <= tol)
+        )
+        if scores is not None and not is_pattern and scores.shape == pattern.shape and reproduces(scores):
+            sources.append("scores")
+        elif is_pattern:
+            qk = None
+            if arch == "TransformerLensNative" and f"{attn}.hook_q" in cache and f"{attn}.hook_k" in cache:
+                n_heads = int(model.cfg.n_heads)
+                q = expand_kv_heads(cache[f"{attn}.hook_q"], n_heads)
+                k = expand_kv_heads(cache[f"{attn}.hook_k"], n_heads)
+                qk = causal_scores(q, k, attention_scale(model))
+            sources.append("qk" if qk is not None and reproduces(qk) else "pattern")
+        else:
+            raise ValueError(
+                f"{arch}: layer {l}'s hook_attn_scores is neither the pre-softmax scores of its hook_pattern nor the "
+                "pattern itself, so prefixlens cannot decompose this attention; this architecture is not supported."
+            )
+    try:
+        _SOURCES[model] = sources
+    except TypeError:
+        pass
+    return sources
+
+
 def fires_pre_softmax_scores(model) -> bool:
-    """HF-backed bridges and prefixlens constructions fire ``hook_attn_scores`` before the softmax;
-    TL-native bridges fire it with the post-softmax pattern, so scores are recomputed from q and k."""
-    return getattr(model.cfg, "architecture", None) != "TransformerLensNative"
+    """Whether every layer fires ``hook_attn_scores`` before the softmax (found by
+    :func:`attention_sources`, not by the architecture's name)."""
+    return all(s == "scores" for s in attention_sources(model))
 
 
 def attention_scale(model) -> float:
@@ -142,6 +268,7 @@ def decompose(
     tokens: Int[Tensor, "batch pos"],
     prefix: Prefix,
     reference: bool = True,
+    attention_mask: Int[Tensor, "batch pos"] | None = None,
 ) -> HeadDecomposition:
     """Decompose every head of every layer of ``model`` run on ``tokens`` with ``prefix``.
 
@@ -149,17 +276,25 @@ def decompose(
     With ``reference=True`` the checks against the run without the prefix (attention for the same
     layer inputs, shift of each layer's input) are available; their one extra forward pass (the
     plain run and the patched run batched together) runs when first asked for.
+
+    The model runs in eval mode (dropout off) for every pass, the deferred reference pass included,
+    and each submodule's own train/eval mode is restored afterwards (:func:`evaluation_mode`).
+    Which hook carries the pre-softmax scores is found per model by :func:`attention_sources`.
+    ``attention_mask`` (``[B, T]`` or ``[B, P + T]``, see :mod:`prefixlens.injection`): padded keys get
+    no attention, and every quantity at a padded query position is set to 0 (undefined there).
     """
     tokens = check_tokens(model, tokens, prefix)
     P, n_layers = prefix.length, int(model.cfg.n_layers)
+    mask = full_attention_mask(attention_mask, tokens, P)
     extra = {f"blocks.{l}.hook_resid_pre" for l in range(n_layers)} if reference else set()
-    scores, values, cache = prefixed_scores(model, tokens, prefix, extra_names=extra)
+    scores, values, cache = prefixed_scores(model, tokens, prefix, extra_names=extra, attention_mask=mask)
 
     A, t, b, z, pattern = [], [], [], [], []
     for l in range(n_layers):
         A_l, t_l, b_l, pattern_l = split_attention(scores[l][:, :, P:], values[l], P)
-        A.append(A_l), t.append(t_l), b.append(b_l), pattern.append(pattern_l)
-        z.append(cache[f"blocks.{l}.attn.hook_z"][:, P:])
+        A.append(_zero_pads(A_l, mask, P, 2)), t.append(_zero_pads(t_l, mask, P, 1))
+        b.append(_zero_pads(b_l, mask, P, 1)), pattern.append(_zero_pads(pattern_l, mask, P, 2))
+        z.append(_zero_pads(cache[f"blocks.{l}.attn.hook_z"][:, P:], mask, P, 1))
 
     result = HeadDecomposition(
         n_slots=P,
@@ -172,33 +307,77 @@ def decompose(
     )
     if reference:
         inputs = [cache[f"blocks.{l}.hook_resid_pre"][:, P:] for l in range(n_layers)]
-        result._reference_run = lambda: _reference_run(model, tokens, inputs, P)
+        result._reference_run = lambda: _reference_run(model, tokens, inputs, P, mask)
     return result
 
 
+def _zero_pads(x: Tensor, mask: Tensor | None, P: int, query_dim: int) -> Tensor:
+    """``x`` with 0 at the padded content query positions of the full ``mask`` (none: ``x``)."""
+    if mask is None:
+        return x
+    real = mask[:, P:].bool()
+    shape = [1] * x.ndim
+    shape[0], shape[query_dim] = real.shape
+    return torch.where(real.reshape(shape), x, torch.zeros((), dtype=x.dtype, device=x.device))
+
+
 def prefixed_scores(
-    model, tokens: Int[Tensor, "batch pos"], prefix: Prefix, extra_names: set[str] = frozenset()
+    model,
+    tokens: Int[Tensor, "batch pos"],
+    prefix: Prefix,
+    extra_names: set[str] = frozenset(),
+    attention_mask: Int[Tensor, "batch pos"] | None = None,
 ) -> tuple[list[Float[Tensor, "batch head n_pos n_pos"]], list[Float[Tensor, "batch n_pos head d_head"]], "ActivationCache"]:
     """One prefixed forward pass: each layer's pre-softmax scores over all ``P + T`` positions
     (causal mask as ``-inf`` or the model's own large negative), its values with one head per query
-    head, and the cache (``hook_z`` and ``extra_names`` included)."""
+    head, and the cache (``hook_z`` and ``extra_names`` included).
+
+    The scores come from where :func:`attention_sources` found them: ``hook_attn_scores``, ``q·k``
+    (TL-native), or ``log(hook_pattern)`` on bridges that fire only the post-softmax pattern (equal
+    to the scores up to a per-row constant, which nothing here depends on). The model runs in eval
+    mode (:func:`evaluation_mode`). With ``attention_mask`` (``[B, T]`` or ``[B, P + T]``) padded keys
+    score ``-inf``."""
+    mask = full_attention_mask(attention_mask, tokens, prefix.length)
+    masked = {} if mask is None else {"attention_mask": mask}
     n_layers, n_heads = int(model.cfg.n_layers), int(model.cfg.n_heads)
-    pre_softmax = fires_pre_softmax_scores(model)
-    per_layer = ["hook_v", "hook_z"] + (["hook_attn_scores"] if pre_softmax else ["hook_q", "hook_k"])
-    names = {f"blocks.{l}.attn.{h}" for l in range(n_layers) for h in per_layer} | set(extra_names)
-    with torch.no_grad(), attached(model, prefix) as slots:
-        _, cache = model.run_with_cache(slots.prepend(tokens), names_filter=lambda n: n in names)
+    sources = attention_sources(model)
+    per_layer = {"scores": ["hook_attn_scores"], "qk": ["hook_q", "hook_k"], "pattern": ["hook_pattern"]}
+    names = {f"blocks.{l}.attn.{h}" for l in range(n_layers) for h in ["hook_v", "hook_z"] + per_layer[sources[l]]}
+    names |= set(extra_names)
+    with torch.no_grad(), evaluation_mode(model), attached(model, prefix) as slots:
+        _, cache = model.run_with_cache(slots.prepend(tokens), names_filter=lambda n: n in names, **masked)
+    P = prefix.length
     scores, values = [], []
     for l in range(n_layers):
         attn = f"blocks.{l}.attn"
-        if pre_softmax:
+        if sources[l] == "scores":
             scores.append(cache[f"{attn}.hook_attn_scores"])
-        else:
+        elif sources[l] == "qk":
             q = expand_kv_heads(cache[f"{attn}.hook_q"], n_heads)
             k = expand_kv_heads(cache[f"{attn}.hook_k"], n_heads)
             scores.append(causal_scores(q, k, attention_scale(model)))
+        else:
+            log_pattern = cache[f"{attn}.hook_pattern"].log()
+            _check_recoverable(model, _zero_pads(log_pattern[:, :, P:], mask, P, 2), P, l)
+            scores.append(log_pattern)
+        if mask is not None:
+            scores[-1] = scores[-1].masked_fill(~mask.bool()[:, None, None, :], float("-inf"))
         values.append(expand_kv_heads(cache[f"{attn}.hook_v"], n_heads))
     return scores, values, cache
+
+
+def _check_recoverable(model, log_pattern: Tensor, P: int, layer: int) -> None:
+    """From the pattern alone, ``b`` (``t``) is lost where a query's attention on every slot
+    (content key) underflowed to exactly 0; refuse instead of returning NaN for it."""
+    for part, name, keys in (("prefix", "prefix bias b", log_pattern[..., :P]), ("content", "content output t", log_pattern[..., P:])):
+        lost = torch.isneginf(keys).all(-1)
+        if bool(lost.any()):
+            raise ValueError(
+                f"{_architecture(model)} fires only the post-softmax attention pattern, and in layer {layer} "
+                f"{int(lost.sum())} content queries give the {part} exactly 0 attention in {log_pattern.dtype} "
+                f"(the softmax underflowed), so the {name} cannot be recovered from the pattern. Run the model in "
+                "float64 (models.load(..., dtype=torch.float64)) or use a prefix that takes less extreme attention."
+            )
 
 
 def _stacked_W_O(model) -> Tensor | None:
@@ -207,9 +386,11 @@ def _stacked_W_O(model) -> Tensor | None:
 
 
 @torch.no_grad()
-def _reference_run(model, tokens, prefixed_inputs: list[Tensor], P: int):
+def _reference_run(model, tokens, prefixed_inputs: list[Tensor], P: int, mask: Tensor | None = None):
     """One forward pass on ``[tokens; tokens]`` at positions ``P..P+T-1`` and without slots: rows
-    ``:B`` are the plain run, rows ``B:`` have each layer's input replaced by the prefixed run's."""
+    ``:B`` are the plain run, rows ``B:`` have each layer's input replaced by the prefixed run's.
+    With a (full) ``mask``, the content mask applies, positions are those of the prefixed run, and
+    padded query positions get 0."""
     B, T = tokens.shape
     n_layers = int(model.cfg.n_layers)
     plain_inputs, patterns = [None] * n_layers, [None] * n_layers
@@ -230,7 +411,17 @@ def _reference_run(model, tokens, prefixed_inputs: list[Tensor], P: int):
     hooks = [(f"blocks.{l}.hook_resid_pre", patch_input(l)) for l in range(n_layers)]
     hooks += [(f"blocks.{l}.attn.hook_pattern", grab_pattern(l)) for l in range(n_layers)]
     positions = torch.arange(P, P + T, device=tokens.device).expand(2 * B, T)
-    model.run_with_hooks(torch.cat([tokens, tokens]), return_type=None, fwd_hooks=hooks, position_ids=positions)
+    masked = {}
+    if mask is not None:
+        positions = (mask.cumsum(-1) - 1).clamp_min(0)[:, P:].repeat(2, 1)
+        masked = {"attention_mask": mask[:, P:].repeat(2, 1)}
+    with evaluation_mode(model):
+        model.run_with_hooks(
+            torch.cat([tokens, tokens]), return_type=None, fwd_hooks=hooks, position_ids=positions, **masked
+        )
+    if mask is not None:
+        patterns = [_zero_pads(p, mask, P, 2) for p in patterns]
+        plain_inputs = [torch.where(mask[:, P:, None].bool(), x, y) for x, y in zip(plain_inputs, prefixed_inputs)]
 
     shifts = [
         (prefixed_inputs[l] - plain_inputs[l]).norm(dim=-1) / plain_inputs[l].norm(dim=-1).clamp_min(1e-30)

@@ -7,6 +7,7 @@ prefix and analysis code serves toy models and real LLaMA-family checkpoints ali
 from __future__ import annotations
 
 import os
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -14,7 +15,7 @@ import torch
 from transformer_lens.config import TransformerBridgeConfig
 from transformer_lens.model_bridge import TransformerBridge
 
-__all__ = ["toy_gpt2", "toy_llama", "native", "load", "toy_tokenizer", "full_precision_softmax"]
+__all__ = ["toy_gpt2", "toy_llama", "native", "load", "toy_tokenizer", "full_precision_softmax", "float64_throughout"]
 
 
 def toy_tokenizer(d_vocab: int):
@@ -55,6 +56,11 @@ def full_precision_softmax(bridge: TransformerBridge) -> TransformerBridge:
     softmax in float32 and casts back, so a "float64" LLaMA is only float32-accurate inside
     attention (identities then hold to ~1e-6, not ~1e-15). For float64 models this keeps the
     softmax in the scores' own dtype; float32/16 models are left exactly as they are.
+
+    Other steps still run in float32 in a float64 model, as in HuggingFace's own float64 model
+    (which PEFT and HF comparisons reproduce): RMSNorm's upcast (LLaMA, Qwen, Mistral, Gemma, Phi-3),
+    the rotary cos/sin (every rotary family), GPT-J's ``q·k``, OPT's softmax, BLOOM's ALiBi slopes.
+    :func:`float64_throughout` removes them too.
     """
     for module in bridge.modules():
         original = getattr(module, "_masked_softmax", None)
@@ -69,6 +75,72 @@ def full_precision_softmax(bridge: TransformerBridge) -> TransformerBridge:
         softmax._prefixlens_full_precision = True
         module._masked_softmax = softmax
     return bridge
+
+
+def float64_throughout(bridge: TransformerBridge) -> TransformerBridge:
+    """Make a float64 bridge compute every step in float64 (in place; returns the bridge).
+
+    HuggingFace and TransformerLens run some steps of a float64 model in float32 on purpose (see
+    :func:`full_precision_softmax`); after this, the bridge's forward (and its HF model's, which
+    ``generate`` and PEFT call) runs under :class:`Float64Throughout`, which turns every float32
+    request into float64. A float64 LLaMA then matches a float64 computation written from the
+    equations to ~1e-14 instead of ~2e-6, but no longer equals HuggingFace's own float64 model
+    bit for bit (that one keeps its float32 steps). The rotary frequencies stay the model's own
+    ``inv_freq`` buffer (HF computes it in float32 when the model is built). Models that are not
+    float64 when called are left exactly as they are.
+    """
+    full_precision_softmax(bridge)
+    owners = [bridge] + [m for m in (bridge.__dict__.get("original_model"),) if isinstance(m, torch.nn.Module)]
+    for owner in owners:
+        if not getattr(owner.forward, "_prefixlens_float64", False):
+            owner.forward = _float64_forward(owner.forward, bridge)
+    return bridge
+
+
+class Float64Throughout(torch.overrides.TorchFunctionMode):
+    """Inside a float64 model's forward: every float32 dtype argument becomes float64 (``.float()``
+    becomes ``.double()``), and any float32 tensor an operation still returns (a factory using the
+    default dtype) is promoted, so no step of the forward runs in float32."""
+
+    _state = threading.local()  # one level per thread; nested forwards (bridge -> HF model) reuse it
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func is torch.Tensor.float:
+            func, args = torch.Tensor.double, args[:1]
+        args = tuple(torch.float64 if a is torch.float32 else a for a in args)
+        kwargs = {k: torch.float64 if v is torch.float32 else v for k, v in kwargs.items()}
+        out = func(*args, **kwargs)
+        if isinstance(out, torch.Tensor) and out.dtype == torch.float32 and "out" not in kwargs:
+            if not getattr(func, "__name__", "_").endswith("_"):  # never replace an in-place result by a copy
+                out = out.double()
+        return out
+
+
+def _float64_forward(forward, bridge):
+    import functools
+
+    @functools.wraps(forward)
+    def wrapped(*args, **kwargs):
+        state = Float64Throughout._state
+        if getattr(state, "active", False) or not _is_float64(bridge):
+            return forward(*args, **kwargs)
+        state.active = True
+        try:
+            with Float64Throughout():
+                return forward(*args, **kwargs)
+        finally:
+            state.active = False
+
+    wrapped._prefixlens_float64 = True
+    return wrapped
+
+
+def _is_float64(bridge) -> bool:
+    for p in bridge.parameters():
+        if p.is_floating_point():
+            return p.dtype == torch.float64
+    return False
 
 
 def toy_gpt2(
@@ -204,11 +276,22 @@ def load(
     A local directory without tokenizer files gets :func:`toy_tokenizer` sized to its vocabulary.
     Extra keyword arguments go to ``TransformerBridge.boot_transformers``.
     """
-    path = Path(name_or_path)
+    name = os.fspath(name_or_path)
+    path = Path(name).expanduser()
     if not path.exists():
-        return TransformerBridge.boot_transformers(
-            str(name_or_path), device=device, dtype=dtype, **kwargs
-        ).eval()
+        if _looks_like_path(name_or_path):
+            where = f" ({path})" if str(path) != name else ""
+            where += "" if path.is_absolute() else f" (relative to the current directory {os.getcwd()})"
+            raise FileNotFoundError(
+                f"models.load: {name!r} looks like a local path but does not exist{where}. Pass an existing "
+                f"directory written by save_pretrained (with a config.json), or a hub name such as 'gpt2'."
+            )
+        return _load_from_hub(name, device=device, dtype=dtype, **kwargs)
+    if not path.is_dir():
+        raise FileNotFoundError(
+            f"models.load: {str(path)!r} is a file, not a directory: pass the checkpoint directory written by "
+            f"save_pretrained (the one that holds config.json)."
+        )
     if not (path / "config.json").exists():
         raise FileNotFoundError(
             f"{path} has no config.json: pass a directory written by save_pretrained, or a hub name."
@@ -229,3 +312,47 @@ def load(
         str(path), hf_model=hf_model, tokenizer=tokenizer, dtype=dtype, **kwargs
     )
     return full_precision_softmax(bridge).eval()
+
+
+def _looks_like_path(name_or_path: str | os.PathLike) -> bool:
+    """Whether ``load``'s argument is meant as a local path rather than a hub name (``org/name``)."""
+    if not isinstance(name_or_path, str):
+        return True  # a Path object
+    name = name_or_path
+    if name.startswith((".", "~", "/", os.sep)) or Path(name).is_absolute():
+        return True
+    if "\\" in name or (os.altsep and os.altsep in name) or name.count("/") > 1:
+        return True  # hub names are 'name' or 'org/name'
+    return "/" in name and Path(name).parent.is_dir()  # 'runs/missing' where runs/ exists
+
+
+def _hub_offline() -> bool:
+    """Whether downloads are off: huggingface_hub reads HF_HUB_OFFLINE once, when it is imported."""
+    import huggingface_hub.constants
+
+    return bool(huggingface_hub.constants.HF_HUB_OFFLINE)
+
+
+def _load_from_hub(name: str, **kwargs: Any) -> TransformerBridge:
+    """``boot_transformers`` on a hub name, with errors that say what to pass instead."""
+    from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+    try:
+        validate_repo_id(name)
+    except HFValidationError as e:
+        raise FileNotFoundError(
+            f"models.load: {name!r} is neither an existing local directory nor a valid hub name ({e}). Pass "
+            f"the path of a directory written by save_pretrained, or a hub name such as 'org/model'."
+        ) from None
+    try:
+        return TransformerBridge.boot_transformers(name, **kwargs).eval()
+    except OSError as e:
+        if not _hub_offline():
+            raise
+        raise OSError(
+            f"models.load: {name!r} is not a local directory, so it was read as a hub name, but the hub is "
+            f"offline (HF_HUB_OFFLINE=1) and the model is not in the local Hugging Face "
+            f"cache, so it can't be downloaded. Pass a local checkpoint directory instead: download it where "
+            f"there is network (e.g. `hf download {name} --local-dir DIR`, or model.save_pretrained(DIR)), "
+            f"copy DIR here and call models.load(DIR). (Underlying error: {e})"
+        ) from e

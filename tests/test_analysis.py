@@ -167,3 +167,87 @@ def test_slot_statistics_summaries():
     assert all(len(v) == model.cfg.n_layers for v in summ.values())
     p = st.slot_entropy_perplexity()
     assert float(p.min()) >= 1.0 and float(p.max()) <= 5.0 + 1e-9
+
+
+# --------------------------------------------------------------------------------------------------
+# issue 14: every attention implementation, non-finite values, train mode, short reprs
+# --------------------------------------------------------------------------------------------------
+
+import math  # noqa: E402
+
+from tests.conftest import HF_FAMILIES, build_hf  # noqa: E402
+
+_ALL = [("build", f) for f in ("gpt2", "llama_gqa", "native")] + [("build_hf", f) for f in HF_FAMILIES]
+
+
+@pytest.mark.parametrize("builder,fam", _ALL, ids=[f for _, f in _ALL])
+def test_slot_statistics_match_the_models_own_pattern_on_every_family(builder, fam):
+    """Slot weights and prefix mass equal those of the model's hook_pattern, and check_identities
+    holds, also where hook_attn_scores carries the post-softmax pattern (OPT, GPT-J)."""
+    model = (build if builder == "build" else build_hf)(fam)
+    P, tokens = 3, random_tokens((3, 6), seed=8)
+    prefix = pl.KVPrefix.random(model, P, seed=5)
+    stats = an.slot_statistics(model, tokens, prefix, positions=None)
+    _, cache = pl.run_with_cache(model, tokens, prefix, names_filter=lambda n: n.endswith("hook_pattern"))
+    L = int(model.cfg.n_layers)
+    on_slots = torch.stack([cache[f"blocks.{l}.attn.hook_pattern"] for l in range(L)])[:, :, :, P:, :P]
+    mass = on_slots.sum(-1)  # [l, b, h, q]
+    own_weights = (on_slots / mass.unsqueeze(-1)).permute(0, 2, 1, 3, 4).flatten(2, 3)
+    assert (stats.weights - own_weights).abs().max() <= 1e-5, fam
+    assert (stats.prefix_mass - mass.permute(0, 2, 1, 3).flatten(2, 3)).abs().max() <= 1e-5, fam
+    check = an.check_identities(model, tokens, prefix)
+    assert check.max_error() <= 1e-5, (fam, check.max_error())
+
+
+def test_non_finite_values_surface_in_check_identities_and_slot_statistics():
+    model = build("gpt2", torch.float32)
+    prefix = pl.KVPrefix.random(model, 2, seed=1)
+    prefix.keys.data[0, 0, 0, 0] = float("nan")  # layer 0, slot 0, head 0: layer 1 sees a NaN input
+    tokens = random_tokens((2, 5))
+    check = an.check_identities(model, tokens, prefix)
+    for name in check.ERRORS:
+        err = getattr(check, name)
+        if err is not None:
+            assert torch.isnan(err[1]).all(), name  # every pattern of layer 1 is NaN
+    assert math.isnan(check.max_error()) and math.isnan(check.max_error("renormalised_attention"))
+    assert math.isnan(check.per_layer()[1]["relative_attention"]) and math.isnan(check.to_json()["max"]["bias_only"])
+    stats = an.slot_statistics(model, tokens, prefix)
+    assert torch.isnan(stats.weights[1]).all() and torch.isnan(stats.prefix_mass[1]).all()
+    assert torch.isnan(stats.bias_erank()[1]).all() and torch.isfinite(stats.value_rank()).all()  # values are finite
+    stats.values[1, 0, 0, 0] = float("nan")
+    assert torch.isnan(stats.value_rank()[1, 0]) and torch.isnan(stats.value_erank()[1, 0])
+    assert math.isnan(an.effective_rank(torch.full((3, 2), float("nan"))))
+    with pytest.raises(ValueError, match="NaN or infinite"):
+        an.numerical_rank(torch.full((3, 2), float("inf")))
+    summary = stats.summary()
+    assert math.isnan(summary["prefix_mass"][1]) and math.isnan(summary["bias_erank"][1])
+
+
+def test_analysis_runs_in_eval_mode_and_restores_the_mode():
+    from prefixlens import models
+
+    model = models.toy_gpt2(n_layers=2, d_model=32, n_heads=4, d_vocab=61, n_ctx=64, dropout=0.1, seed=3)
+    prefix, tokens = pl.KVPrefix.random(model, 2, seed=1), random_tokens((3, 5), seed=2)
+    expected_check = an.check_identities(model, tokens, prefix)
+    expected_stats = an.slot_statistics(model, tokens, prefix, positions=None)
+    model.train()
+    torch.manual_seed(0)
+    check = an.check_identities(model, tokens, prefix)
+    stats = an.slot_statistics(model, tokens, prefix, positions=None)
+    assert model.training and model.original_model.transformer.h[0].attn.attn_dropout.training
+    assert check.max_error() <= 1e-5
+    for name in check.ERRORS:
+        if getattr(check, name) is not None:
+            assert torch.equal(getattr(check, name), getattr(expected_check, name)), name
+    assert torch.equal(stats.weights, expected_stats.weights) and torch.equal(stats.biases, expected_stats.biases)
+
+
+def test_reprs_are_short():
+    model = build("llama_gqa", torch.float32)
+    prefix, tokens = pl.KVPrefix.random(model, 3), random_tokens((4, 6))
+    check = an.check_identities(model, tokens, prefix)
+    stats = an.slot_statistics(model, tokens, prefix, positions=None)
+    for r in (repr(check), repr(stats)):
+        assert len(r) < 500 and "\n" not in r and "tensor" not in r
+    assert "IdentityCheck(dtype=float32, layers=2, heads=4, n_slots=3" in repr(check)
+    assert "SlotStatistics(layers=2, heads=4, queries=24, n_slots=3" in repr(stats)

@@ -90,3 +90,129 @@ def test_toy_gpt2_mlp_is_mingpt_new_gelu(dtype, atol):
     new_gelu = 0.5 * x * (1.0 + torch.tanh(math.sqrt(2.0 / math.pi) * (x + 0.044715 * x.pow(3))))
     act = model.original_model.transformer.h[0].mlp.act
     torch.testing.assert_close(act(x), new_gelu, rtol=0, atol=atol)
+
+
+# ---- issue 14, item 18: models.load of a missing path or an offline hub name says so --------------------
+@pytest.mark.parametrize(
+    "given",
+    ["/nonexistent/dir", "./missing-checkpoint", "~/prefixlens-missing-checkpoint", "a/b/c", "runs/missing",
+     "PATH_OBJECT", "ABSOLUTE_STR"],
+)
+def test_load_of_a_missing_path_says_it_does_not_exist(tmp_path, monkeypatch, given):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "runs").mkdir()  # 'runs/missing': an org/name-shaped string whose parent directory exists
+    given = {"PATH_OBJECT": tmp_path / "nope", "ABSOLUTE_STR": str(tmp_path / "nope")}.get(given, given)
+    with pytest.raises(FileNotFoundError, match="looks like a local path but does not exist") as info:
+        models.load(given)
+    assert "Repo id" not in str(info.value)
+
+
+def test_load_of_a_file_or_an_invalid_name_says_what_is_wrong(tmp_path):
+    (tmp_path / "config.json").write_text("{}")
+    with pytest.raises(FileNotFoundError, match="is a file, not a directory"):
+        models.load(tmp_path / "config.json")
+    with pytest.raises(FileNotFoundError, match="neither an existing local directory nor a valid hub name"):
+        models.load("not a name")
+
+
+@pytest.mark.parametrize("name", ["prefixlens-no-such-model", "prefixlens-test/no-such-model"])
+def test_load_of_a_hub_name_offline_says_it_cannot_download(name):
+    import huggingface_hub.constants
+
+    if not huggingface_hub.constants.HF_HUB_OFFLINE:
+        pytest.skip("the hub is online here: HF_HUB_OFFLINE was not set when huggingface_hub was imported")
+    with pytest.raises(OSError, match="hub is offline.*can't be downloaded.*models.load\\(DIR\\)"):
+        models.load(name)
+
+
+# --- float64 models are float64 throughout (issue 14) ---------------------------------------------
+
+
+def _llama_reference_logits(model, x):
+    """A float64 LLaMA forward written from the equations with the bridge's HF weights (and its own
+    rotary ``inv_freq`` buffer), independent of HF's and TransformerLens's code."""
+    hf = model.original_model
+    sd = {k.replace("._original_component", ""): v.double() for k, v in [*hf.state_dict().items(), *hf.named_buffers()]}
+    cfg = model.original_model.config
+    H, KV = cfg.num_attention_heads, cfg.num_key_value_heads
+    D, eps = cfg.hidden_size // H, cfg.rms_norm_eps
+    B, T = x.shape
+
+    def rms(h, w):
+        return w * h / (h.pow(2).mean(-1, keepdim=True) + eps).sqrt()
+
+    def rotate(t):
+        return torch.cat([-t[..., D // 2:], t[..., : D // 2]], -1)
+
+    angles = torch.arange(T, dtype=torch.float64)[:, None] * sd["model.rotary_emb.inv_freq"][None]
+    cos, sin = torch.cat([angles, angles], -1).cos(), torch.cat([angles, angles], -1).sin()
+    causal = torch.ones(T, T, dtype=torch.bool).tril()
+    h = sd["model.embed_tokens.weight"][x]
+    for l in range(cfg.num_hidden_layers):
+        w = lambda n: sd[f"model.layers.{l}.{n}.weight"]  # noqa: E731
+        y = rms(h, w("input_layernorm"))
+        q = (y @ w("self_attn.q_proj").T).view(B, T, H, D).transpose(1, 2)
+        k = (y @ w("self_attn.k_proj").T).view(B, T, KV, D).transpose(1, 2).repeat_interleave(H // KV, 1)
+        v = (y @ w("self_attn.v_proj").T).view(B, T, KV, D).transpose(1, 2).repeat_interleave(H // KV, 1)
+        q, k = q * cos + rotate(q) * sin, k * cos + rotate(k) * sin
+        s = (q @ k.transpose(-1, -2) / math.sqrt(D)).masked_fill(~causal, float("-inf"))
+        o = (s.softmax(-1) @ v).transpose(1, 2).reshape(B, T, H * D)
+        h = h + o @ w("self_attn.o_proj").T
+        y = rms(h, w("post_attention_layernorm"))
+        h = h + (torch.nn.functional.silu(y @ w("mlp.gate_proj").T) * (y @ w("mlp.up_proj").T)) @ w("mlp.down_proj").T
+    return rms(h, sd["model.norm.weight"]) @ sd["lm_head.weight"].T
+
+
+def test_float64_throughout_matches_a_float64_reference_computation():
+    """By default a float64 LLaMA keeps HF's float32 RMSNorm upcast and rotary cos/sin (2.3e-6 off
+    a float64 computation here, logits of size ~6); ``float64_throughout`` removes them (~1e-14)."""
+    x = torch.randint(3, 61, (2, 9), generator=torch.Generator().manual_seed(0))
+    default = build("llama_gqa", torch.float64)
+    model = models.float64_throughout(FAMILIES["llama_gqa"](seed=7, init_range=0.3, dtype=torch.float64))
+    with torch.no_grad():
+        reference = _llama_reference_logits(model, x)
+        assert (default(x) - reference).abs().max() > 1e-9  # what the default is not
+        err = (model(x) - reference).abs().max()
+    assert err < 1e-12, float(err)
+    assert models.float64_throughout(model) is model  # idempotent
+    with torch.no_grad():
+        assert torch.equal(model(x), model(x)) and (model(x) - reference).abs().max() < 1e-12
+    model.to(torch.float32)  # a bridge that is not float64 when called is left as it is
+    with torch.no_grad():
+        assert model(x).dtype == torch.float32
+
+
+class _Float32Spy(torch.overrides.TorchFunctionMode):
+    """Records every torch operation that is handed a float32 tensor (reading its metadata and
+    promoting it to float64 are not computations)."""
+
+    def __init__(self):
+        super().__init__()
+        self.hits = set()
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        flat = list(args) + list((kwargs or {}).values())
+        flat += [t for a in flat if isinstance(a, (list, tuple)) for t in a]
+        name = getattr(func, "__name__", str(func))
+        if name not in ("__get__", "double") and any(isinstance(t, torch.Tensor) and t.dtype == torch.float32 for t in flat):
+            self.hits.add(name)
+        return func(*args, **(kwargs or {}))
+
+
+def test_no_float32_operation_in_any_float64_family():
+    """With ``float64_throughout`` every family's float64 forward (bridge and HF code) computes
+    nothing on float32 tensors; by default LLaMA's does (RMSNorm, rotary)."""
+    from tests.conftest import HF_FAMILIES, build_hf
+
+    x = torch.randint(3, 61, (1, 5), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad(), _Float32Spy() as spy:
+        build("llama_gqa", torch.float64)(x)
+    assert {"rsqrt", "cos", "sin"} <= spy.hits
+    for family in list(FAMILIES) + list(HF_FAMILIES):
+        fresh = FAMILIES[family] if family in FAMILIES else None
+        model = fresh(seed=7, dtype=torch.float64) if fresh else build_hf.__wrapped__(family, torch.float64)
+        models.float64_throughout(model)
+        with torch.no_grad(), _Float32Spy() as spy:
+            logits = model(x)
+        assert logits.dtype == torch.float64
+        assert not spy.hits, (family, sorted(spy.hits))
