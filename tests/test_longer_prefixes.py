@@ -39,7 +39,11 @@ def test_trains_and_reports(script, tmp_path):
     assert len(on_disk["slot_ranges"]) == 2 * L * H * 3
     assert all(r["p1"] <= r["median"] <= r["p99"] for r in on_disk["slot_ranges"])
     # a trained prefix differs from its initialisation; the init control is the trainer's init
-    trained = pl.Prefix.load(tmp_path / "p" / "ascending_P3_seed0.safetensors", models.toy_gpt2(**script.TOY_GPT2))
+    # (the prefix was trained on the pretrained model: onto the untrained one it loads only by override)
+    path, untrained = tmp_path / "p" / "ascending_P3_seed0.safetensors", models.toy_gpt2(**script.TOY_GPT2)
+    with pytest.raises(ValueError, match="other weights"):
+        pl.Prefix.load(path, untrained)
+    trained = pl.Prefix.load(path, untrained, allow_other_weights=True)
     init = pl.ResidualPrefix.random(models.toy_gpt2(**script.TOY_GPT2), 3, seed=0)
     assert 0 < float((trained.resid - init.resid).detach().abs().max()) < 1.0
     md = (tmp_path / "longer_prefixes.md").read_text()
