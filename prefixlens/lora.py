@@ -21,6 +21,7 @@ the paper's text describes.
 from __future__ import annotations
 
 import math
+import operator
 
 import torch
 from torch import Tensor, nn
@@ -90,33 +91,98 @@ class LoRA(nn.Module):
         self.rank, self.targets, self.layers, self.alpha = rank, tuple(targets), list(layers), alpha
         self.deltas = nn.ModuleDict()
         self._modules_adapted: list[nn.Module] = []
+        seen: dict[int, str] = {}  # one adapter per module: a repeated (layer, role) would pair deltas wrongly
         for layer in self.layers:
             for role in self.targets:
                 lin = _find_linear(model, layer, role)
+                if id(lin) in seen:
+                    raise ValueError(
+                        f"blocks.{layer} {role} is the same module as {seen[id(lin)]}; each weight can carry one "
+                        "adapter: pass each (layer, role) once."
+                    )
+                seen[id(lin)] = f"blocks.{layer} {role}"
                 if parametrize.is_parametrized(lin, "weight"):
-                    raise RuntimeError(f"blocks.{layer} {role} already carries a parametrisation (LoRA attached twice?).")
+                    raise RuntimeError(
+                        f"blocks.{layer} {role} already carries a parametrisation (LoRA attached twice?): "
+                        "remove() the other LoRA first."
+                    )
                 fan_in, fan_out, transposed = _fans(lin)
                 delta = _LowRankDelta(fan_in, fan_out, rank, alpha, transposed, lin.weight.dtype, lin.weight.device)
                 self.deltas[f"{layer}_{role}"] = delta
                 self._modules_adapted.append(lin)
+        # parametrising moves ``weight`` to the end of the module's parameters; remove() puts it back
+        # in place, so parameter and state_dict order are the same as before
+        self._param_order = [list(lin._parameters) for lin in self._modules_adapted]
         self.attached = False
         self.attach()
 
+    def _pairs(self) -> list[tuple[str, nn.Module, "_LowRankDelta"]]:
+        deltas = list(self.deltas.items())
+        if len(deltas) != len(self._modules_adapted):  # an invariant; a mismatch would misplace adapters
+            raise RuntimeError(f"LoRA has {len(deltas)} adapters for {len(self._modules_adapted)} modules.")
+        return [(key, lin, delta) for (key, delta), lin in zip(deltas, self._modules_adapted)]
+
+    @staticmethod
+    def _carries(lin: nn.Module, delta: nn.Module) -> bool:
+        return parametrize.is_parametrized(lin, "weight") and any(p is delta for p in lin.parametrizations.weight)
+
     def attach(self) -> "LoRA":
+        """Put the adapters (back) on the model; all or nothing (on an error none stays attached)."""
         if self.attached:
             return self
-        for lin, delta in zip(self._modules_adapted, self.deltas.values()):
-            parametrize.register_parametrization(lin, "weight", delta, unsafe=True)
+        pairs = self._pairs()
+        for key, lin, _ in pairs:
+            if parametrize.is_parametrized(lin, "weight"):
+                raise RuntimeError(
+                    f"the module of adapter {key} already carries a parametrisation (another LoRA attached?): "
+                    "remove() it first."
+                )
+        done = []
+        try:
+            for _, lin, delta in pairs:
+                parametrize.register_parametrization(lin, "weight", delta, unsafe=True)
+                done.append(lin)
+        except BaseException:
+            for lin in done:
+                parametrize.remove_parametrizations(lin, "weight", leave_parametrized=False)
+            raise
         self.attached = True
         return self
 
     def remove(self) -> None:
-        """Take the adapters off the model, restoring the original weights (the adapters are kept)."""
+        """Take the adapters off the model, restoring the original weights (the adapters are kept).
+
+        Every module is visited even if one fails; ``attached`` is ``False`` afterwards exactly when
+        no adapter of this LoRA is left on the model (otherwise the error names the ones left).
+        """
         if not self.attached:
             return
-        for lin in self._modules_adapted:
-            parametrize.remove_parametrizations(lin, "weight", leave_parametrized=False)
+        failed = []
+        for (key, lin, delta), order in zip(self._pairs(), self._param_order):
+            if not self._carries(lin, delta):
+                self._restore_order(lin, order)
+                continue  # already off (e.g. removed by hand)
+            if len(lin.parametrizations.weight) != 1:
+                failed.append(f"{key} (the weight carries {len(lin.parametrizations.weight)} parametrisations; "
+                              "remove the others first)")
+                continue
+            try:
+                parametrize.remove_parametrizations(lin, "weight", leave_parametrized=False)
+            except Exception as e:  # noqa: BLE001 - reported below, after the other modules
+                failed.append(f"{key} ({type(e).__name__}: {e})")
+            else:
+                self._restore_order(lin, order)
+        if failed:
+            raise RuntimeError("LoRA.remove() could not take off the adapters " + "; ".join(failed) + ".")
         self.attached = False
+
+    @staticmethod
+    def _restore_order(lin: nn.Module, order: list[str]) -> None:
+        params = lin._parameters
+        if set(params) == set(order) and list(params) != order:
+            items = [(k, params[k]) for k in order]
+            params.clear()
+            params.update(items)
 
     def __enter__(self) -> "LoRA":
         return self.attach()
@@ -131,6 +197,20 @@ class LoRA(nn.Module):
         return {f"{k}.{n}": p.detach() for k, d in self.deltas.items() for n, p in (("A", d.A), ("B", d.B))}
 
     def load_state_tensors(self, tensors: dict[str, Tensor]) -> None:
+        """Copy ``state_tensors()``-style tensors in; keys and shapes must match exactly."""
+        expected = {k: tuple(v.shape) for k, v in self.state_tensors().items()}
+        missing = sorted(set(expected) - set(tensors))
+        unexpected = sorted(set(tensors) - set(expected))
+        wrong = [f"{k} {tuple(tensors[k].shape)} (expected {expected[k]})" for k in expected
+                 if k in tensors and tuple(tensors[k].shape) != expected[k]]
+        if missing or unexpected or wrong:
+            raise ValueError(
+                f"these tensors do not fit this LoRA (rank={self.rank}, targets={self.targets}, layers={self.layers}): "
+                + "; ".join(x for x in (f"missing {missing}" if missing else "",
+                                         f"unexpected {unexpected}" if unexpected else "",
+                                         f"wrong shape {wrong}" if wrong else "") if x)
+                + "."
+            )
         with torch.no_grad():
             for k, d in self.deltas.items():
                 d.A.copy_(tensors[f"{k}.A"])
@@ -138,6 +218,43 @@ class LoRA(nn.Module):
 
     def extra_repr(self) -> str:
         return f"rank={self.rank}, targets={self.targets}, layers={self.layers}, params={self.n_parameters()}"
+
+
+def _resolve_targets(targets) -> tuple[str, ...]:
+    named = {"reference": REFERENCE_TARGETS, "mlp": MLP_TARGETS}
+    if isinstance(targets, str):
+        if targets not in named:
+            raise ValueError(
+                f"targets must be a tuple of roles {_ROLES} or one of {list(named)}, got {targets!r}."
+            )
+        return named[targets]
+    targets = tuple(targets)
+    bad = [t for t in targets if t not in _ROLES]
+    if bad or not targets:
+        raise ValueError(f"unknown LoRA targets {bad or targets}; roles are {_ROLES}.")
+    repeated = sorted({t for t in targets if targets.count(t) > 1})
+    if repeated:
+        raise ValueError(f"LoRA targets {repeated} are named more than once in {targets}; name each role once.")
+    return targets
+
+
+def _resolve_layers(model, layers) -> list[int]:
+    n_layers = int(model.cfg.n_layers)
+    layers = list(range(n_layers)) if layers is None else list(layers)
+    if not layers:
+        raise ValueError("layers is empty: pass None (all layers) or some of 0..n_layers-1.")
+    try:
+        if any(isinstance(l, bool) for l in layers):
+            raise TypeError
+        layers = [operator.index(l) for l in layers]
+    except TypeError:
+        raise ValueError(f"layers must be ints in 0..{n_layers - 1}, got {layers}.") from None
+    if any(not 0 <= l < n_layers for l in layers):
+        raise ValueError(f"layers must be ints in 0..{n_layers - 1}, got {layers}.")
+    repeated = sorted({l for l in layers if layers.count(l) > 1})
+    if repeated:
+        raise ValueError(f"layers {repeated} are named more than once in {layers}; name each layer once.")
+    return layers
 
 
 def add_lora(
@@ -151,22 +268,16 @@ def add_lora(
     """Attach rank-``rank`` LoRA to ``targets`` in ``layers`` (default all) of ``model``.
 
     ``targets``: roles (see the module docstring), or ``"reference"`` / ``"mlp"``. ``alpha`` gives
-    ``scaling = alpha / rank`` (the reference: alpha 1). ``A`` is initialised from ``seed``.
+    ``scaling = alpha / rank`` (the reference: alpha 1). ``A`` is initialised from ``seed`` (the
+    caller's global RNG is left as it was). A role or layer named twice is refused (one adapter per
+    weight). On an error nothing is attached.
     """
-    if isinstance(targets, str):
-        named = {"reference": REFERENCE_TARGETS, "mlp": MLP_TARGETS}
-        if targets not in named:
-            raise ValueError(f"targets must be a tuple of roles or one of {list(named)}, got {targets!r}.")
-        targets = named[targets]
-    bad = [t for t in targets if t not in _ROLES]
-    if bad or not targets:
-        raise ValueError(f"unknown LoRA targets {bad or targets}; roles are {_ROLES}.")
-    if not isinstance(rank, int) or rank < 1:
+    targets = _resolve_targets(targets)
+    if isinstance(rank, bool) or not isinstance(rank, int) or rank < 1:
         raise ValueError(f"rank must be an int >= 1, got {rank!r}.")
-    n_layers = int(model.cfg.n_layers)
-    layers = list(range(n_layers)) if layers is None else list(layers)
-    if any(not 0 <= l < n_layers for l in layers):
-        raise ValueError(f"layers must lie in 0..{n_layers - 1}, got {layers}.")
+    if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not math.isfinite(alpha) or alpha == 0:
+        raise ValueError(f"alpha must be a finite nonzero number (scaling = alpha / rank), got {alpha!r}.")
+    layers = _resolve_layers(model, layers)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         return LoRA(model, rank, tuple(targets), layers, alpha)
@@ -174,9 +285,8 @@ def add_lora(
 
 def lora_parameter_count(model, rank: int, targets: tuple[str, ...] | str = REFERENCE_TARGETS, layers=None) -> int:
     """The number of LoRA parameters :func:`add_lora` would create (without attaching anything)."""
-    if isinstance(targets, str):
-        targets = {"reference": REFERENCE_TARGETS, "mlp": MLP_TARGETS}[targets]
-    layers = range(int(model.cfg.n_layers)) if layers is None else layers
+    targets = _resolve_targets(targets)
+    layers = _resolve_layers(model, layers)
     total = 0
     for layer in layers:
         for role in targets:

@@ -25,14 +25,20 @@ serves it as a pre-filled HuggingFace cache. What this module reproduces (peft 0
 
 Refused, with a message: adapters that are not prefix tuning, encoder–decoder adapters, adapters whose
 shapes do not fit the bridge (layers, key/value heads, head size; for an in-memory ``PeftModel`` also
-hidden size, heads and vocabulary of its base model), architectures whose cache PEFT post-processes
-(Bloom, GPTBigCode) or whose rotary embedding is not rotate-half, and bridges with weight processing
-(``enable_compatibility_mode()`` folds value biases, which would shift the values).
+hidden size, heads and vocabulary of its base model), adapters whose base model is of another model
+type (known for an in-memory ``PeftModel``, and for a directory whose ``base_model_name_or_path``
+resolves locally), an in-memory ``PeftModel`` whose base weights differ from the bridge's (override:
+``check_base_weights=False``), adapter names that do not exist (the error lists those that do), bridges
+with no HuggingFace model behind them (TL-native ``boot_native`` bridges), architectures whose cache
+PEFT post-processes (Bloom, GPTBigCode) or whose rotary embedding is not rotate-half, and bridges with
+weight processing (``enable_compatibility_mode()`` folds value biases, which would shift the values).
+A directory whose base model cannot be resolved is checked by shapes only.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import os
 import warnings
 from pathlib import Path
@@ -57,33 +63,51 @@ INTERLEAVED_ROTARY_MODEL_TYPES = ("gptj", "codegen", "chatglm", "glm", "cohere")
 
 
 def kv_prefix_from_peft(
-    peft_model_or_dir: Any, model, adapter_name: str = "default"
+    peft_model_or_dir: Any, model, adapter_name: str | None = None, check_base_weights: bool = True
 ) -> KVPrefix:
     """Import a PEFT prefix-tuning adapter for ``model``'s base model as a :class:`KVPrefix`.
 
     ``peft_model_or_dir``: a ``PeftModel`` in memory, or a directory written by
     ``peft_model.save_pretrained(dir)`` (``adapter_config.json`` + ``adapter_model.safetensors``; a
-    non-default adapter is looked for in ``dir/<adapter_name>/`` too). ``model``: a raw
-    ``TransformerBridge`` of the same base model. Returns keys and values
-    ``[n_layers, P, n_kv_heads, d_head]`` (keys pre-rotary) in the model's dtype and device, such that
-    ``run_with_prefix(model, tokens, prefix)`` equals the PEFT model's logits on ``tokens``.
+    non-default adapter is read from ``dir/<adapter_name>/``, as ``save_pretrained`` writes it).
+    ``model``: a raw ``TransformerBridge`` of the same base model (a bridge over a HuggingFace model;
+    TL-native bridges are refused). Returns keys and values ``[n_layers, P, n_kv_heads, d_head]``
+    (keys pre-rotary) in the model's dtype and device, such that ``run_with_prefix(model, tokens,
+    prefix)`` equals the PEFT model's logits on ``tokens``.
+
+    ``adapter_name``: ``None`` (default) means ``"default"``; for an in-memory ``PeftModel`` whose
+    active adapter is another one this is refused (pass the name). A name that does not exist raises
+    ``KeyError`` listing the adapters there are. Checks of the base model: the shapes always; the
+    model type (``config.model_type``) when the adapter names its base (an in-memory ``PeftModel``,
+    or a directory whose ``base_model_name_or_path`` resolves locally); for an in-memory
+    ``PeftModel`` also its base model's weights (a sample of the input embeddings), unless
+    ``check_base_weights=False`` (to move a prefix onto another checkpoint deliberately).
     """
     signature = signature_of(model)
     _check_bridge(model, signature)
+    peft_model = None
     if isinstance(peft_model_or_dir, (str, os.PathLike)):
-        config, flat = _read_adapter_dir(Path(peft_model_or_dir), adapter_name)
-        base_config = None
+        config, flat = _read_adapter_dir(Path(peft_model_or_dir), "default" if adapter_name is None else adapter_name)
+        base_config = _resolve_base_config(config)
         base_dtype = None
-    elif hasattr(peft_model_or_dir, "peft_config") and hasattr(peft_model_or_dir, "prompt_encoder"):
-        config, flat, base_config, base_dtype = _read_peft_model(peft_model_or_dir, adapter_name)
+    elif _is_peft_model(peft_model_or_dir):
+        peft_model = peft_model_or_dir
+        config, flat, base_config, base_dtype = _read_peft_model(peft_model, adapter_name)
     else:
+        hint = (
+            " (a plain transformers model: pass the PeftModel that wraps it, or its save_pretrained directory)"
+            if hasattr(peft_model_or_dir, "config") and hasattr(peft_model_or_dir, "forward") else ""
+        )
         raise TypeError(
             "expected a peft PeftModel or the path of a directory written by PeftModel.save_pretrained, "
-            f"got {type(peft_model_or_dir).__name__}."
+            f"got {type(peft_model_or_dir).__name__}{hint}."
         )
     if base_dtype is not None:
         flat = flat.to(base_dtype)  # PeftModel.get_prompt casts to the base model's dtype
-    return peft_prompt_to_kv(flat, config, model, base_config=base_config)
+    prefix = peft_prompt_to_kv(flat, config, model, base_config=base_config)
+    if peft_model is not None and check_base_weights:
+        _check_base_weights(peft_model.get_base_model(), model)
+    return prefix
 
 
 def peft_prompt_to_kv(
@@ -122,14 +146,38 @@ def peft_prompt_to_kv(
 # ---- reading the adapter ------------------------------------------------------------------------
 
 
-def _read_peft_model(peft_model, adapter_name: str):
+def _is_peft_model(obj) -> bool:
+    try:
+        from peft import PeftModel
+    except ImportError:  # pragma: no cover - without peft only directories can be read
+        PeftModel = ()
+    return isinstance(obj, PeftModel) or (hasattr(obj, "peft_config") and hasattr(obj, "get_base_model"))
+
+
+def _read_peft_model(peft_model, adapter_name: str | None):
     configs = peft_model.peft_config
+    active = getattr(peft_model, "active_adapter", None)
+    if adapter_name is None:
+        adapter_name = "default"
+        if isinstance(active, str) and active != adapter_name and active in configs and adapter_name in configs:
+            raise ValueError(
+                f"the PeftModel's active adapter is {active!r}, not 'default' (it has {sorted(configs)}): pass "
+                f"adapter_name={active!r} (what the PeftModel runs) or adapter_name='default' explicitly."
+            )
     if adapter_name not in configs:
-        raise KeyError(f"the PeftModel has no adapter {adapter_name!r}; it has {sorted(configs)}.")
+        raise KeyError(
+            f"the PeftModel has no adapter {adapter_name!r}; it has {sorted(configs)}: pass one of them as adapter_name."
+        )
     config = configs[adapter_name]
     cfg = _config_dict(config)
-    _check_peft_type(cfg)
-    encoder = peft_model.prompt_encoder[adapter_name]
+    _check_peft_type(cfg, f"{type(peft_model).__name__} adapter {adapter_name!r}")
+    encoders = getattr(peft_model, "prompt_encoder", None)
+    if encoders is None or adapter_name not in encoders:
+        raise ValueError(
+            f"{type(peft_model).__name__} adapter {adapter_name!r} is prefix tuning but has no prompt encoder "
+            "(is it a PeftModel built by get_peft_model / PeftModel.from_pretrained?)."
+        )
+    encoder = encoders[adapter_name]
     P = int(cfg["num_virtual_tokens"])
     with torch.no_grad():
         if cfg.get("inference_mode"):
@@ -143,17 +191,38 @@ def _read_peft_model(peft_model, adapter_name: str):
     return config, flat.detach(), getattr(base, "config", None), base_dtype
 
 
+def _adapters_in_dir(path: Path) -> list[str]:
+    """The adapter names a ``save_pretrained`` directory holds: ``default`` (the directory itself) and
+    every subdirectory with an ``adapter_config.json``."""
+    names = ["default"] if (path / CONFIG_NAME).is_file() else []
+    return names + sorted(d.name for d in path.iterdir() if d.is_dir() and (d / CONFIG_NAME).is_file())
+
+
 def _read_adapter_dir(path: Path, adapter_name: str):
     if not path.is_dir():
         raise FileNotFoundError(f"{path} is not a directory written by PeftModel.save_pretrained.")
-    if adapter_name != "default" and (path / adapter_name / CONFIG_NAME).exists():
-        path = path / adapter_name  # save_pretrained puts non-default adapters in a subdirectory
-    if not (path / CONFIG_NAME).exists():
+    available = _adapters_in_dir(path)
+    if adapter_name != "default":
+        # save_pretrained puts non-default adapters in a subdirectory named after them
+        if not (path / adapter_name / CONFIG_NAME).is_file():
+            raise KeyError(
+                f"{path} holds no adapter {adapter_name!r} (no {adapter_name}/{CONFIG_NAME}); it holds "
+                f"{available or 'none'} ('default' is the directory itself): pass one of them as adapter_name."
+            )
+        path = path / adapter_name
+    elif not (path / CONFIG_NAME).is_file():
+        if available:
+            raise KeyError(
+                f"{path} has no {CONFIG_NAME} of its own (no 'default' adapter); it holds the adapters "
+                f"{available}: pass one of them as adapter_name."
+            )
         raise FileNotFoundError(f"{path} has no {CONFIG_NAME}: pass a directory written by PeftModel.save_pretrained.")
-    cfg = json.loads((path / CONFIG_NAME).read_text(encoding="utf-8"))
-    _check_peft_type(cfg)
+    cfg = _read_config_file(path / CONFIG_NAME)
+    _check_peft_type(cfg, str(path / CONFIG_NAME))
+    P = cfg.get("num_virtual_tokens")
+    if isinstance(P, bool) or not isinstance(P, int) or P < 1:
+        raise ValueError(f"{path / CONFIG_NAME}: num_virtual_tokens={P!r} is not a positive int.")
     weights = _load_weights(path)
-    P = int(cfg["num_virtual_tokens"])
     if "prompt_embeddings" in weights:
         # What save_pretrained writes: the prompt itself (the MLP's output when prefix_projection=True).
         flat = weights["prompt_embeddings"]
@@ -173,15 +242,34 @@ def _read_adapter_dir(path: Path, adapter_name: str):
     return cfg, flat
 
 
+def _read_config_file(file: Path) -> dict[str, Any]:
+    try:
+        cfg = json.loads(file.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(
+            f"{file} is not valid JSON ({e}); it should be the adapter_config.json PeftModel.save_pretrained writes."
+        ) from e
+    if not isinstance(cfg, dict):
+        raise ValueError(f"{file} holds a JSON {type(cfg).__name__}, not the object of an adapter config.")
+    return cfg
+
+
 def _load_weights(path: Path) -> dict[str, Tensor]:
     for name in WEIGHT_NAMES:
         f = path / name
         if f.exists():
-            if name.endswith(".safetensors"):
-                from safetensors.torch import load_file
+            try:
+                if name.endswith(".safetensors"):
+                    from safetensors.torch import load_file
 
-                return load_file(str(f))
-            return torch.load(f, map_location="cpu", weights_only=True)
+                    weights = load_file(str(f))
+                else:
+                    weights = torch.load(f, map_location="cpu", weights_only=True)
+            except Exception as e:
+                raise ValueError(f"cannot read the adapter weights {f}: {type(e).__name__}: {e}") from e
+            if not isinstance(weights, Mapping) or not all(torch.is_tensor(v) for v in weights.values()):
+                raise ValueError(f"{f} does not hold a flat dict of tensors (a PEFT adapter state dict).")
+            return dict(weights)
     raise FileNotFoundError(f"{path} holds no adapter weights ({' or '.join(WEIGHT_NAMES)}).")
 
 
@@ -208,13 +296,14 @@ def _config_dict(config) -> dict[str, Any]:
     return cfg
 
 
-def _check_peft_type(cfg: Mapping[str, Any]) -> None:
+def _check_peft_type(cfg: Mapping[str, Any], where: str = "this adapter") -> None:
     peft_type = str(getattr(cfg.get("peft_type"), "value", cfg.get("peft_type")))
     if peft_type != "PREFIX_TUNING":
         raise ValueError(
-            f"only PEFT prefix-tuning adapters (PrefixTuningConfig) can be imported as a KVPrefix; this adapter "
-            f"is {peft_type}. (Prompt tuning maps to prefixlens.SoftPrompt; weight-space adapters such as LoRA "
-            f"change the model itself.)"
+            f"only PEFT prefix-tuning adapters (PrefixTuningConfig) can be imported as a KVPrefix; {where} "
+            f"is a {peft_type} adapter, not prefix tuning. (Prompt tuning maps to prefixlens.SoftPrompt; "
+            f"weight-space adapters such as LoRA change the model itself: merge them into the base model "
+            f"(merge_and_unload()) and bridge that.)"
         )
 
 
@@ -222,6 +311,13 @@ def _check_peft_type(cfg: Mapping[str, Any]) -> None:
 
 
 def _check_bridge(model, signature: ModelSignature) -> None:
+    if not _is_hf_model(_hf_model(model)):
+        raise ValueError(
+            f"this model ({type(model).__name__}, architecture {signature.architecture!r}) has no HuggingFace model "
+            "behind it (a TL-native bridge from boot_native, or a HookedTransformer), so it cannot be the base model "
+            "a PEFT adapter was trained on. Import the adapter into a bridge of its base checkpoint "
+            "(prefixlens.models.load(...) or TransformerBridge.boot_transformers(...))."
+        )
     if signature.weight_processing != "raw":
         raise ValueError(
             "this bridge has weight processing enabled (enable_compatibility_mode() folds norms and value "
@@ -240,6 +336,59 @@ def _hf_model(model):
     return getattr(model, "original_model", None)
 
 
+def _is_hf_model(hf) -> bool:
+    try:
+        from transformers import PreTrainedModel
+    except ImportError:  # pragma: no cover
+        return hf is not None and hasattr(hf, "config")
+    return isinstance(hf, PreTrainedModel)
+
+
+def _resolve_base_config(cfg: Mapping[str, Any]):
+    """The HF config of a directory adapter's ``base_model_name_or_path``, when it resolves without the
+    network (a local checkpoint directory, or a hub name in the local cache); otherwise ``None``."""
+    name = cfg.get("base_model_name_or_path")
+    if not name:
+        return None
+    try:
+        from transformers import AutoConfig
+
+        return AutoConfig.from_pretrained(
+            str(name), revision=cfg.get("revision") or None, local_files_only=True
+        )
+    except Exception:  # noqa: BLE001 - unknown base: only the shapes can be checked
+        return None
+
+
+def _check_base_weights(base, model) -> None:
+    """Refuse a ``PeftModel`` whose base model is another checkpoint than the bridge's (a sample of the
+    input embeddings, compared at the coarser of the two dtypes' precision)."""
+    hf = _hf_model(model)
+    if base is hf:
+        return
+    try:
+        ours, theirs = hf.get_input_embeddings().weight, base.get_input_embeddings().weight
+    except (AttributeError, NotImplementedError):
+        return
+    if ours.shape != theirs.shape:
+        raise ValueError(
+            f"the PeftModel's base model has input embeddings {tuple(theirs.shape)}, the bridge's "
+            f"{tuple(ours.shape)}: the adapter was trained for another base model."
+        )
+    rows = torch.linspace(0, ours.shape[0] - 1, min(64, ours.shape[0])).long()
+    a = ours.detach()[rows.to(ours.device)].double().cpu()
+    b = theirs.detach()[rows.to(theirs.device)].double().cpu()
+    eps = max(torch.finfo(ours.dtype).eps, torch.finfo(theirs.dtype).eps)
+    scale = max(float(a.abs().max()), float(b.abs().max()), 1e-30)
+    err = float((a - b).abs().max())
+    if not math.isfinite(err) or err > 4 * eps * scale:
+        raise ValueError(
+            f"the PeftModel's base model has other weights than the bridge's (input embeddings differ by up to "
+            f"{err:.3g}): the adapter was trained on another checkpoint. Bridge the PeftModel's own base model "
+            "(models share it in place), or pass check_base_weights=False to import it anyway."
+        )
+
+
 def _model_type(model, base_config) -> str:
     for cfg in (base_config, getattr(_hf_model(model), "config", None)):
         if cfg is not None and getattr(cfg, "model_type", None):
@@ -255,6 +404,13 @@ def _check_adapter(cfg: Mapping[str, Any], s: ModelSignature, model, base_config
             "(causal LM) adapters can be imported."
         )
     model_type = _model_type(model, base_config)
+    ours_type = str(getattr(getattr(_hf_model(model), "config", None), "model_type", "") or "")
+    theirs_type = str(getattr(base_config, "model_type", "") or "") if base_config is not None else ""
+    if ours_type and theirs_type and ours_type != theirs_type:
+        raise ValueError(
+            f"this PEFT adapter was trained on a {theirs_type!r} model and the bridge is a {ours_type!r} model; "
+            "import it into a bridge of its own base model (same architecture and checkpoint)."
+        )
     if model_type in POSTPROCESSED_MODEL_TYPES:
         raise NotImplementedError(
             f"PEFT rewrites the prefix cache of {model_type!r} models; importing them is not implemented."

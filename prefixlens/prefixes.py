@@ -23,8 +23,10 @@ tokens); then the content batch must have the same size.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
+import warnings
 from typing import Callable, ClassVar
 
 import torch
@@ -37,7 +39,7 @@ from prefixlens.signature import ModelSignature, model_dtype_device, signature_o
 __all__ = ["Prefix", "KVPrefix", "ResidualPrefix", "SoftPrompt", "FORMS"]
 
 Hook = tuple[str, Callable]
-FORMAT_VERSION = "1"
+FORMAT_VERSION = "2"  # 2: the signature carries a weights fingerprint and the file a checksum
 
 
 def _as_tensor_attr(module: nn.Module, name: str, value: Tensor) -> None:
@@ -49,16 +51,63 @@ def _as_tensor_attr(module: nn.Module, name: str, value: Tensor) -> None:
         setattr(module, name, value)
 
 
-def _prompt_tokens(tokens) -> tuple[Tensor, bool]:
-    tokens = torch.as_tensor(tokens)
-    if tokens.dtype.is_floating_point or tokens.dtype == torch.bool:
-        raise TypeError(f"prompt tokens must be integer ids, got dtype {tokens.dtype}.")
-    if tokens.ndim not in (1, 2) or tokens.shape[-1] == 0:
+_INTEGER_DTYPES = (
+    torch.int8, torch.int16, torch.int32, torch.int64, torch.uint8, torch.uint16, torch.uint32, torch.uint64
+)
+
+
+def _require_weights(model, what: str, fix: str = "Load") -> None:
+    """Refuse a model whose weights are on the meta device: they have shapes but no values, so
+    anything computed from them is meaningless. (A model whose meta weights are loaded on the fly
+    by accelerate's offloading hooks is left alone.)"""
+    meta = [n for n, t in (*model.named_parameters(), *model.named_buffers()) if t.is_meta]
+    if meta and not any(hasattr(m, "_hf_hook") for m in model.modules()):
         raise ValueError(
-            f"prompt tokens must be [P] (one prefix) or [batch, P] (one prefix per example) with P >= 1, "
-            f"got shape {tuple(tokens.shape)}."
+            f"{what}: the model is on the meta device ({len(meta)} weight tensors, e.g. {meta[0]!r}, have a "
+            f"shape but no values), so the result would be meaningless. {fix} real weights first: build "
+            f"or load the model on a real device (e.g. prefixlens.models.load(path, device='cpu')), or "
+            f"model.to_empty(device='cpu') followed by model.load_state_dict(...)."
         )
-    return (tokens[None] if tokens.ndim == 1 else tokens), tokens.ndim == 2
+
+
+def _prompt_tokens(model, tokens, where: str = "from_prompt") -> tuple[Tensor, bool]:
+    """Check a prompt for ``from_prompt``; returns ``[batch, P]`` int64 ids on the model's device
+    and whether the prompt was batched.
+
+    A prompt is ``[P]`` or ``[batch, P]`` ids of any integer dtype (converted to int64); the ids
+    must fit the model (``check_tokens``, as for ``run_with_prefix``) and the model must have
+    weights (not the meta device). Every error names the prompt and the call.
+    """
+    from prefixlens.injection import check_tokens
+
+    _require_weights(model, where)
+    if not isinstance(tokens, Tensor):
+        try:
+            tokens = torch.as_tensor(tokens)
+        except (TypeError, ValueError, RuntimeError) as e:
+            raise TypeError(
+                f"{where}: the prompt tokens must be a tensor or a (rectangular) list of integer ids; "
+                f"got a {type(tokens).__name__} torch cannot read as one ({e})."
+            ) from None
+    if tokens.dtype not in _INTEGER_DTYPES:
+        raise TypeError(
+            f"{where}: prompt tokens must be integer ids, got dtype {tokens.dtype}; pass token ids "
+            f"(e.g. tokenizer(text, return_tensors='pt').input_ids), not embeddings or a mask."
+        )
+    if tokens.ndim not in (1, 2) or 0 in tokens.shape:
+        raise ValueError(
+            f"{where}: prompt tokens must be [P] (one prefix) or [batch, P] (one prefix per example) with "
+            f"batch >= 1 and P >= 1, got shape {tuple(tokens.shape)}."
+        )
+    batched = tokens.ndim == 2
+    _check_length(model, tokens.shape[-1])
+    # any integer dtype: the range check below runs on int64 (an out-of-range uint64 turns negative)
+    tokens = tokens.to(device=model_dtype_device(model)[1], dtype=torch.long)
+    try:
+        tokens = check_tokens(model, tokens)
+    except (TypeError, ValueError) as e:
+        raise type(e)(f"{where}: the prompt tokens do not fit this model: {e}") from None
+    return tokens, batched
 
 
 class Prefix(nn.Module):
@@ -134,8 +183,13 @@ class Prefix(nn.Module):
 
     # ---- checks ------------------------------------------------------------------------------
     def validate(self, model) -> None:
-        """Raise a clear error if this prefix cannot be used with ``model``."""
-        theirs = signature_of(model)
+        """Raise a clear error if this prefix cannot be used with ``model``.
+
+        Shapes, dtype and device only (cheap enough for every forward pass). The weights
+        fingerprint is checked where a prefix meets a model from disk (:meth:`load`), not here:
+        in memory, running a prefix on other weights of the same shapes is a legitimate experiment.
+        """
+        theirs = signature_of(model, weights=False)
         problems = self.signature.mismatches(theirs)
         if problems:
             raise ValueError(
@@ -182,7 +236,8 @@ class Prefix(nn.Module):
 
     # ---- persistence -------------------------------------------------------------------------
     def save(self, path: str | os.PathLike) -> None:
-        """Write the prefix to a safetensors file (atomically), with the model's signature."""
+        """Write the prefix to a safetensors file (atomically; through a symlink), with the model's
+        signature (shapes and weights fingerprint) and a checksum of the content."""
         save_tensors(
             path,
             {n: getattr(self, n) for n in self._tensor_names},
@@ -195,27 +250,76 @@ class Prefix(nn.Module):
         )
 
     @classmethod
-    def load(cls, path: str | os.PathLike, model, device=None) -> "Prefix":
+    def load(cls, path: str | os.PathLike, model, device=None, allow_other_weights: bool = False) -> "Prefix":
         """Read a prefix written by :meth:`save`, refusing one made for another model.
 
-        Called on :class:`Prefix` it returns whichever form the file holds.
+        Called on :class:`Prefix` it returns whichever form the file holds. Refused, with an error
+        naming the file: a model of other shapes (always); other weights of the same shapes
+        (the signature's weights fingerprint differs; ``allow_other_weights=True`` loads it anyway,
+        e.g. to transfer a prefix to a fine-tuned model, and the prefix keeps the fingerprint of the
+        model it was made for); a damaged file (checksum), a missing or unknown tensor, malformed
+        metadata, a directory or a non-safetensors file. A file written before fingerprints
+        (format 1) loads with a warning, as made for ``model`` (re-save it to record that);
+        ``allow_other_weights=True`` silences the warning.
         """
-        tensors, meta = load_tensors(path)
+        from prefixlens.serialization import CorruptFileError
+
+        try:
+            tensors, meta = load_tensors(path)
+        except CorruptFileError as e:
+            raise CorruptFileError(f"cannot load a prefix: {e}") from None
         form = meta.get("form")
         if form not in FORMS:
-            raise ValueError(f"{path} is not a prefixlens prefix file (metadata form={form!r}).")
+            raise ValueError(
+                f"{path} is not a prefixlens prefix file (metadata form={form!r}, expected one of "
+                f"{sorted(FORMS)}); pass a file written by Prefix.save."
+            )
         target = FORMS[form]
         if cls is not Prefix and cls is not target:
             raise TypeError(f"{path} holds a {form}, not a {cls.__name__}; use {form}.load or Prefix.load.")
-        saved = ModelSignature.from_json(meta["signature"])
-        problems = saved.mismatches(signature_of(model))
+        if "signature" not in meta:
+            raise ValueError(f"{path} has no 'signature' metadata; it was not written by Prefix.save (or was edited).")
+        try:
+            saved = ModelSignature.from_json(meta["signature"])
+        except (ValueError, TypeError) as e:
+            raise ValueError(f"{path} has a malformed 'signature' metadata entry: {e} Re-save the prefix.") from None
+        missing = [n for n in target._tensor_names if n not in tensors]
+        extra = sorted(set(tensors) - set(target._tensor_names))
+        if missing or extra:
+            raise ValueError(
+                f"{path} does not hold the tensors of a {form}: expected {list(target._tensor_names)}, "
+                f"missing {missing}, unexpected {extra}."
+            )
+        theirs = signature_of(model)
+        problems = saved.mismatches(theirs)
         if problems:
             raise ValueError(
                 f"{path} holds a {form} made for a different model: " + "; ".join(problems) + "."
             )
+        if saved.weights is None:
+            if not allow_other_weights:
+                warnings.warn(
+                    f"{path} was written before prefix files recorded the model's weights fingerprint (and a "
+                    f"checksum): it cannot be checked against this model's weights or for damage. It is loaded "
+                    f"as made for this model (fingerprint {theirs.weights}); if it was, re-save it "
+                    f"(prefix.save(path)) to record that. allow_other_weights=True silences this warning.",
+                    UserWarning,
+                    stacklevel=2,
+                )
+            saved = dataclasses.replace(saved, weights=theirs.weights)
+        elif not allow_other_weights and saved.weights != theirs.weights:
+            raise ValueError(
+                f"{path} holds a {form} made for other weights of this architecture: "
+                f"{saved.weights_mismatch(theirs)}. The model is another checkpoint, or its weights were changed "
+                f"(training, edits, compatibility mode, attached adapters) since the prefix was made. Load it onto "
+                f"the model it was made for, or pass allow_other_weights=True to use it on these weights anyway."
+            )
         dtype, model_device = model_dtype_device(model)
         tensors = {k: v.to(dtype=dtype, device=device or model_device) for k, v in tensors.items()}
-        return target(**tensors, signature=saved)
+        try:
+            return target(**tensors, signature=saved)
+        except (ValueError, TypeError) as e:
+            raise ValueError(f"{path} holds tensors that do not form a valid {form}: {e}") from None
 
     def extra_repr(self) -> str:
         shapes = ", ".join(f"{n}={tuple(getattr(self, n).shape)}" for n in self._tensor_names)
@@ -286,11 +390,15 @@ class KVPrefix(Prefix):
 
     @classmethod
     def from_prompt(cls, model, tokens: Int[Tensor, "*batch P"]) -> "KVPrefix":
-        """The keys and values a real-token prompt writes in every layer: the exact equivalent prefix."""
-        tokens, batched = _prompt_tokens(tokens)
+        """The keys and values a real-token prompt writes in every layer: the exact equivalent prefix.
+
+        The prompt runs in eval mode (dropout off; each submodule's mode restored afterwards)."""
+        from prefixlens.decomposition import evaluation_mode
+
+        tokens, batched = _prompt_tokens(model, tokens, f"{cls.__name__}.from_prompt")
         s = _check_length(model, tokens.shape[-1])
         names = [f"blocks.{l}.attn.hook_{kv}" for l in range(s.n_layers) for kv in "kv"]
-        with torch.no_grad():
+        with torch.no_grad(), evaluation_mode(model):
             _, cache = model.run_with_cache(tokens, names_filter=lambda n: n in names)
         k = torch.stack([cache[f"blocks.{l}.attn.hook_k"] for l in range(s.n_layers)], dim=1)
         v = torch.stack([cache[f"blocks.{l}.attn.hook_v"] for l in range(s.n_layers)], dim=1)
@@ -311,10 +419,14 @@ class _ConvertibleToKV(Prefix):
     """Forms whose keys and values are a deterministic function of the prefix and the model."""
 
     def to_kv(self, model) -> KVPrefix:
-        """The exact equivalent :class:`KVPrefix` (differentiable: gradients reach this prefix)."""
+        """The exact equivalent :class:`KVPrefix` (differentiable: gradients reach this prefix).
+
+        The model runs in eval mode (dropout off; each submodule's mode restored afterwards)."""
+        from prefixlens.decomposition import evaluation_mode
         from prefixlens.injection import attached
 
         self.validate(model)
+        _require_weights(model, f"{self.form}.to_kv")
         s = self.signature
         P = self.length
         captured: dict[str, Tensor] = {}
@@ -324,7 +436,7 @@ class _ConvertibleToKV(Prefix):
 
         batch = self.batch_size or 1
         names = [f"blocks.{l}.attn.hook_{kv}" for l in range(s.n_layers) for kv in "kv"]
-        with attached(model, self) as slots:
+        with evaluation_mode(model), attached(model, self) as slots:
             model.run_with_hooks(
                 slots.placeholders(batch), return_type=None, fwd_hooks=[(n, grab) for n in names]
             )
@@ -378,11 +490,13 @@ class ResidualPrefix(_ConvertibleToKV):
 
     @classmethod
     def from_prompt(cls, model, tokens: Int[Tensor, "*batch P"]) -> "ResidualPrefix":
-        """The residual stream a real-token prompt has at every layer's input."""
-        tokens, batched = _prompt_tokens(tokens)
+        """The residual stream a real-token prompt has at every layer's input (run in eval mode, dropout off)."""
+        from prefixlens.decomposition import evaluation_mode
+
+        tokens, batched = _prompt_tokens(model, tokens, f"{cls.__name__}.from_prompt")
         s = _check_length(model, tokens.shape[-1])
         names = [f"blocks.{l}.hook_resid_pre" for l in range(s.n_layers)]
-        with torch.no_grad():
+        with torch.no_grad(), evaluation_mode(model):
             _, cache = model.run_with_cache(tokens, names_filter=lambda n: n in names)
         r = torch.stack([cache[n] for n in names], dim=1)
         return cls(r if batched else r[0], s)
@@ -417,6 +531,7 @@ class SoftPrompt(_ConvertibleToKV):
         s = _check_length(model, length)
         dtype, device = model_dtype_device(model)
         if scale is None:
+            _require_weights(model, "SoftPrompt.random", "Pass scale= explicitly (its default is read off W_E), or load")
             scale = float(model.W_E.detach().double().std())
         g = torch.Generator().manual_seed(seed)
         e = torch.randn((length, s.d_model), generator=g, dtype=torch.float64) * scale
@@ -430,10 +545,12 @@ class SoftPrompt(_ConvertibleToKV):
 
     @classmethod
     def from_prompt(cls, model, tokens: Int[Tensor, "*batch P"]) -> "SoftPrompt":
-        """The token embeddings of a real prompt (``W_E[tokens]``)."""
-        tokens, batched = _prompt_tokens(tokens)
+        """The token embeddings of a real prompt (``W_E[tokens]``; run in eval mode, dropout off)."""
+        from prefixlens.decomposition import evaluation_mode
+
+        tokens, batched = _prompt_tokens(model, tokens, f"{cls.__name__}.from_prompt")
         s = _check_length(model, tokens.shape[-1])
-        with torch.no_grad():
+        with torch.no_grad(), evaluation_mode(model):
             _, cache = model.run_with_cache(tokens, names_filter=lambda n: n == "hook_embed")
         e = cache["hook_embed"]
         return cls(e if batched else e[0], s)

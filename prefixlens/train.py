@@ -17,11 +17,13 @@ training run it in eval mode.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import json
 import math
 import os
 import re
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -35,10 +37,10 @@ from tqdm.auto import tqdm
 from prefixlens import tasks as T
 from prefixlens.generation import generate
 from prefixlens.kv_cache import cached_forward, has_kv_cache
-from prefixlens.injection import maybe_attached, run_with_prefix
+from prefixlens.injection import full_attention_mask, maybe_attached, run_with_prefix
 from prefixlens.lora import LoRA, add_lora
 from prefixlens.prefixes import KVPrefix, Prefix, ResidualPrefix, SoftPrompt
-from prefixlens.serialization import load_tensors, save_tensors
+from prefixlens.serialization import CorruptFileError, load_tensors, save_tensors
 from prefixlens.signature import model_dtype_device, signature_of
 
 __all__ = [
@@ -82,6 +84,50 @@ class TrainConfig:
     checkpoint_dir: str | None = None
     checkpoint_every: int = 0
     progress: bool = True
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    def validate(self) -> None:
+        """Raise a ``ValueError`` naming every out-of-range setting (also called by :func:`fit`, so a
+        config changed after construction is checked too)."""
+        problems = []
+
+        def is_int(v) -> bool:
+            return isinstance(v, int) and not isinstance(v, bool)
+
+        def is_real(v) -> bool:
+            return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+        if not is_int(self.iters) or self.iters < 0:
+            problems.append(f"iters={self.iters!r} must be an int >= 0")
+        if not is_real(self.lr) or self.lr <= 0:
+            problems.append(f"lr={self.lr!r} must be a finite number > 0")
+        if not is_int(self.batch_size) or self.batch_size < 1:
+            problems.append(f"batch_size={self.batch_size!r} must be an int >= 1")
+        betas = tuple(self.betas) if isinstance(self.betas, (tuple, list)) else None
+        if betas is None or len(betas) != 2 or not all(is_real(b) and 0 <= b < 1 for b in betas):
+            problems.append(f"betas={self.betas!r} must be two numbers in [0, 1)")
+        if self.weight_decay is not None and (not is_real(self.weight_decay) or self.weight_decay < 0):
+            problems.append(f"weight_decay={self.weight_decay!r} must be None or a finite number >= 0")
+        if self.grad_clip is not None and (not is_real(self.grad_clip) or self.grad_clip < 0):
+            problems.append(f"grad_clip={self.grad_clip!r} must be None/0 (no clipping) or a finite number > 0")
+        if not is_int(self.seed):
+            problems.append(f"seed={self.seed!r} must be an int")
+        if not is_int(self.eval_every) or self.eval_every < 0:
+            problems.append(f"eval_every={self.eval_every!r} must be an int >= 0 (0: no periodic evaluation)")
+        if not is_int(self.eval_items) or self.eval_items < 1:
+            problems.append(f"eval_items={self.eval_items!r} must be an int >= 1")
+        if self.target_accuracy is not None and (not is_real(self.target_accuracy) or not 0 <= self.target_accuracy <= 1):
+            problems.append(f"target_accuracy={self.target_accuracy!r} must be None or in [0, 1]")
+        if self.target_accuracy is not None and not self.eval_every:
+            problems.append("target_accuracy needs eval_every > 0 (it is checked at the periodic evaluations)")
+        if self.schedule not in ("constant", "cosine"):
+            problems.append(f"schedule={self.schedule!r} must be 'constant' or 'cosine'")
+        if not is_int(self.checkpoint_every) or self.checkpoint_every < 0:
+            problems.append(f"checkpoint_every={self.checkpoint_every!r} must be an int >= 0 (0: no periodic checkpoints)")
+        if problems:
+            raise ValueError("invalid TrainConfig: " + "; ".join(problems) + ".")
 
     def identity(self) -> dict:
         d = dataclasses.asdict(self)
@@ -150,6 +196,73 @@ def count_trainable(module: nn.Module | list) -> int:
     return sum(p.numel() for p in params if p.requires_grad)
 
 
+class _ModelState:
+    """What training changes on a model besides its trained weights: every parameter's
+    ``requires_grad`` and ``.grad``, and every module's train/eval mode. ``restore()`` puts them back
+    exactly (per parameter and per module), for the parameters and modules that existed at capture."""
+
+    def __init__(self, model: nn.Module):
+        # a TransformerBridge keeps its HF model outside the registered module tree: visit both
+        roots = [model] + [r for r in (getattr(model, "original_model", None),) if isinstance(r, nn.Module)]
+        params = {id(p): p for r in roots for p in r.parameters()}
+        modules = {id(m): m for r in roots for m in r.modules()}
+        self.params = [(p, p.requires_grad, p.grad) for p in params.values()]
+        self.modes = [(m, m.training) for m in modules.values()]
+
+    def restore(self, requires_grad: bool = True, grads: bool = True, modes: bool = True) -> None:
+        for p, flag, grad in self.params:
+            if requires_grad:
+                p.requires_grad_(flag)
+            if grads:
+                p.grad = grad
+        if modes:
+            for m, training in self.modes:
+                m.training = training
+
+
+def _restores_model_state(keep_frozen: bool):
+    """Decorate ``train_*(model, ...)``: the model's per-module train/eval mode and its parameters'
+    ``.grad`` are restored when the call returns, and so are the ``requires_grad`` flags unless
+    ``keep_frozen`` (prefix and LoRA training leave the base frozen, as documented). If the call
+    raises, everything is restored, flags included."""
+
+    def deco(fn):
+        @functools.wraps(fn)
+        def wrapper(model, *args, **kwargs):
+            state = _ModelState(model)
+            try:
+                out = fn(model, *args, **kwargs)
+            except BaseException:
+                state.restore()
+                raise
+            state.restore(requires_grad=not keep_frozen)
+            return out
+
+        return wrapper
+
+    return deco
+
+
+def _rng_devices() -> list[int]:
+    """CUDA devices whose RNG a seeded run touches (``torch.manual_seed`` seeds all of them)."""
+    if not torch.cuda.is_available() or not torch.cuda.is_initialized():
+        return []
+    return list(range(torch.cuda.device_count()))
+
+
+def _keeps_global_rng(fn):
+    """Run ``fn`` on a fork of the global RNGs (CPU and initialised CUDA devices): inside, the run
+    seeds and draws from them (dropout) exactly as before; outside, the caller's RNG state is
+    unchanged, also when ``fn`` raises."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        with torch.random.fork_rng(devices=_rng_devices()):
+            return fn(*args, **kwargs)
+
+    return wrapper
+
+
 def prefix_parameter_count(model, length: int, form: str = "residual") -> int:
     """Scalars in a prefix of ``length`` slots: ``L·P·d`` (residual), ``2·L·P·n_kv·d_head`` (kv), ``P·d`` (soft)."""
     s = signature_of(model)
@@ -179,8 +292,13 @@ def _content(tokens: Tensor, targets: Tensor | None, n_pad: int, prefix: Prefix 
     return tokens[:, L:], (targets[:, L:] if targets is not None else None)
 
 
-def _logits(model, tokens: Tensor, prefix: Prefix | None) -> Tensor:
-    return model(tokens) if prefix is None else run_with_prefix(model, tokens, prefix)
+def _logits(model, tokens: Tensor, prefix: Prefix | None, attention_mask: Tensor | None = None) -> Tensor:
+    if attention_mask is None:
+        return model(tokens) if prefix is None else run_with_prefix(model, tokens, prefix)
+    if prefix is None:
+        mask = full_attention_mask(attention_mask, tokens, 0)
+        return model(tokens) if mask is None else model(tokens, attention_mask=mask)
+    return run_with_prefix(model, tokens, prefix, attention_mask=attention_mask)
 
 
 def _dropout_active(model) -> bool:
@@ -221,7 +339,11 @@ def _logits_shared_pads(
 
 
 def batch_loss(
-    model, batch: T.TaskBatch, prefix: Prefix | None = None, share_pads: bool | None = None
+    model,
+    batch: T.TaskBatch,
+    prefix: Prefix | None = None,
+    share_pads: bool | None = None,
+    attention_mask: Tensor | None = None,
 ) -> Tensor:
     """Mean answer-token cross-entropy of ``model`` (with ``prefix``) on ``batch``.
 
@@ -230,8 +352,18 @@ def batch_loss(
     ``None`` (default) when they are at least a quarter of the sequence (below that the second
     forward call costs about what it saves: 0.87-1.11x measured with 1 of 20 or 4 of 23 positions,
     against 1.3-1.6x with 12 of 31), ``False`` never.
+
+    ``attention_mask`` (1 = real token, 0 = padding): the shape of ``batch.tokens`` (with a prefix its
+    first ``P`` columns, where the slots go, must be 1) or of the content after the slots; padded
+    positions are neither attended nor scored (see :mod:`prefixlens.injection`).
     """
     tokens, targets = _content(batch.tokens, batch.targets, batch.n_pad, prefix)
+    if attention_mask is not None:
+        mask = full_attention_mask(attention_mask, tokens, prefix.length if prefix is not None else 0)
+        if mask is not None:
+            P = prefix.length if prefix is not None else 0
+            targets = targets.masked_fill(mask[:, P:] == 0, T.IGNORE)
+            return lm_loss(_logits(model, tokens, prefix, mask), targets)
     n_shared = batch.n_pad - (prefix.length if prefix is not None else 0)
     if share_pads is None:
         share_pads = 4 * batch.n_pad >= batch.tokens.shape[1]
@@ -328,7 +460,10 @@ def accuracy_matrix(
 
 
 def _fingerprint(model) -> str:
-    """A cheap digest of the base weights (so a checkpoint never resumes onto another model)."""
+    """A digest of every element of the base weights (float64 sums, to 10 digits): with the exact
+    sampled :func:`~prefixlens.signature.weights_fingerprint` (which catches what sums miss, e.g.
+    two token embeddings swapped) it keys the run id, so a checkpoint never resumes onto other
+    weights."""
     h = hashlib.sha256()
     with torch.no_grad():
         for name, p in sorted(model.state_dict().items()):
@@ -347,8 +482,9 @@ def _run_id(kind: str, task: str, n_pad: int, config: TrainConfig, model, extra:
         "task": task,
         "n_pad": n_pad,
         "config": config.identity(),
-        "signature": json.loads(signature_of(model).to_json()),
+        "signature": json.loads(signature_of(model).to_json()),  # shapes and the weights fingerprint
         "base": _fingerprint(model),
+        "dtype": str(model_dtype_device(model)[0]),  # a float64 run is not a float32 run's continuation
         "act_fn": str(getattr(model.cfg, "act_fn", None)),  # not in the weights, but changes the function
         "extra": extra,
     }
@@ -386,16 +522,26 @@ def _save_checkpoint(
 
 
 def _latest_checkpoint(directory: Path | None, run_id: str) -> tuple[Path, dict, dict] | None:
-    """The newest checkpoint in ``directory`` whose metadata names exactly this run."""
+    """The newest readable checkpoint in ``directory`` whose metadata names exactly this run.
+
+    A checkpoint that cannot be read (truncated by a crash, damaged: see
+    :func:`~prefixlens.serialization.load_tensors`) is skipped with a warning naming it, and the
+    previous one is used (the run then redoes the lost steps exactly and overwrites the bad file).
+    """
     if directory is None or not directory.exists():
         return None
     for path in sorted(directory.glob("step_*.safetensors"), reverse=True):
-        tensors, meta = load_tensors(path)
+        try:
+            tensors, meta = load_tensors(path)
+        except CorruptFileError as e:
+            warnings.warn(f"skipping an unreadable checkpoint, resuming from an earlier one if any: {e}", UserWarning, stacklevel=3)
+            continue
         if meta.get("run_id") == run_id:
             return path, tensors, meta
     return None
 
 
+@_keeps_global_rng
 def fit(
     params: dict[str, Tensor],
     loss_fn: Callable[[T.TaskBatch], Tensor],
@@ -414,7 +560,10 @@ def fit(
     ``params``: named trainable tensors; ``loss_fn(batch)`` the loss of a training batch;
     ``decay(name, p)`` selects the tensors that get weight decay; ``eval_fn()`` returns the periodic
     validation accuracy; ``set_mode()`` puts the model in train/eval mode (called after each eval).
+    The run seeds the global RNG (dropout) from ``config.seed`` on a fork: the caller's RNG state is
+    left as it was.
     """
+    config.validate()
     if config.iters < 0:
         raise ValueError(f"iters must be >= 0, got {config.iters}.")
     if not params:
@@ -509,12 +658,16 @@ def _validation(task: str, n_pad: int, config: TrainConfig) -> T.TaskBatch:
 # --------------------------------------------------------------------------------------------------
 
 
+@_restores_model_state(keep_frozen=False)
 def train_model(model, task: str, n_pad: int, config: TrainConfig, name: str = "train") -> TrainResult:
     """Pretraining or full fine-tuning: every used weight of ``model`` is trained (in place).
 
     The model runs in train mode (HF dropout as built); weight decay goes to weight matrices only.
     The bridge's fused ``qkv`` copy (unused in its forward) gets no gradient and is not trained.
+    Afterwards (also on an error) every parameter's ``requires_grad`` and ``.grad``, every module's
+    train/eval mode and the global RNG are as they were before the call; only the weights changed.
     """
+    config.validate()
     model.requires_grad_(True)
     params = {n: p for n, p in model.named_parameters() if ".qkv." not in n}
     run_id = _run_id("full", task, n_pad, config, model, {})
@@ -526,17 +679,13 @@ def train_model(model, task: str, n_pad: int, config: TrainConfig, name: str = "
     def loss_fn(batch):
         return batch_loss(model, batch)
 
-    try:
-        result = fit(
-            params, loss_fn, task, n_pad, config, run_id, name,
-            eval_fn=(lambda: evaluate(model, val, method="teacher_forced").mean) if val is not None else None,
-            decay=decay,
-            weight_decay=0.1 if config.weight_decay is None else config.weight_decay,
-            set_mode=model.train,
-        )
-    finally:
-        model.eval()
-    return result
+    return fit(  # @_restores_model_state puts the caller's modes and flags back
+        params, loss_fn, task, n_pad, config, run_id, name,
+        eval_fn=(lambda: evaluate(model, val, method="teacher_forced").mean) if val is not None else None,
+        decay=decay,
+        weight_decay=0.1 if config.weight_decay is None else config.weight_decay,
+        set_mode=model.train,
+    )
 
 
 class PrefixMLP(nn.Module):
@@ -576,6 +725,7 @@ class PrefixMLP(nn.Module):
         return cls(**{n: getattr(p, n).detach().clone() for n in p._tensor_names}, signature=p.signature)
 
 
+@_restores_model_state(keep_frozen=True)
 def train_prefix(
     model,
     task: str,
@@ -594,8 +744,11 @@ def train_prefix(
     ``init_scale``: standard deviation of the initial prefix (default: 1 for residual, as the
     reference's ``randn``; the embedding std for soft prompts; 1 for kv).
     ``reparam={"d_small": .., "hidden": ..}`` trains Li & Liang's MLP reparametrisation instead and
-    returns the exported prefix. The model is frozen (``requires_grad_(False)``) and left frozen.
+    returns the exported prefix. The model is frozen (``requires_grad_(False)``) and left frozen;
+    it trains in eval mode, and its modes, its parameters' ``.grad`` and the global RNG are restored
+    afterwards (on an error the ``requires_grad`` flags too).
     """
+    config.validate()
     if form not in PREFIX_FORMS:
         raise ValueError(f"form must be one of {list(PREFIX_FORMS)}, got {form!r}.")
     length = n_pad if length is None else length
@@ -626,9 +779,12 @@ def train_prefix(
     )
     prefix = holder.export() if reparam is not None else holder
     prefix.requires_grad_(False)
+    for p in list(holder.parameters()) + list(prefix.parameters()):
+        p.grad = None  # the last step's gradients are not part of the result
     return prefix, result
 
 
+@_restores_model_state(keep_frozen=True)
 def train_lora(
     model,
     task: str,
@@ -640,8 +796,11 @@ def train_lora(
 ) -> tuple[LoRA, TrainResult]:
     """Rank-``rank`` LoRA on ``targets`` of the frozen ``model``, trained on ``task``.
 
-    The adapters stay attached when this returns (``lora.remove()`` restores the base model).
+    The adapters stay attached when this returns (``lora.remove()`` restores the base model); the
+    base stays frozen. Its modes, its parameters' ``.grad`` and the global RNG are restored (on an
+    error also the flags, and the adapters are removed).
     """
+    config.validate()
     freeze(model)
     model.eval()
     lora = add_lora(model, rank=rank, targets=targets, seed=config.seed)
@@ -662,4 +821,6 @@ def train_lora(
         lora.remove()
         raise
     lora.requires_grad_(False)
+    for p in lora.parameters():
+        p.grad = None
     return lora, result

@@ -238,3 +238,133 @@ def test_refuses_processed_weights(tmp_path):
         bridge.enable_compatibility_mode()
     with pytest.raises(ValueError, match="weight processing"):
         kv_prefix_from_peft(tmp_path, bridge)
+
+
+# ---- issue 14: the wrong base model (case 7) and clear errors (case 16) ------------------------------
+
+
+def test_refuses_an_adapter_of_another_model_type_with_equal_sizes(tmp_path):
+    """A GPT-2 adapter fits a LLaMA bridge of equal sizes shape for shape (GPT-2 keys are not rotary:
+    the import would un-rotate them into garbage)."""
+    dtype = torch.float32
+    gpt2 = prefix_peft(hf_model("gpt2", dtype), False, dtype)
+    llama = bridge_of(hf_model("llama", dtype, n_kv_heads=4), dtype)
+    with pytest.raises(ValueError, match="'gpt2' model and the bridge is a 'llama' model"):
+        kv_prefix_from_peft(gpt2, llama)
+    # a directory naming its base (a local checkpoint directory) is checked the same way
+    gpt2.get_base_model().config.save_pretrained(tmp_path / "base")
+    gpt2.save_pretrained(tmp_path / "adapter")
+    config_file = tmp_path / "adapter" / "adapter_config.json"
+    config = json.loads(config_file.read_text())
+    config["base_model_name_or_path"] = str(tmp_path / "base")
+    config_file.write_text(json.dumps(config))
+    with pytest.raises(ValueError, match="'gpt2' model and the bridge is a 'llama' model"):
+        kv_prefix_from_peft(tmp_path / "adapter", llama)
+    # ...and still imports onto its own base: right against PEFT
+    tokens = tokens_for()
+    with torch.no_grad():
+        reference = gpt2(input_ids=tokens).logits
+    own = bridge_of(gpt2.get_base_model(), dtype)
+    with torch.no_grad():
+        logits = pl.run_with_prefix(own, tokens, kv_prefix_from_peft(tmp_path / "adapter", own))
+    assert (logits - reference).abs().max().item() <= TOL[dtype]
+
+
+def test_refuses_a_tl_native_bridge_by_name(tmp_path):
+    dtype = torch.float32
+    peft_model = prefix_peft(hf_model("llama", dtype, n_kv_heads=4), False, dtype)
+    peft_model.save_pretrained(tmp_path)
+    native = models.native(n_layers=2, d_model=32, n_heads=4, d_vocab=VOCAB, n_ctx=64)  # equal shapes
+    for source in (tmp_path, peft_model):
+        with pytest.raises(ValueError, match="TL-native bridge"):
+            kv_prefix_from_peft(source, native)
+
+
+def test_refuses_an_in_memory_base_with_other_weights():
+    dtype = torch.float32
+    peft_model = prefix_peft(hf_model("llama", dtype), False, dtype)
+    other = bridge_of(hf_model("llama", dtype, seed=5), dtype)  # same architecture and sizes
+    with pytest.raises(ValueError, match="other weights.*check_base_weights=False"):
+        kv_prefix_from_peft(peft_model, other)
+    moved = kv_prefix_from_peft(peft_model, other, check_base_weights=False)  # deliberate transplant
+    same = kv_prefix_from_peft(peft_model, bridge_of(peft_model.get_base_model(), dtype))
+    assert torch.equal(moved.values, same.values)
+    # a separately loaded copy of the same weights (here in float64) is the same base
+    twin = hf_model("llama", torch.float64)
+    kv_prefix_from_peft(peft_model, bridge_of(twin, torch.float64))
+
+
+def test_unknown_adapter_names_are_refused_with_the_names_there_are(tmp_path):
+    dtype = torch.float32
+    peft_model = prefix_peft(hf_model("llama", dtype), False, dtype)
+    bridge = bridge_of(peft_model.get_base_model(), dtype)
+    peft_model.save_pretrained(tmp_path)
+    with pytest.raises(KeyError, match=r"no adapter 'nope'.*\['default'\]"):
+        kv_prefix_from_peft(tmp_path, bridge, adapter_name="nope")  # was: silently the default one
+    with pytest.raises(KeyError, match=r"no adapter 'nope'.*\['default'\]"):
+        kv_prefix_from_peft(peft_model, bridge, adapter_name="nope")
+    # a directory holding only a named adapter: 'default' is refused, listing the one there is
+    named = prefix_peft(hf_model("llama", dtype), False, dtype, adapter_name="task")
+    named.save_pretrained(tmp_path / "named")
+    with pytest.raises(KeyError, match=r"\['task'\]"):
+        kv_prefix_from_peft(tmp_path / "named", bridge_of(named.get_base_model(), dtype))
+
+
+def test_an_omitted_adapter_name_never_silently_picks_another_than_peft_runs():
+    dtype = torch.float32
+    peft_model = prefix_peft(hf_model("llama", dtype), False, dtype)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        peft_model.add_adapter("task", PrefixTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=P))
+    g = torch.Generator().manual_seed(9)
+    with torch.no_grad():
+        for p in peft_model.prompt_encoder["task"].parameters():
+            p.copy_(torch.randn(p.shape, generator=g))
+    peft_model.set_adapter("task")
+    peft_model.eval()
+    tokens = tokens_for()
+    with torch.no_grad():
+        reference = peft_model(input_ids=tokens).logits  # runs the active adapter, 'task'
+    bridge = bridge_of(peft_model.get_base_model(), dtype)  # (after the reference, as above)
+    with pytest.raises(ValueError, match="active adapter is 'task'"):
+        kv_prefix_from_peft(peft_model, bridge)
+    with torch.no_grad():
+        logits = pl.run_with_prefix(bridge, tokens, kv_prefix_from_peft(peft_model, bridge, adapter_name="task"))
+        other = pl.run_with_prefix(bridge, tokens, kv_prefix_from_peft(peft_model, bridge, adapter_name="default"))
+    assert (logits - reference).abs().max().item() <= TOL[dtype]
+    assert (other - reference).abs().max().item() > 0.1
+
+
+def test_an_in_memory_lora_model_is_named_as_lora(tmp_path):
+    dtype = torch.float32
+    bridge = bridge_of(hf_model("llama", dtype), dtype)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        lora = get_peft_model(hf_model("llama", dtype), LoraConfig(task_type="CAUSAL_LM", r=2, target_modules=["q_proj"]))
+    with pytest.raises(ValueError, match="is a LORA adapter, not prefix tuning"):
+        kv_prefix_from_peft(lora, bridge)  # was: "expected a peft PeftModel, got PeftModelForCausalLM"
+    with pytest.raises(TypeError, match="plain transformers model"):
+        kv_prefix_from_peft(lora.get_base_model(), bridge)
+
+
+def test_malformed_adapter_files_are_named(tmp_path):
+    dtype = torch.float32
+    peft_model = prefix_peft(hf_model("gpt2", dtype), False, dtype)
+    bridge = bridge_of(peft_model.get_base_model(), dtype)
+    peft_model.save_pretrained(tmp_path)
+    config_file = tmp_path / "adapter_config.json"
+    good = config_file.read_text()
+    config_file.write_text(good[: len(good) // 2])  # truncated JSON
+    with pytest.raises(ValueError, match="adapter_config.json is not valid JSON"):
+        kv_prefix_from_peft(tmp_path, bridge)
+    config_file.write_text("[1, 2]")
+    with pytest.raises(ValueError, match="adapter_config.json holds a JSON list"):
+        kv_prefix_from_peft(tmp_path, bridge)
+    config_file.write_text(json.dumps({**json.loads(good), "num_virtual_tokens": "3"}))
+    with pytest.raises(ValueError, match="adapter_config.json: num_virtual_tokens='3'"):
+        kv_prefix_from_peft(tmp_path, bridge)
+    config_file.write_text(good)
+    weights = tmp_path / "adapter_model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:40])  # truncated weights
+    with pytest.raises(ValueError, match="adapter_model.safetensors"):
+        kv_prefix_from_peft(tmp_path, bridge)

@@ -101,3 +101,81 @@ def test_batch_slice_selects_rows():
     assert part.batch_size == 2 and torch.equal(part.embeddings, prefix.embeddings[1:3])
     with pytest.raises(ValueError, match="needs a batched"):
         pl.SoftPrompt.random(model, 2).batch_slice(slice(0, 1))
+
+
+# ---- issue 14, items 10 and 14: from_prompt refuses a model without weights and bad prompts ------------
+FORM_CLASSES = [pl.KVPrefix, pl.ResidualPrefix, pl.SoftPrompt]
+_TINY = dict(n_layers=1, d_model=16, n_heads=2, d_vocab=20, n_ctx=16)
+
+
+@pytest.mark.parametrize("how", ["gpt2.to(meta)", "llama(device=meta)", "native(device=meta)"])
+def test_weight_dependent_constructors_refuse_a_meta_model(how):
+    """A model on the meta device has shapes but no values: from_prompt, to_kv and SoftPrompt.random's
+    default scale would read uninitialised weights, so they refuse; random/zeros (which do not read
+    the weights) give a shape-only meta prefix, as torch does for meta modules."""
+    if how == "gpt2.to(meta)":
+        model = models.toy_gpt2(**_TINY).to("meta")
+    elif how == "llama(device=meta)":
+        model = models.toy_llama(n_kv_heads=1, **_TINY, device="meta")
+    else:
+        model = models.native(**_TINY, device="meta")
+    prompt = torch.tensor([3, 4, 5])
+    for form in FORM_CLASSES:
+        with pytest.raises(ValueError, match=f"{form.__name__}.from_prompt: the model is on the meta device.*no values"):
+            form.from_prompt(model, prompt)
+        with pytest.raises(ValueError, match="meta device"):
+            form.from_prompt(model, prompt[None].expand(2, 3))
+    with pytest.raises(ValueError, match="ResidualPrefix.to_kv: the model is on the meta device.*load_state_dict"):
+        pl.ResidualPrefix.random(model, 2).to_kv(model)
+    with pytest.raises(ValueError, match="SoftPrompt.random: the model is on the meta device.*Pass scale="):
+        pl.SoftPrompt.random(model, 2)
+    soft = pl.SoftPrompt.random(model, 2, scale=1.0)
+    assert soft.device.type == "meta" and soft.embeddings.shape == (2, 16)
+    with pytest.raises(ValueError, match="SoftPrompt.to_kv: the model is on the meta device"):
+        soft.to_kv(model)
+    kv = pl.KVPrefix.zeros(model, 2)
+    assert kv.device.type == "meta" and kv.n_parameters() == 2 * 1 * 2 * kv.keys.shape[-2] * 8
+
+
+@pytest.mark.parametrize("form", FORM_CLASSES, ids=lambda c: c.__name__)
+@pytest.mark.parametrize(
+    "tokens,error,match",
+    [
+        (torch.tensor([[-1, 4]]), ValueError, r"prompt tokens do not fit this model: token ids must lie in \[0, 61\)"),
+        (torch.tensor([[3, 61]]), ValueError, r"prompt tokens do not fit this model: token ids must lie in \[0, 61\)"),
+        (torch.tensor([3, 200], dtype=torch.uint8), ValueError, r"token ids must lie in \[0, 61\), got min 3, max 200"),
+        (torch.tensor([[3, -5]], dtype=torch.int16), ValueError, r"token ids must lie in \[0, 61\), got min -5"),
+        (torch.tensor([[3.0, 4.0]]), TypeError, "prompt tokens must be integer ids, got dtype torch.float32"),
+        (torch.tensor([True, False]), TypeError, "prompt tokens must be integer ids, got dtype torch.bool"),
+        (torch.zeros((0, 3), dtype=torch.long), ValueError, r"batch >= 1 and P >= 1, got shape \(0, 3\)"),
+        (torch.zeros((2, 0), dtype=torch.long), ValueError, r"batch >= 1 and P >= 1, got shape \(2, 0\)"),
+        (torch.zeros((0,), dtype=torch.long), ValueError, r"batch >= 1 and P >= 1, got shape \(0,\)"),
+        (torch.tensor(3), ValueError, r"\[P\] \(one prefix\) or \[batch, P\].*got shape \(\)"),
+        (torch.zeros((1, 2, 3), dtype=torch.long), ValueError, r"got shape \(1, 2, 3\)"),
+        ([[3, 4], [5]], TypeError, "rectangular"),
+        (torch.full((64,), 5), ValueError, "leaves no room for content"),
+    ],
+    ids=["minus1", "eq_vocab", "uint8_over", "int16_neg", "float", "bool", "batch0", "P0", "empty1d", "scalar",
+         "3d", "ragged", "too_long"],
+)
+def test_from_prompt_refuses_bad_prompts_by_name(form, tokens, error, match):
+    model = build("gpt2")
+    with pytest.raises(error, match=match) as info:
+        form.from_prompt(model, tokens)
+    assert f"{form.__name__}.from_prompt" in str(info.value) or match == "leaves no room for content"
+
+
+def test_from_prompt_accepts_any_integer_dtype():
+    """Valid ids in any integer dtype (or a list) give exactly the int64 result; SoftPrompt is also
+    checked against the embedding matrix itself."""
+    model = build("llama_gqa")
+    ids = random_tokens((2, 3), seed=3)
+    kv, resid = pl.KVPrefix.from_prompt(model, ids), pl.ResidualPrefix.from_prompt(model, ids[0])
+    for dtype in (torch.int8, torch.int16, torch.int32, torch.uint8):
+        got = pl.KVPrefix.from_prompt(model, ids.to(dtype))
+        assert torch.equal(got.keys, kv.keys) and torch.equal(got.values, kv.values), dtype
+        soft = pl.SoftPrompt.from_prompt(model, ids.to(dtype))
+        assert soft.batched and torch.equal(soft.embeddings, model.W_E[ids]), dtype
+    for given in (ids[0].to(torch.int16), ids[0].tolist()):
+        got = pl.ResidualPrefix.from_prompt(model, given)
+        assert not got.batched and torch.equal(got.resid, resid.resid)

@@ -262,3 +262,176 @@ def test_shared_pads_are_not_used_when_rows_differ():
     tokens = batch.tokens.clone()
     tokens[0, 0] = 5  # pads that differ between rows
     assert not TR._can_share_pads(model, tokens, P, None)
+
+
+# ---- issue 14: argument checks (case 17) and state left behind by training (case 19) ---------------
+
+
+@pytest.mark.parametrize(
+    "kw,match",
+    [
+        ({"batch_size": 0}, "batch_size"),
+        ({"batch_size": -4}, "batch_size"),
+        ({"batch_size": 2.5}, "batch_size"),
+        ({"iters": -1}, "iters"),
+        ({"lr": 0.0}, "lr"),
+        ({"lr": -1e-3}, "lr"),
+        ({"lr": float("nan")}, "lr"),
+        ({"betas": (0.9, 1.0)}, "betas"),
+        ({"weight_decay": -0.1}, "weight_decay"),
+        ({"grad_clip": -1.0}, "grad_clip"),
+        ({"eval_every": -1}, "eval_every"),
+        ({"eval_items": 0}, "eval_items"),
+        ({"target_accuracy": 1.5, "eval_every": 5}, "target_accuracy"),
+        ({"target_accuracy": 0.9}, "eval_every"),  # would silently never stop early
+        ({"schedule": "linear"}, "schedule"),
+        ({"checkpoint_every": -1}, "checkpoint_every"),
+    ],
+)
+def test_train_config_refuses_bad_settings(kw, match):
+    with pytest.raises(ValueError, match=match):
+        cfg(**kw)
+
+
+def test_a_config_changed_after_construction_is_checked_before_anything_changes():
+    model = tiny()
+    config = cfg(iters=2)
+    config.batch_size = 0
+    before = [p.requires_grad for p in model.parameters()]
+    for call in (
+        lambda: TR.train_model(model, "add1", P, config),
+        lambda: TR.train_prefix(model, "add1", P, config),
+        lambda: TR.train_lora(model, "add1", P, config),
+    ):
+        with pytest.raises(ValueError, match="batch_size"):
+            call()
+        assert [p.requires_grad for p in model.parameters()] == before
+        assert not any("parametrizations" in m._modules for m in model.original_model.modules())
+
+
+def _modes(model):
+    return [m.training for m in model.modules()] + [m.training for m in model.original_model.modules()]
+
+
+def _mixed_state(model):
+    """A state no training method would leave: some parameters frozen, train mode except one block."""
+    for i, p in enumerate(model.parameters()):
+        p.requires_grad_(i % 3 != 0)
+    model.train()
+    model.blocks[1].eval()
+    model.original_model.transformer.h[1].eval()
+    return [p.requires_grad for p in model.parameters()], _modes(model)
+
+
+def test_train_model_restores_flags_modes_grads_and_the_global_rng():
+    model = tiny(dropout=0.1)
+    flags, modes = _mixed_state(model)
+    torch.manual_seed(1234)
+    rng = torch.get_rng_state()
+    TR.train_model(model, "add1", P, cfg(iters=2, batch_size=4))
+    assert torch.equal(torch.get_rng_state(), rng)  # was reseeded to config.seed
+    assert [p.requires_grad for p in model.parameters()] == flags  # were all True
+    assert _modes(model) == modes  # was eval everywhere
+    assert all(p.grad is None for p in model.parameters())  # no stale gradients of the last step
+
+
+def test_train_model_restores_everything_when_training_raises(monkeypatch):
+    model = tiny(dropout=0.1)
+    flags, modes = _mixed_state(model)
+    rng = torch.get_rng_state()
+
+    def boom(*a, **k):
+        raise RuntimeError("boom")
+
+    monkeypatch.setattr(TR, "batch_loss", boom)
+    for call in (
+        lambda: TR.train_model(model, "add1", P, cfg(iters=2, batch_size=4)),
+        lambda: TR.train_prefix(model, "add1", P, cfg(iters=2, batch_size=4)),
+        lambda: TR.train_lora(model, "add1", P, cfg(iters=2, batch_size=4)),
+    ):
+        with pytest.raises(RuntimeError, match="boom"):
+            call()
+        assert [p.requires_grad for p in model.parameters()] == flags
+        assert _modes(model) == modes
+        assert torch.equal(torch.get_rng_state(), rng)
+        assert not any("parametrizations" in m._modules for m in model.original_model.modules())
+
+
+@pytest.mark.parametrize("method", ["prefix", "lora"])
+def test_prefix_and_lora_training_restore_the_mode_and_the_global_rng(method):
+    model = tiny(dropout=0.1)
+    _, modes = _mixed_state(model)
+    modules = list(model.modules()) + list(model.original_model.modules())  # (before the LoRA's own)
+    torch.manual_seed(99)
+    rng = torch.get_rng_state()
+    if method == "prefix":
+        out, _ = TR.train_prefix(model, "add1", P, cfg(iters=2, batch_size=4))
+    else:
+        out, _ = TR.train_lora(model, "add1", P, cfg(iters=2, batch_size=4))
+    assert torch.equal(torch.get_rng_state(), rng)
+    assert [m.training for m in modules] == modes  # trained in eval mode, handed back in the caller's mode
+    assert all(not p.requires_grad for p in model.parameters())  # the base is left frozen (documented)
+    assert all(p.grad is None for p in out.parameters())
+    if method == "lora":
+        out.remove()
+
+
+def test_training_is_deterministic_whatever_the_callers_rng():
+    """The run seeds its own (forked) RNG from config.seed: the caller's RNG state does not matter,
+    dropout included, and the caller's RNG is not consumed."""
+    losses = []
+    for caller_seed in (1, 2):
+        model = tiny(dropout=0.2)
+        torch.manual_seed(caller_seed)
+        losses.append(TR.train_model(model, "add1", P, cfg(iters=3, batch_size=4)).losses)
+        assert torch.equal(torch.get_rng_state(), torch.manual_seed(caller_seed).get_state())
+    assert losses[0] == losses[1]
+
+
+# ---- issue 14, items 3 and 15: run identity covers the weights exactly; a bad newest checkpoint ----------
+def _swap_embedding_rows(model, i, j):
+    (wte,) = [p for n, p in model.named_parameters() if "wte" in n]
+    with torch.no_grad():
+        wte[[i, j]] = wte[[j, i]]
+    return model
+
+
+def test_resume_refuses_other_weights_that_sums_cannot_tell_apart(tmp_path):
+    """Two token embeddings swapped (rows 7 apart: every sum the old digest took is unchanged)
+    is another model: its run must not pick up the first model's finished run."""
+    kw = dict(iters=4, checkpoint_dir=str(tmp_path), checkpoint_every=4)
+    first, r1 = TR.train_prefix(tiny(), "add1", P, cfg(**kw), name="x")
+    other = _swap_embedding_rows(tiny(), 1, 8)
+    assert TR._fingerprint(other) == TR._fingerprint(tiny())  # the old digest collides
+    prefix, r2 = TR.train_prefix(other, "add1", P, cfg(**kw), name="x")
+    assert r2.resumed_from is None and len(list(tmp_path.iterdir())) == 2
+    assert prefix.signature.weights != first.signature.weights
+    assert TR.train_prefix(tiny(), "add1", P, cfg(**kw), name="x")[1].resumed_from == 4  # the same model resumes
+
+
+def test_resume_keeps_float32_and_float64_runs_apart(tmp_path):
+    kw = dict(iters=4, checkpoint_dir=str(tmp_path), checkpoint_every=4)
+    TR.train_prefix(tiny(), "add1", P, cfg(**kw), name="x")
+    _, r = TR.train_prefix(tiny(dtype=torch.float64), "add1", P, cfg(**kw), name="x")
+    assert r.resumed_from is None
+
+
+@pytest.mark.parametrize("damage", ["truncated", "flipped_byte", "empty"])
+def test_resume_falls_back_from_a_damaged_newest_checkpoint(tmp_path, damage):
+    straight = TR.train_model(tiny(), "add2", P, cfg(iters=20))
+    kw = dict(iters=20, checkpoint_dir=str(tmp_path), checkpoint_every=10)
+    TR.train_model(tiny(), "add2", P, cfg(**kw))
+    (run_dir,) = tmp_path.iterdir()
+    newest = run_dir / "step_000000020.safetensors"
+    data = newest.read_bytes()
+    if damage == "truncated":
+        newest.write_bytes(data[: len(data) // 2])
+    elif damage == "flipped_byte":
+        newest.write_bytes(data[:-9] + bytes([data[-9] ^ 0x10]) + data[-8:])
+    else:
+        newest.write_bytes(b"")
+    model = tiny()
+    with pytest.warns(UserWarning, match="skipping an unreadable checkpoint.*step_000000020.safetensors"):
+        r = TR.train_model(model, "add2", P, cfg(**kw))
+    assert r.resumed_from == 10 and r.losses == straight.losses
+    assert TR.train_model(tiny(), "add2", P, cfg(**kw)).resumed_from == 20  # the bad file was rewritten
