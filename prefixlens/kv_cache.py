@@ -8,9 +8,11 @@ of tokens it was given and raises :class:`KVCacheError` otherwise.
 
 transformers 5.24 renamed the cache argument that a model hands its attention layers from
 ``past_key_values=`` to ``cache=``; TransformerLens 4.3's bridge attention reads only the old
-name, so on 5.24 its cache came back empty. While :func:`cached_forward` runs, a keyword
-pre-hook on every bridge attention module hands it the cache under both names (removed again
-when the call returns), which is right on either side of the rename.
+name, so on 5.24 its cache came back empty. A keyword pre-hook on every bridge attention module
+hands it the cache under both names, which is right on either side of the rename: bridges that
+:mod:`prefixlens.models` builds carry it for good (:func:`hand_cache_to_bridge_attention`, so the
+bridge's own cached ``generate`` and a PEFT model sharing the HF modules are right too), and on any
+other bridge :func:`cached_forward` installs it for the call only.
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ from typing import Any, Iterator
 from jaxtyping import Float, Int
 from torch import Tensor, nn
 
-__all__ = ["KVCacheError", "cached_forward", "cache_length", "has_kv_cache"]
+__all__ = ["KVCacheError", "cached_forward", "cache_length", "has_kv_cache", "hand_cache_to_bridge_attention"]
 
 
 class KVCacheError(RuntimeError):
@@ -46,10 +48,28 @@ def _hand_cache_under_both_names(module: nn.Module, args: tuple, kwargs: dict[st
     return None
 
 
+def _bridge_attention(model) -> list[nn.Module]:
+    return [m for m in model.modules() if hasattr(m, "_update_kv_cache")]
+
+
+def _hands_cache_over(module: nn.Module) -> bool:
+    return any(h is _hand_cache_under_both_names for h in module._forward_pre_hooks.values())
+
+
+def hand_cache_to_bridge_attention(model):
+    """Make every bridge attention module of ``model`` see the cache under ``past_key_values`` too,
+    for good (idempotent; returns ``model``). Applied by :mod:`prefixlens.models` to the bridges it
+    builds."""
+    for module in _bridge_attention(model):
+        if not _hands_cache_over(module):
+            module.register_forward_pre_hook(_hand_cache_under_both_names, with_kwargs=True)
+    return model
+
+
 @contextmanager
 def _bridge_attention_reads_cache(model) -> Iterator[None]:
-    """Make every bridge attention module see the cache under ``past_key_values`` too."""
-    attention = [m for m in model.modules() if hasattr(m, "_update_kv_cache")]
+    """Make every bridge attention module see the cache under ``past_key_values`` too, for this block."""
+    attention = [m for m in _bridge_attention(model) if not _hands_cache_over(m)]
     handles = [m.register_forward_pre_hook(_hand_cache_under_both_names, with_kwargs=True) for m in attention]
     try:
         with warnings.catch_warnings():

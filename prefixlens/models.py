@@ -15,6 +15,8 @@ import torch
 from transformer_lens.config import TransformerBridgeConfig
 from transformer_lens.model_bridge import TransformerBridge
 
+from prefixlens.kv_cache import hand_cache_to_bridge_attention
+
 __all__ = ["toy_gpt2", "toy_llama", "native", "load", "toy_tokenizer", "full_precision_softmax", "float64_throughout"]
 
 
@@ -46,7 +48,7 @@ def _bridge(label: str, hf_model, dtype: torch.dtype, device: str | torch.device
     bridge = TransformerBridge.boot_transformers(
         label, hf_model=hf_model, tokenizer=toy_tokenizer(hf_model.config.vocab_size), dtype=dtype
     )
-    return full_precision_softmax(bridge).eval()
+    return hand_cache_to_bridge_attention(full_precision_softmax(bridge)).eval()
 
 
 def full_precision_softmax(bridge: TransformerBridge) -> TransformerBridge:
@@ -311,7 +313,7 @@ def load(
     bridge = TransformerBridge.boot_transformers(
         str(path), hf_model=hf_model, tokenizer=tokenizer, dtype=dtype, **kwargs
     )
-    return full_precision_softmax(bridge).eval()
+    return hand_cache_to_bridge_attention(full_precision_softmax(bridge)).eval()
 
 
 def _looks_like_path(name_or_path: str | os.PathLike) -> bool:

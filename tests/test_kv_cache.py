@@ -49,13 +49,13 @@ def test_cached_generation_equals_recomputed(family, with_prefix, do_sample):
 def test_cached_forward_holds_every_position_and_matches_the_full_pass(family):
     model = build(family)
     x = random_tokens((2, 7), seed=6)
+    before = hooks_on(model)
     logits, cache = cached_forward(model, x[:, :4])
     assert cache.get_seq_length() == 4
     step, cache = cached_forward(model, x[:, 4:], cache)
     assert cache.get_seq_length() == 7
     torch.testing.assert_close(step, model(x)[:, 4:], atol=1e-5, rtol=0)
-    # nothing is left on the model: the pre-hooks that hand the cache over are gone
-    assert hooks_on(model) == (0, 0)
+    assert hooks_on(model) == before  # nothing is left on the model
 
 
 @pytest.fixture
@@ -67,9 +67,10 @@ def cache_that_does_not_grow(monkeypatch):
 
 def test_generate_refuses_a_cache_that_does_not_grow(cache_that_does_not_grow):
     model = build("llama_gqa")
+    before = hooks_on(model)
     with pytest.raises(KVCacheError, match=r"holds 0 positions after this step, expected 7 .*transformers \d"):
         pl.generate(model, random_tokens((2, 5), seed=1), pl.KVPrefix.random(model, 2, seed=0), max_new_tokens=3)
-    assert hooks_on(model) == (0, 0)
+    assert hooks_on(model) == before
     # the recomputing path does not use the cache and stays available
     pl.generate(model, random_tokens((2, 5), seed=1), max_new_tokens=3, use_cache=False)
 
@@ -91,9 +92,45 @@ def test_bridge_generate_without_its_cache_agrees():
     assert torch.equal(pl.generate(model, x, max_new_tokens=8), theirs)
 
 
-@pytest.mark.xfail(TL_CACHED_GENERATE_BROKEN, reason=TL_CACHED_GENERATE_REASON, strict=True)
-def test_bridge_generate_with_its_cache_agrees():
+def test_bridge_generate_with_its_cache_agrees_on_prefixlens_bridges():
+    """prefixlens's bridges hand the cache to their attention under both names for good, so the
+    bridge's own cached generate is right on every supported transformers."""
     model = build("llama_gqa")
+    assert hooks_on(model)[1] == model.cfg.n_layers
+    x = random_tokens((2, 4), seed=5)
+    theirs = model.generate(x, max_new_tokens=8, do_sample=False, stop_at_eos=False, verbose=False,
+                            use_past_kv_cache=True)
+    assert torch.equal(pl.generate(model, x, max_new_tokens=8), theirs)
+
+
+def test_cached_forward_hands_the_cache_over_on_any_bridge():
+    """A bridge booted without prefixlens carries no hand-over hooks: cached_forward adds them for the
+    call only, and its cached steps are right."""
+    model = plain_bridge()
+    assert hooks_on(model) == (0, 0)
+    x = random_tokens((2, 7), seed=6)
+    _, cache = cached_forward(model, x[:, :4])
+    step, cache = cached_forward(model, x[:, 4:], cache)
+    torch.testing.assert_close(step, model(x)[:, 4:], atol=1e-5, rtol=0)
+    assert hooks_on(model) == (0, 0)
+
+
+def plain_bridge():
+    """A tiny LLaMA bridge booted with TransformerBridge directly (as a user might), not by prefixlens."""
+    from transformer_lens.model_bridge import TransformerBridge
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    hf = LlamaForCausalLM(LlamaConfig(vocab_size=61, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+                                      attn_implementation="eager", initializer_range=0.3)).eval()
+    model = TransformerBridge.boot_transformers("plain-llama", hf_model=hf, tokenizer=models.toy_tokenizer(61))
+    return model.eval()
+
+
+@pytest.mark.xfail(TL_CACHED_GENERATE_BROKEN, reason=TL_CACHED_GENERATE_REASON, strict=True)
+def test_bridge_generate_with_its_cache_agrees_on_a_plain_bridge():
+    model = plain_bridge()
     x = random_tokens((2, 4), seed=5)
     theirs = model.generate(x, max_new_tokens=8, do_sample=False, stop_at_eos=False, verbose=False,
                             use_past_kv_cache=True)

@@ -106,6 +106,18 @@ def test_imported_prefix_reproduces_peft_logits(kind, dtype, projection, tmp_pat
 
 
 @pytest.mark.parametrize("kind", ["llama", "gpt2"])
+def test_a_peft_model_keeps_working_after_its_base_is_bridged(kind):
+    """models' bridges wrap the HF modules in place; PEFT's prefix, handed to them as a cache, still applies."""
+    peft_model = prefix_peft(hf_model(kind, torch.float32), False, torch.float32)
+    tokens = tokens_for()
+    with torch.no_grad():
+        before = peft_model(input_ids=tokens).logits
+        bridge_of(peft_model.get_base_model(), torch.float32)
+        after = peft_model(input_ids=tokens).logits
+    assert (after - before).abs().max().item() <= 1e-5
+
+
+@pytest.mark.parametrize("kind", ["llama", "gpt2"])
 def test_generation_with_an_imported_prefix_is_right(kind):
     """Our greedy decoding with the imported prefix, cached and recomputed, equals greedy decoding of
     the base model on PEFT's prefix run step by step through its (correct) forward."""

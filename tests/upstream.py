@@ -17,7 +17,8 @@ TRANSFORMERS, TRANSFORMER_LENS, PEFT = version("transformers"), version("transfo
 
 # transformers 5.24 hands the cache to attention layers as `cache=`; TransformerLens 4.3's bridge attention
 # reads only `past_key_values`, so the bridge's own cached `generate` decodes from an empty cache.
-# (prefixlens's own cached calls hand the cache over under both names: prefixlens.kv_cache.)
+# (prefixlens's own cached calls, and the bridges prefixlens.models builds, hand the cache over under both
+# names: prefixlens.kv_cache; a bridge booted directly with TransformerBridge is affected.)
 TL_CACHED_GENERATE_BROKEN = TRANSFORMERS >= Version("5.24") and TRANSFORMER_LENS <= Version("4.3.0")
 TL_CACHED_GENERATE_REASON = (
     f"TransformerLens {TRANSFORMER_LENS}'s cached generate ignores the cache under transformers {TRANSFORMERS} "
