@@ -298,15 +298,15 @@ def load(
         raise FileNotFoundError(
             f"{path} has no config.json: pass a directory written by save_pretrained, or a hub name."
         )
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    # a local directory is read offline (local_files_only), without changing the process environment
     hf_model = AutoModelForCausalLM.from_pretrained(
-        path, attn_implementation="eager", torch_dtype=dtype
+        path, attn_implementation="eager", torch_dtype=dtype, local_files_only=True
     ).to(device or "cpu").eval()
     has_tokenizer = any((path / f).exists() for f in ("tokenizer.json", "tokenizer.model", "vocab.json"))
     if has_tokenizer:
-        tokenizer = AutoTokenizer.from_pretrained(path)
+        tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
         tokenizer.init_kwargs.setdefault("name_or_path", str(path))
     else:
         tokenizer = toy_tokenizer(hf_model.config.vocab_size)

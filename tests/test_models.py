@@ -1,4 +1,5 @@
 import math
+import os
 
 import pytest
 import torch
@@ -216,3 +217,13 @@ def test_no_float32_operation_in_any_float64_family():
             logits = model(x)
         assert logits.dtype == torch.float64
         assert not spy.hits, (family, sorted(spy.hits))
+
+
+def test_load_of_a_local_directory_leaves_the_environment_alone(tmp_path, monkeypatch):
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    GPT2LMHeadModel(GPT2Config(vocab_size=31, n_positions=16, n_embd=16, n_layer=1, n_head=2)).save_pretrained(tmp_path)
+    before = dict(os.environ)
+    models.load(tmp_path)
+    assert dict(os.environ) == before
