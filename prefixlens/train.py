@@ -21,7 +21,6 @@ import functools
 import hashlib
 import json
 import math
-import os
 import re
 import warnings
 from dataclasses import dataclass, field

