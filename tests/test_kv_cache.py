@@ -135,3 +135,13 @@ def test_bridge_generate_with_its_cache_agrees_on_a_plain_bridge():
     theirs = model.generate(x, max_new_tokens=8, do_sample=False, stop_at_eos=False, verbose=False,
                             use_past_kv_cache=True)
     assert torch.equal(pl.generate(model, x, max_new_tokens=8), theirs)
+
+
+def test_generate_prints_no_deprecation_warning():
+    import warnings
+
+    model = build("llama_gqa")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        pl.generate(model, random_tokens((2, 4), seed=5), pl.KVPrefix.random(model, 2), max_new_tokens=4)
+    assert not [w for w in caught if issubclass(w.category, FutureWarning)], [str(w.message) for w in caught]
