@@ -84,3 +84,21 @@ def test_bad_arguments(script):
         script.main(["--dtypes", "float8"])
     with pytest.raises(SystemExit):
         script.main(["--lengths", "0"])
+
+
+def test_smollm2_real_sentences_every_head(script, tmp_path):
+    """--model smollm2-135m: real sentences (own tokenizer, padded with a mask), both identities on all 30 × 9 heads."""
+    result = script.main(["--model", "smollm2-135m", "--n-inputs", "2", "--lengths", "1,4", "--dtypes", "float32",
+                          "--reference-dtype", "", "--no-report", "--threads", "2", "--out", str(tmp_path)])
+    assert result["config"]["text"] and result["inputs"]["text"] == script.SENTENCES[:2]
+    assert (tmp_path / "prefix_bias_only_smollm2.json").exists() and (tmp_path / "prefix_bias_only_smollm2.png").exists()
+    md = (tmp_path / "prefix_bias_only_smollm2.md").read_text()
+    assert "real English sentences" in md and "4.88e-04" in md and "9.16e-05" in md
+    assert {r["n_slots"] for r in result["runs"]} == {1, 4}
+    for r in result["runs"]:
+        assert r["dtype"] == "float32"
+        for name in ("relative_attention", "bias_only"):
+            per_head = torch.tensor(r["per_head"][name])
+            assert per_head.shape == (30, 9)
+            assert bool((per_head < 1e-4).all()), (name, r["n_slots"], float(per_head.max()))
+        assert 0 < r["mean_A"] < 1
