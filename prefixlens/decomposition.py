@@ -15,7 +15,7 @@ from torch import Tensor
 from prefixlens.attention_math import causal_scores, combine, expand_kv_heads, split_attention
 from prefixlens.injection import attached, check_tokens, full_attention_mask
 from prefixlens.prefixes import Prefix
-from prefixlens.signature import model_dtype_device
+from prefixlens.signature import model_dtype_device, module_roots
 
 __all__ = [
     "HeadDecomposition",
@@ -161,10 +161,7 @@ def evaluation_mode(model) -> Iterator[None]:
     ``prefixlens.analysis`` functions) measures the model's deterministic function this way: with
     dropout the model's own ``hook_z`` is a random draw and no decomposition of it is exact.
     """
-    modules = {id(m): m for m in model.modules()}
-    original = getattr(model, "original_model", None)
-    if isinstance(original, torch.nn.Module):
-        modules.update({id(m): m for m in original.modules()})
+    modules = {id(m): m for root in module_roots(model) for m in root.modules()}
     modes = [(m, m.training) for m in modules.values()]
     try:
         for m, _ in modes:

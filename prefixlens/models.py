@@ -16,6 +16,7 @@ from transformer_lens.config import TransformerBridgeConfig
 from transformer_lens.model_bridge import TransformerBridge
 
 from prefixlens.kv_cache import hand_cache_to_bridge_attention
+from prefixlens.signature import module_roots
 
 __all__ = [
     "toy_gpt2", "toy_llama", "native", "load", "builtin_checkpoint", "BUILTIN_MODELS", "toy_tokenizer",
@@ -95,8 +96,7 @@ def float64_throughout(bridge: TransformerBridge) -> TransformerBridge:
     float64 when called are left exactly as they are.
     """
     full_precision_softmax(bridge)
-    owners = [bridge] + [m for m in (bridge.__dict__.get("original_model"),) if isinstance(m, torch.nn.Module)]
-    for owner in owners:
+    for owner in module_roots(bridge):
         if not getattr(owner.forward, "_prefixlens_float64", False):
             owner.forward = _float64_forward(owner.forward, bridge)
     return bridge

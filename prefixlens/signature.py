@@ -9,7 +9,7 @@ from dataclasses import dataclass
 
 import torch
 
-__all__ = ["ModelSignature", "signature_of", "weights_fingerprint"]
+__all__ = ["ModelSignature", "signature_of", "weights_fingerprint", "module_roots"]
 
 
 @dataclass(frozen=True)
@@ -144,6 +144,13 @@ def weights_fingerprint(model) -> str | None:
             h.update(f"{name}:{tuple(t.shape)};".encode())
             h.update(_sample(t.detach()).to("cpu", torch.float64).contiguous().numpy().tobytes())
     return h.hexdigest()[:16]
+
+
+def module_roots(model) -> list[torch.nn.Module]:
+    """``model`` and, for a ``TransformerBridge``, its HF ``original_model``, which the bridge keeps
+    outside its registered module tree (so ``model.modules()`` / ``.parameters()`` miss its own)."""
+    original = model.__dict__.get("original_model", getattr(model, "original_model", None))
+    return [model] + ([original] if isinstance(original, torch.nn.Module) else [])
 
 
 def model_dtype_device(model) -> tuple[torch.dtype, torch.device]:

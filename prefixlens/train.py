@@ -40,7 +40,7 @@ from prefixlens.injection import full_attention_mask, maybe_attached, run_with_p
 from prefixlens.lora import LoRA, add_lora
 from prefixlens.prefixes import KVPrefix, Prefix, ResidualPrefix, SoftPrompt
 from prefixlens.serialization import CorruptFileError, load_tensors, save_tensors
-from prefixlens.signature import model_dtype_device, signature_of
+from prefixlens.signature import model_dtype_device, module_roots, signature_of
 
 __all__ = [
     "TrainConfig",
@@ -201,8 +201,7 @@ class _ModelState:
     exactly (per parameter and per module), for the parameters and modules that existed at capture."""
 
     def __init__(self, model: nn.Module):
-        # a TransformerBridge keeps its HF model outside the registered module tree: visit both
-        roots = [model] + [r for r in (getattr(model, "original_model", None),) if isinstance(r, nn.Module)]
+        roots = module_roots(model)
         params = {id(p): p for r in roots for p in r.parameters()}
         modules = {id(m): m for r in roots for m in r.modules()}
         self.params = [(p, p.requires_grad, p.grad) for p in params.values()]
