@@ -15,6 +15,7 @@ import torch
 from transformer_lens.config import TransformerBridgeConfig
 from transformer_lens.model_bridge import TransformerBridge
 
+from prefixlens.text import checkpoint_prepends_bos
 from prefixlens.kv_cache import hand_cache_to_bridge_attention
 from prefixlens.signature import module_roots
 
@@ -337,9 +338,12 @@ def load(
         tokenizer.init_kwargs.setdefault("name_or_path", str(path))
     else:
         tokenizer = toy_tokenizer(hf_model.config.vocab_size)
+    prepends_bos = checkpoint_prepends_bos(tokenizer)  # before the bridge makes the tokenizer add one
     bridge = TransformerBridge.boot_transformers(
         str(path), hf_model=hf_model, tokenizer=tokenizer, dtype=dtype, **kwargs
     )
+    # text is encoded as the checkpoint's own tokenizer encodes it (see prefixlens.text)
+    bridge.cfg.default_prepend_bos = prepends_bos
     return hand_cache_to_bridge_attention(full_precision_softmax(bridge)).eval()
 
 
@@ -374,7 +378,12 @@ def _load_from_hub(name: str, **kwargs: Any) -> TransformerBridge:
             f"the path of a directory written by save_pretrained, or a hub name such as 'org/model'."
         ) from None
     try:
-        return TransformerBridge.boot_transformers(name, **kwargs).eval()
+        bridge = TransformerBridge.boot_transformers(name, **kwargs).eval()
+        from transformers import AutoTokenizer
+
+        # text is encoded as the checkpoint's own tokenizer encodes it (see prefixlens.text)
+        bridge.cfg.default_prepend_bos = checkpoint_prepends_bos(AutoTokenizer.from_pretrained(name))
+        return bridge
     except OSError as e:
         if not _hub_offline():
             raise
