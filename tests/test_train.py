@@ -1,11 +1,12 @@
 """prefixlens.train and prefixlens.lora on tiny models (short runs; identities, not accuracies)."""
 
-import copy
 
 import pytest
 import torch
 
-from prefixlens import models, tasks as T, train as TR
+from prefixlens import models
+from prefixlens import tasks as T
+from prefixlens import train as TR
 from prefixlens.lora import MLP_TARGETS, REFERENCE_TARGETS, add_lora, lora_parameter_count
 
 P = 2
@@ -46,7 +47,7 @@ def test_prefix_training_keeps_the_base_frozen(form):
     after = _state(model)
     assert all(torch.equal(before[k], after[k]) for k in before)
     assert res.n_trainable == prefix.n_parameters() == TR.prefix_parameter_count(model, P, form)
-    assert all(not torch.equal(getattr(prefix, n), getattr(init, n)) for n in prefix._tensor_names)
+    assert all(not torch.equal(getattr(prefix, n), getattr(init, n)) for n in prefix.tensor_names)
     assert not model._forward_hooks and all(not m._forward_hooks for m in model.modules())
 
 
@@ -343,7 +344,7 @@ def test_train_model_restores_everything_when_training_raises(monkeypatch):
     def boom(*a, **k):
         raise RuntimeError("boom")
 
-    monkeypatch.setattr(TR, "batch_loss", boom)
+    monkeypatch.setattr("prefixlens.training.methods.batch_loss", boom)  # where the methods look it up
     for call in (
         lambda: TR.train_model(model, "add1", P, cfg(iters=2, batch_size=4)),
         lambda: TR.train_prefix(model, "add1", P, cfg(iters=2, batch_size=4)),
