@@ -19,7 +19,24 @@ The same statistics for each seed's *initial* (untrained) prefix are the control
 analyses saved prefixes instead (``--model`` then names the checkpoint they were trained on).
 Writes ``OUT/longer_prefixes.{json,md,png}``.
 
+**A real model on a real task** (``--model smollm2-135m``, or ``--task nrc-emotion`` /
+``afinn-sentiment`` with any checkpoint that has a tokenizer): the frozen word-classification tasks of
+:mod:`prefixlens.lexicons` (labels from the NRC Emotion Lexicon / AFINN-165, shipped by the pip
+packages ``nrclex`` / ``afinn``), prompt ``"Word: {w}\nEmotion:"`` → one label token. For each seed a
+P = 10 residual prefix is trained on class-balanced batches of the train words, by cross-entropy over
+the whole vocabulary at the last prompt token (Adam, grad-norm clip 1). It starts from the residual
+stream of a real 10-token instruction (``--init prompt``, the default; ``--init random``: the
+reference's N(0, 0.02), which did not train in a CPU budget of steps); test accuracy is the argmax over
+the label tokens (zero-shot, without a prefix, is the baseline), with 95% Wilson intervals per seed
+and a t interval across seeds. The slot statistics are taken at the last prompt token (the
+reference's query, and here the answer position) over the test words, for all heads, with each
+seed's initial prefix as the control, next to the reference's GPT-2/Emotion per-layer spreads. It
+writes ``OUT/longer_prefixes_<model>.{json,md,png}`` (``--stem`` overrides). ``--profile quick`` is a
+tiny run for tests.
+
     python analyses/longer_prefixes.py            # a few minutes on CPU
+    prefixlens run longer_prefixes --model smollm2-135m            # ~30 min on one CPU thread
+    prefixlens run longer_prefixes --model smollm2-135m --profile quick --out /tmp/lp
 """
 
 from __future__ import annotations
@@ -34,12 +51,17 @@ from pathlib import Path
 import torch
 
 import prefixlens as pl
-from prefixlens import analysis, models, tasks, train
+from prefixlens import analysis, lexicons, models, tasks, train
 from prefixlens.environment import environment
 from prefixlens.serialization import atomic_write_text
 
 # Appendix B, GPT-2 on Emotion, mean p99 − p1 gap per layer (head ℓ of layer ℓ only).
 REFERENCE_SPREAD = [0.016, 0.102, 0.174, 0.088, 0.076, 0.069, 0.080, 0.106, 0.163, 0.147, 0.156, 0.102]
+# --profile for the real tasks (the toy task ignores it): seeds, steps, batch, test words per label.
+PROFILES = {
+    "full": {"seeds": "0,1,2", "steps": 40, "batch_size": 16, "n_test_per_class": 30},
+    "quick": {"seeds": "0", "steps": 2, "batch_size": 2, "n_test_per_class": 2},
+}
 TOY_GPT2 = dict(n_layers=2, d_model=64, n_heads=4, d_vocab=tasks.VOCAB, n_ctx=32)
 STATS = [
     ("spread_p1_p99", "mean p99−p1"),
@@ -62,8 +84,22 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--model", help="local checkpoint directory (default: a toy GPT-2 pretrained here)")
     ap.add_argument("--prefixes", nargs="+", help="saved prefix files to analyse instead of training new ones")
     ap.add_argument("--length", type=int, default=10, help="prefix length P")
-    ap.add_argument("--task", default="ascending", choices=tasks.TASKS, help="task the prefixes are trained on")
-    ap.add_argument("--seeds", default="0,1,2,3,4", help="prefix-training seeds (comma-separated)")
+    ap.add_argument("--task", choices=list(tasks.TASKS) + list(lexicons.TASKS),
+                    help="task the prefixes are trained on (default: nrc-emotion for a built-in model, else ascending)")
+    ap.add_argument("--seeds", help="prefix-training seeds (comma-separated; default 0,1,2,3,4, or the profile's)")
+    ap.add_argument("--profile", choices=list(PROFILES), default="full",
+                    help="real tasks only: 'full' (the committed run) or 'quick' (a tiny run for tests)")
+    ap.add_argument("--steps", type=int, help="real tasks: training steps per seed (default: the profile's)")
+    ap.add_argument("--batch-size", type=int, help="real tasks: words per training step (default: the profile's)")
+    ap.add_argument("--lr", type=float, default=5e-3, help="real tasks: Adam learning rate, relative to each initial vector's RMS")
+    ap.add_argument("--init", choices=["prompt", "random"], default="prompt",
+                    help="real tasks: initial prefix: the residual stream of the task's instruction (INIT_TEXT), "
+                         "or random N(0, --init-scale) vectors (the reference's)")
+    ap.add_argument("--init-text", help="real tasks, --init prompt: the instruction text (default: INIT_TEXT[task])")
+    ap.add_argument("--init-scale", type=float, default=0.02, help="real tasks, --init random: std of the initial prefix (the reference's 0.02)")
+    ap.add_argument("--n-test-per-class", type=int, help="real tasks: test words per label (default: the profile's)")
+    ap.add_argument("--split-seed", type=int, default=0, help="real tasks: seed of the frozen train/test split")
+    ap.add_argument("--stem", help="output file stem (default: longer_prefixes, or longer_prefixes_<name> for a built-in model)")
     ap.add_argument("--seed", type=int, default=0, help="seed of the base model and its pretraining")
     ap.add_argument("--pretrain-task", default=tasks.MIXTURE)
     ap.add_argument("--pretrain-iters", type=int, default=1500)
@@ -77,7 +113,25 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--out", default="results")
     ap.add_argument("--progress", action="store_true")
     args = ap.parse_args(argv)
+    builtin = args.model in models.BUILTIN_MODELS
+    if args.task is None:
+        args.task = "nrc-emotion" if builtin and not args.prefixes else "ascending"
+    args.real = args.task in lexicons.TASKS
+    if args.real:
+        if not args.model:
+            ap.error(f"--task {args.task} needs --model (a checkpoint with a tokenizer, e.g. smollm2-135m)")
+        if args.prefixes:
+            ap.error("--prefixes is for the toy tasks; a real task trains its prefixes")
+        for key, value in PROFILES[args.profile].items():
+            if getattr(args, key) is None:
+                setattr(args, key, value)
+    elif args.seeds is None:
+        args.seeds = "0,1,2,3,4"
     args.seeds = [int(s) for s in args.seeds.split(",") if s]
+    if args.stem is None:
+        args.stem = "longer_prefixes" + (f"_{args.model.split('-')[0]}" if builtin else "")
+    if args.real and (args.steps < 0 or args.batch_size < 1 or args.n_test_per_class < 1):
+        ap.error("--steps must be >= 0, --batch-size and --n-test-per-class >= 1")
     if args.length < 1:
         ap.error("--length must be >= 1")
     if not args.prefixes and not args.seeds:
@@ -181,16 +235,16 @@ def slot_ranges(per_prefix: list) -> list[dict]:
 def markdown(args, info, items, tables, ranges, command) -> str:
     L = len(next(iter(tables["last_input"]["prefix"].values())))
     lines = [
-        "# Appendix B on every head: attention over the slots of a P = {} prefix".format(args.length),
+        f"# Appendix B on every head: attention over the slots of a P = {args.length} prefix",
         "",
         f"Command: `{command}`",
         "",
         f"Model: {info['model']}.",
     ]
     if "accuracy_no_prefix" in info:
-        lines.append("Accuracy without a prefix (teacher-forced exact match, {} test inputs): ".format(args.n_eval)
+        lines.append(f"Accuracy without a prefix (teacher-forced exact match, {args.n_eval} test inputs): "
                      + ", ".join(f"{t} {a:.1%}" for t, a in info["accuracy_no_prefix"].items()) + ".")
-    lines += ["", "## Prefixes", "", "| prefix | final loss | accuracy on {} | 95% CI |".format(args.task), "|---|---|---|---|"]
+    lines += ["", "## Prefixes", "", f"| prefix | final loss | accuracy on {args.task} | 95% CI |", "|---|---|---|---|"]
     for it in items:
         if "accuracy" in it:
             lo, hi = it["accuracy_ci95"]
@@ -297,13 +351,395 @@ def figure(stats: dict, path: Path, task: str) -> None:
     tmp.replace(path)
 
 
-def main(argv=None) -> dict:
+# ------------------------------------------------------------------- a real model on a real labelled task
+
+T_975 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262, 10: 2.228}
+
+
+def real_task(args) -> lexicons.LexiconTask:
+    """The frozen task: the lexicon, the labels and the seeded stratified split (see :mod:`prefixlens.lexicons`)."""
+    return lexicons.build_task(args.task, n_test_per_class=args.n_test_per_class, seed=args.split_seed)
+
+
+def encode_prompts(model, task: lexicons.LexiconTask, items) -> list[list[int]]:
+    """The ids of every item's prompt (the model's BOS policy: none for SmolLM2, as its own tokenizer)."""
+    from prefixlens import text
+
+    return [text.encode(model, task.prompt(w)) for w, _ in items]
+
+
+def left_pad(rows: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``[N, T_max]`` ids left-padded with ``pad_id`` and the ``[N, T_max]`` mask (1 = real token)."""
+    T = max(len(r) for r in rows)
+    ids = torch.full((len(rows), T), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(rows), T), dtype=torch.long)
+    for i, r in enumerate(rows):
+        ids[i, T - len(r):] = torch.tensor(r, dtype=torch.long)
+        mask[i, T - len(r):] = 1
+    return ids, mask
+
+
+def pad_id_of(model) -> int:
+    tok = model.tokenizer
+    return int(tok.pad_token_id if tok.pad_token_id is not None else (tok.eos_token_id or 0))
+
+
+def last_logits(model, ids, mask, prefix=None, batch_size: int = 50) -> torch.Tensor:
+    """Logits at the last prompt token ``[N, vocab]``, with ``prefix`` or (``None``) without one. Left
+    padding is masked; without a prefix the positions are ``cumsum(mask) − 1``, as a row alone."""
+    out = []
+    with torch.no_grad():
+        for s in range(0, ids.shape[0], batch_size):
+            i, m = ids[s : s + batch_size], mask[s : s + batch_size]
+            if prefix is not None:
+                logits = pl.run_with_prefix(model, i, prefix, attention_mask=m)
+            else:
+                logits = model(i, attention_mask=m, position_ids=(m.cumsum(-1) - 1).clamp_min(0))
+            out.append(logits[:, -1].float())
+    return torch.cat(out)
+
+
+def accuracy_of(logits, y, label_ids) -> dict:
+    """Accuracy of the argmax over the label tokens (with its 95% Wilson interval) and of the greedy
+    next token over the whole vocabulary, and the mean log-probability of the right label token."""
+    ids = torch.tensor(label_ids)
+    pred = logits[:, ids].argmax(-1)
+    correct = int((pred == y).sum())
+    greedy = int((logits.argmax(-1) == ids[y]).sum())
+    logp = logits.log_softmax(-1)[torch.arange(len(y)), ids[y]]
+    n = len(y)
+    return {"accuracy": correct / n, "correct": correct, "n": n, "accuracy_ci95": list(tasks.wilson_interval(correct, n)),
+            "greedy_accuracy": greedy / n, "mean_logprob_label": float(logp.mean()),
+            "predicted_counts": torch.bincount(pred, minlength=len(label_ids)).tolist()}
+
+
+INIT_TEXT = {  # a real instruction whose residual stream initialises the prefix (--init prompt): 10 SmolLM2 tokens
+    "nrc-emotion": "Label each word with the emotion it evokes.\n",
+    "afinn-sentiment": "Label each word as positive or negative.\n",
+}
+
+
+def initial_prefix(model, args, seed: int) -> pl.ResidualPrefix:
+    """``--init prompt``: the residual stream of the task's instruction (:data:`INIT_TEXT`, its first P
+    tokens, after repeats of its first token when shorter), the same for every seed;
+    ``--init random``: N(0, init_scale) residual vectors (the reference's ``prefix_tune.py``), seeded."""
+    from prefixlens import text
+
+    if args.init == "random":
+        return pl.ResidualPrefix.random(model, args.length, seed=seed, scale=args.init_scale)
+    ids = text.encode(model, args.init_text or INIT_TEXT[args.task])[: args.length]
+    ids = [ids[0]] * (args.length - len(ids)) + ids
+    prefix = pl.ResidualPrefix.from_prompt(model, torch.tensor(ids))
+    prefix.requires_grad_(False)
+    return prefix
+
+
+def train_real_prefix(model, args, train_rows, train_y, label_ids, seed: int):
+    """A P-slot residual prefix trained on class-balanced batches of (prompt, label token) pairs.
+
+    The loss is the cross-entropy of the label token over the whole vocabulary at the last prompt
+    token (the answer token only, as the reference's ``prefix_tune.py``); the model stays frozen, in
+    eval mode. Adam (no weight decay) and grad-norm clipping at 1 act on the prefix divided by each
+    initial vector's RMS, so ``lr`` is a relative step for every layer and slot (SmolLM2's residual
+    norms range from ~3 at layer 0 to ~2·10⁴ at the first slot of deeper layers). The seed sets the
+    batch order (and, with ``--init random``, the initial prefix).
+    """
+    # TODO(prefixlens.training): switch to the library's general trainer on (input, target) pairs,
+    # `train.train_prefix(model, pairs, form="residual", ...)`, once prefixlens/training/pairs.py lands.
+    init = initial_prefix(model, args, seed)
+    signature = init.signature
+    scale = init.resid.detach().pow(2).mean(-1, keepdim=True).sqrt().clamp_min(1e-12)  # [L, P, 1]
+    theta = torch.nn.Parameter(init.resid.detach() / scale)
+    opt = torch.optim.Adam([theta], lr=args.lr)
+    g = torch.Generator().manual_seed(seed)
+    K = len(label_ids)
+    by_class = [[i for i, c in enumerate(train_y) if c == k] for k in range(K)]
+    targets = torch.tensor(label_ids)
+    pad = pad_id_of(model)
+    losses = []
+    model.eval()
+    for step in range(args.steps):
+        classes = torch.randint(K, (args.batch_size,), generator=g).tolist()
+        rows = [by_class[c][int(torch.randint(len(by_class[c]), (1,), generator=g))] for c in classes]
+        ids, mask = left_pad([train_rows[i] for i in rows], pad)
+        prefix = pl.ResidualPrefix(theta * scale, signature)
+        logits = pl.run_with_prefix(model, ids, prefix, attention_mask=mask)[:, -1]
+        loss = torch.nn.functional.cross_entropy(logits.float(), targets[classes])
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_([theta], 1.0)
+        opt.step()
+        losses.append(loss.item())
+        if args.progress:
+            print(f"  seed {seed} step {step + 1}/{args.steps}: loss {losses[-1]:.3f}", flush=True)
+    trained = pl.ResidualPrefix((theta * scale).detach(), signature)
+    trained.requires_grad_(False)
+    return trained, init, losses
+
+
+def t_interval(values: list[float]) -> list[float] | None:
+    """95% t interval of the mean across seeds (None for a single seed)."""
+    n = len(values)
+    if n < 2:
+        return None
+    mean = sum(values) / n
+    sd = (sum((v - mean) ** 2 for v in values) / (n - 1)) ** 0.5
+    half = T_975.get(n - 1, 1.96) * sd / n ** 0.5
+    return [mean - half, mean + half]
+
+
+def reference_at_depth(layer: int, n_layers: int) -> float:
+    """The reference's GPT-2 spread of the layer at the same relative depth (12 layers)."""
+    return REFERENCE_SPREAD[min(len(REFERENCE_SPREAD) - 1, int((layer + 0.5) * len(REFERENCE_SPREAD) / n_layers))]
+
+
+def head_table(per_prefix: list, fn) -> torch.Tensor:
+    """``[layer, head]`` mean over prefixes of a per-head statistic."""
+    return torch.stack([fn(s) for _, s in per_prefix]).mean(0)
+
+
+def real_per_layer(per_prefix: list) -> dict[str, list[float]]:
+    """Per-layer means over heads (and prefixes) of every statistic, plus the spread's min / max over heads."""
+    table = layer_table(per_prefix)
+    spread = head_table(per_prefix, lambda s: s.spread().mean(-1))  # [L, H], mean over slots and prefixes
+    table["spread_min_over_heads"] = spread.amin(-1).tolist()
+    table["spread_max_over_heads"] = spread.amax(-1).tolist()
+    L, H = spread.shape
+    table["spread_head_l"] = [float(spread[l, l]) if l < H else None for l in range(L)]
+    return table
+
+
+def real_markdown(args, info, items, tables, command) -> str:
+    t = info["task"]
+    trained, init = tables["prefix"], tables["init"]
+    L = len(trained["spread_p1_p99"])
+    accs = [it["test"]["accuracy"] for it in items]
+    ci = t_interval(accs)
+    zs = info["zero_shot"]
+    lines = [
+        f"# Appendix B on a real task: {info['model_name']}, P = {args.length} residual prefixes on {t['name']}",
+        "",
+        f"Command: `{command}`",
+        "",
+        f"Model: {info['model']} ({L} layers × {info['n_heads']} query heads, {info['n_kv_heads']} key/value heads), frozen, eval mode, float32.",
+        "",
+        "## Task (real labels from outside this project)",
+        "",
+        f"- Source: {t['source']}.",
+        f"- Prompt: `{t['template']!r}` → one of the label tokens " + ", ".join(f"`' {x}'`" for x in t["labels"]) + ".",
+        f"- Frozen split (seeded, stratified; `prefixlens.lexicons.build_task({args.task!r}, n_test_per_class={args.n_test_per_class}, seed={args.split_seed})`): "
+        f"{t['n_train']} train words {t['train_counts']}, {t['n_test']} test words ({args.n_test_per_class} per label); sha256 `{t['sha256'][:16]}…`. "
+        "The test words are listed in the JSON (`task.test`).",
+        f"- Accuracy: argmax over the {len(t['labels'])} label tokens at the last prompt token (chance {1 / len(t['labels']):.0%}); "
+        "*greedy*: the next token over the whole vocabulary is the label token.",
+        f"- Training: {args.steps} steps × {args.batch_size} words (class-balanced draws from the train words; the seed sets their order), "
+        f"Adam lr {args.lr} relative to each initial vector's RMS, grad-norm clip 1, cross-entropy of the label token over the whole "
+        "vocabulary (the answer token only, as the reference's `prefix_tune.py`). Initial prefix: "
+        + (f"the residual stream of the instruction {info['init_text']!r} at every layer (`ResidualPrefix.from_prompt`), the same for every seed."
+           if args.init == "prompt" else f"N(0, {args.init_scale}) residual vectors (the reference's), seeded."),
+        "",
+        "## Accuracy on the test words",
+        "",
+        "| prefix | final loss | train s | accuracy | 95% CI | greedy | its initial prefix | 95% CI |",
+        "|---|---|---|---|---|---|---|---|",
+        f"| none (zero-shot) | — | — | {zs['accuracy']:.1%} | [{zs['accuracy_ci95'][0]:.1%}, {zs['accuracy_ci95'][1]:.1%}] | {zs['greedy_accuracy']:.1%} | — | — |",
+    ]
+    for it in items:
+        a, b = it["test"], it["init_test"]
+        lines.append(f"| {it['name']} | {it['final_loss']:.3f} | {it['train_seconds']:.0f} | {a['accuracy']:.1%} | "
+                     f"[{a['accuracy_ci95'][0]:.1%}, {a['accuracy_ci95'][1]:.1%}] | {a['greedy_accuracy']:.1%} | "
+                     f"{b['accuracy']:.1%} | [{b['accuracy_ci95'][0]:.1%}, {b['accuracy_ci95'][1]:.1%}] |")
+    mean = sum(accs) / len(accs)
+    lines += ["", f"Mean over the {len(items)} seeds: **{mean:.1%}**"
+              + (f" (95% t interval across seeds [{ci[0]:.1%}, {ci[1]:.1%}])" if ci else "") + f"; zero-shot {zs['accuracy']:.1%}.", ""]
+    ref_mean = sum(REFERENCE_SPREAD) / len(REFERENCE_SPREAD)
+    m = lambda xs: sum(x for x in xs if x is not None) / len([x for x in xs if x is not None])  # noqa: E731
+    lines += [
+        f"## Attention over the {args.length} slots, every head (query: the last prompt token)",
+        "",
+        f"Per layer: means over all {info['n_heads']} heads, the slots and the {len(items)} seeds, over the {t['n_test']} test words. "
+        "*init*: the same seeds' initial (untrained) prefixes, the control. *GPT-2 ref.*: the reference's mean p99−p1 "
+        "(GPT-2 on Emotion, 20 prefixes, head ℓ of layer ℓ only) of the GPT-2 layer at the same relative depth. "
+        f"*head ℓ*: SmolLM2's spread at head ℓ of layer ℓ (the reference's head choice; layers 0–{min(L, info['n_heads']) - 1}).",
+        "",
+        f"Overall mean p99−p1: trained **{m(trained['spread_p1_p99']):.3f}**, init {m(init['spread_p1_p99']):.3f}, "
+        f"GPT-2 reference {ref_mean:.3f} (layers 0–11: " + ", ".join(f"{x:.3f}" for x in REFERENCE_SPREAD) + "). "
+        f"Top slot: trained {m(trained['top_slot_share']):.3f}, init {m(init['top_slot_share']):.3f} (uniform: {1 / args.length:.2f}). "
+        f"Slot perplexity: trained {m(trained['slot_perplexity']):.2f}, init {m(init['slot_perplexity']):.2f} of {args.length}.",
+        "",
+        "| layer | p99−p1 trained | min–max over heads | init | head ℓ | GPT-2 ref. | max p99−p1 | top slot | init | top 2 | slot ppl | init "
+        "| erank values | erank biases | init | erank bias var. | erank weights | bias var. | prefix mass A | init |",
+        "|---|" + "---|" * 19,
+    ]
+    for l in range(L):
+        hl = trained["spread_head_l"][l]
+        lines.append(
+            f"| {l} | {trained['spread_p1_p99'][l]:.3f} | {trained['spread_min_over_heads'][l]:.3f}–{trained['spread_max_over_heads'][l]:.3f} | "
+            f"{init['spread_p1_p99'][l]:.3f} | {'—' if hl is None else f'{hl:.3f}'} | {reference_at_depth(l, L):.3f} | "
+            f"{trained['max_spread_p1_p99'][l]:.3f} | {trained['top_slot_share'][l]:.3f} | {init['top_slot_share'][l]:.3f} | "
+            f"{trained['top2_share'][l]:.3f} | {trained['slot_perplexity'][l]:.2f} | {init['slot_perplexity'][l]:.2f} | "
+            f"{trained['value_erank'][l]:.2f} | {trained['bias_erank'][l]:.2f} | {init['bias_erank'][l]:.2f} | "
+            f"{trained['bias_erank_centered'][l]:.2f} | {trained['weight_erank'][l]:.2f} | {trained['bias_variation'][l]:.3f} | "
+            f"{trained['prefix_mass'][l]:.3f} | {init['prefix_mass'][l]:.3f} |")
+    lines += [
+        "",
+        "- *p99−p1*: spread of each slot's weight (attention over the slots renormalised to sum to 1) across the test "
+        "words, 1st to 99th percentile, mean over slots (*max*: the largest slot's);",
+        "- *top slot*, *top 2*: mean weight of the largest one / two slots; *slot ppl*: exp(entropy) of the mean slot distribution;",
+        "- *erank*: effective rank exp(H(σ/Σσ)) of the prefix values v_p (the span, ≤ P), of the realised biases "
+        "b_i = Σ_p w_ip v_p, of their input-dependent part (bias var.), and of the [words × P] slot weights; "
+        "*bias var.*: rms ‖b_i − mean b‖ / ‖mean b‖; *prefix mass A*: total attention on the slots;",
+        f"- per head ([layer][head], every seed, trained and init) in `{args.stem}.json` (`per_head`), and every "
+        "(seed, layer, head, slot) p1 / median / p99 in `slot_quantiles`.",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def real_figure(args, stats, tables, path: Path, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    trained, init = tables["prefix"], tables["init"]
+    L = len(trained["spread_p1_p99"])
+    depth = [(l + 0.5) / L for l in range(L)]
+    fig, axes = plt.subplots(2, 2, figsize=(14, 10))
+    ax = axes[0, 0]
+    ax.fill_between(depth, trained["spread_min_over_heads"], trained["spread_max_over_heads"], color="C0", alpha=0.2,
+                    label="trained: min–max over heads")
+    ax.plot(depth, trained["spread_p1_p99"], "C0-o", ms=3, label="trained: mean over heads")
+    ax.plot(depth, init["spread_p1_p99"], "C1--", label="initial prefix (control)")
+    R = len(REFERENCE_SPREAD)
+    ax.plot([(l + 0.5) / R for l in range(R)], REFERENCE_SPREAD, "ks", label="reference: GPT-2 / Emotion (head ℓ of layer ℓ)")
+    ax.set_xlabel("relative depth (layer + 0.5) / n_layers")
+    ax.set_ylabel("mean p99 − p1 of a slot's weight")
+    ax.set_title("spread of the slot weights across inputs, per layer")
+    ax.legend(fontsize=8)
+    for ax, fn, label in ((axes[0, 1], lambda s: s.spread().mean(-1), "mean p99 − p1 (trained, mean over seeds)"),
+                          (axes[1, 0], lambda s: s.top_slot_share(), "top-slot weight (trained, mean over seeds)")):
+        grid = head_table(stats["prefix"], fn)
+        im = ax.imshow(grid.T.numpy(), aspect="auto", cmap="viridis", origin="lower")
+        ax.set_xlabel("layer")
+        ax.set_ylabel("head")
+        ax.set_title(label)
+        fig.colorbar(im, ax=ax)
+    ax = axes[1, 1]
+    for key, label, style in (("value_erank", "erank values", "C0-"), ("bias_erank", "erank biases", "C1-"),
+                              ("bias_erank_centered", "erank bias variation", "C2-"), ("weight_erank", "erank slot weights", "C3-")):
+        ax.plot(range(L), trained[key], style, label=f"{label} (trained)")
+    ax.plot(range(L), init["bias_erank"], "C1:", label="erank biases (init)")
+    ax.axhline(args.length, color="k", ls="--", lw=1, label=f"P = {args.length}")
+    ax.set_xlabel("layer")
+    ax.set_ylabel("effective rank (mean over heads and seeds)")
+    ax.set_title("span used by the realised biases")
+    ax.legend(fontsize=8)
+    fig.suptitle(title)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp.png")
+    fig.savefig(tmp, dpi=70)
+    plt.close(fig)
+    tmp.replace(path)
+
+
+def _r(t: torch.Tensor, decimals: int = 5) -> list:
+    return torch.round(t.double(), decimals=decimals).tolist()
+
+
+def real_main(args, argv, model=None) -> dict:
+    command = shlex.join(["python", "analyses/longer_prefixes.py", *(sys.argv[1:] if argv is None else argv)])
+    out = Path(args.out)
+    t0 = time.perf_counter()
+    if model is None:
+        model = models.load(args.model)
+    model.requires_grad_(False)
+    model.eval()
+    load_seconds = round(time.perf_counter() - t0, 1)
+    task = real_task(args)
+    label_ids = task.label_token_ids(model.tokenizer)
+    train_rows = encode_prompts(model, task, task.train)
+    train_y = [task.label_index(y) for _, y in task.train]
+    test_ids, test_mask = left_pad(encode_prompts(model, task, task.test), pad_id_of(model))
+    test_y = torch.tensor([task.label_index(y) for _, y in task.test])
+    cfg = model.cfg
+    info = {
+        "model": models.BUILTIN_MODELS[args.model].description if args.model in models.BUILTIN_MODELS else f"checkpoint {args.model}",
+        "model_name": args.model, "n_heads": int(cfg.n_heads),
+        "n_kv_heads": int(getattr(cfg, "n_key_value_heads", None) or cfg.n_heads),
+        "task": task.describe(), "label_token_ids": label_ids, "load_seconds": load_seconds,
+        "init_text": (args.init_text or INIT_TEXT[args.task]) if args.init == "prompt" else None,
+    }
+    info["zero_shot"] = accuracy_of(last_logits(model, test_ids, test_mask), test_y, label_ids)
+    print(f"{task.name}: {len(task.train)} train / {len(task.test)} test words; zero-shot accuracy "
+          f"{info['zero_shot']['accuracy']:.1%}", flush=True)
+    items, stats, init_cache = [], {"prefix": [], "init": []}, None
+    for seed in args.seeds:
+        t1 = time.perf_counter()
+        prefix, init, losses = train_real_prefix(model, args, train_rows, train_y, label_ids, seed)
+        train_seconds = time.perf_counter() - t1
+        item = {"name": f"seed {seed}", "seed": seed, "losses": losses,
+                "final_loss": sum(losses[-10:]) / max(1, len(losses[-10:])) if losses else float("nan"),
+                "train_seconds": round(train_seconds, 1)}
+        item["test"] = accuracy_of(last_logits(model, test_ids, test_mask, prefix), test_y, label_ids)
+        s = analysis.slot_statistics(model, test_ids, prefix, positions=-1, attention_mask=test_mask, batch_size=50)
+        stats["prefix"].append((item["name"], s))
+        # the control: this seed's initial prefix (with --init prompt the same for every seed: computed once)
+        if args.init == "random" or init_cache is None:
+            init_cache = (accuracy_of(last_logits(model, test_ids, test_mask, init), test_y, label_ids),
+                          analysis.slot_statistics(model, test_ids, init, positions=-1, attention_mask=test_mask, batch_size=50))
+        item["init_test"] = init_cache[0]
+        stats["init"].append((item["name"], init_cache[1]))
+        item["seconds"] = round(time.perf_counter() - t1, 1)
+        items.append(item)
+        print(f"prefix seed {seed}: loss {item['final_loss']:.3f}, test accuracy {item['test']['accuracy']:.1%} "
+              f"(init {item['init_test']['accuracy']:.1%}), {item['seconds']:.0f} s", flush=True)
+        if args.save_prefixes:
+            prefix.save(Path(args.save_prefixes) / f"{task.name}_P{args.length}_seed{seed}.safetensors")
+    tables = {k: real_per_layer(v) for k, v in stats.items()}
+    accs = [it["test"]["accuracy"] for it in items]
+    real_figure(args, stats, tables, out / f"{args.stem}.png",
+                f"Appendix B on {args.model}: P = {args.length} residual prefixes on {task.name} "
+                f"({len(items)} seeds, mean test accuracy {sum(accs) / len(accs):.1%}), query = last prompt token")
+    result = {
+        "command": command,
+        "config": dict(vars(args)),
+        "base": info,
+        "task": {**task.describe(), "test": [list(x) for x in task.test]},
+        "prefixes": items,
+        "accuracy_mean": sum(accs) / len(accs),
+        "accuracy_ci95_across_seeds": t_interval(accs),
+        "per_layer": tables,
+        "per_head": {k: [{"prefix": n, "spread_p1_p99": _r(s.spread().mean(-1)),
+                          **{key: _r(getattr(s, key)()) for key in ("top_slot_share", "value_rank", "value_erank", "bias_erank", "weight_erank")},
+                          "prefix_mass": _r(s.prefix_mass.double().mean(-1))} for n, s in v]
+                     for k, v in stats.items()},
+        "slot_quantiles": {
+            "index": "[prefix][layer][head][slot] -> [p1, median, p99] of the slot's weight across the test words (trained prefixes)",
+            "prefixes": [n for n, _ in stats["prefix"]],
+            "values": [torch.round(s.quantiles((0.01, 0.5, 0.99)), decimals=4).tolist() for _, s in stats["prefix"]],
+        },
+        "reference_spread_per_layer": REFERENCE_SPREAD,
+        "reference_at_same_depth": [reference_at_depth(l, len(tables["prefix"]["spread_p1_p99"])) for l in range(len(tables["prefix"]["spread_p1_p99"]))],
+        "seconds": round(time.perf_counter() - t0, 1),
+        "environment": environment(),
+    }
+    atomic_write_text(out / f"{args.stem}.json", json.dumps(result, indent=1))
+    atomic_write_text(out / f"{args.stem}.md", real_markdown(args, info, items, tables, command))
+    print(f"wrote {out / (args.stem + '.json')}, .md and .png ({result['seconds']:.0f} s)")
+    result["_stats"] = stats  # in memory only (tests): the SlotStatistics of every prefix
+    return result
+
+
+def main(argv=None, model=None) -> dict:
+    """Run the analysis; ``model``: an already loaded model for ``--model`` (tests reuse one)."""
     args = parse_args(argv)
     threads = torch.get_num_threads()
     if args.threads > 0:
         torch.set_num_threads(args.threads)
     try:
-        return _main(args, argv)
+        return real_main(args, argv, model) if args.real else _main(args, argv)
     finally:
         torch.set_num_threads(threads)
 
@@ -319,7 +755,7 @@ def _main(args, argv) -> dict:
     stats = statistics(args, model, items)
     tables = {q: {k: layer_table(v) for k, v in by_kind.items()} for q, by_kind in stats.items()}
     ranges = slot_ranges(stats["last_input"]["prefix"])
-    figure(stats, out / "longer_prefixes.png", args.task)
+    figure(stats, out / f"{args.stem}.png", args.task)
     result = {
         "command": command,
         "config": {k: v for k, v in vars(args).items()},
@@ -338,9 +774,9 @@ def _main(args, argv) -> dict:
         "seconds": round(time.perf_counter() - t0, 1),
         "environment": environment(),
     }
-    atomic_write_text(out / "longer_prefixes.json", json.dumps(result, indent=1))
-    atomic_write_text(out / "longer_prefixes.md", markdown(args, info, items, tables, ranges, command))
-    print(f"wrote {out / 'longer_prefixes.json'}, .md and .png")
+    atomic_write_text(out / f"{args.stem}.json", json.dumps(result, indent=1))
+    atomic_write_text(out / f"{args.stem}.md", markdown(args, info, items, tables, ranges, command))
+    print(f"wrote {out / (args.stem + '.json')}, .md and .png")
     return result
 
 
