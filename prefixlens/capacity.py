@@ -14,6 +14,10 @@ counts the distinct ones.
 - ``"convex"``: random convex combinations of ``k`` real-token tensors (``k`` tokens drawn uniformly
   without replacement, weights ``~ Dirichlet(1, ..., 1)``).
 
+:func:`sample_prefixes` fits and draws in one call; for many samples on a large model (49,152 tokens of
+SmolLM2: a ``[n, 30 x 576]`` float64 residual draw would take gigabytes), :func:`fit_real_tokens` fits
+once and :func:`draw_prefixes` draws blocks of samples, each with its own seeded generator.
+
 **Protocols.** ``content_token=None`` is the reference's: the first position is the whole prompt
 and the first generated token is read at it (no BOS). This works for tokens, soft prompts and
 residual prefixes (the residual prefix sets every layer's input at the slot, so the slot's own
@@ -31,9 +35,11 @@ from jaxtyping import Int
 from torch import Tensor
 from tqdm.auto import tqdm
 
+from prefixlens.constructions.theorems import count_distinct
 from prefixlens.generation import generate, sample_next
 from prefixlens.injection import attached
-from prefixlens.prefixes import KVPrefix, Prefix, ResidualPrefix, SoftPrompt
+from prefixlens.kv_cache import cached_forward, has_kv_cache
+from prefixlens.prefixes import FORMS, KVPrefix, Prefix, form_class  # FORMS: the one registry of prefix forms
 from prefixlens.signature import model_dtype_device, signature_of
 
 __all__ = [
@@ -41,6 +47,9 @@ __all__ = [
     "SAMPLERS",
     "ArmResult",
     "real_token_prefixes",
+    "RealTokenFit",
+    "fit_real_tokens",
+    "draw_prefixes",
     "sample_prefixes",
     "greedy_completions",
     "count_distinct",
@@ -48,13 +57,7 @@ __all__ = [
     "run_arm",
 ]
 
-FORMS = {"soft": SoftPrompt, "residual": ResidualPrefix, "kv": KVPrefix}
 SAMPLERS = ("gaussian", "convex")
-
-
-def count_distinct(completions: Int[Tensor, "n L"]) -> int:
-    """The number of distinct rows."""
-    return int(torch.unique(completions, dim=0).shape[0]) if completions.shape[0] else 0
 
 
 def distinct_curve(completions: Int[Tensor, "n L"], ns: list[int]) -> list[int]:
@@ -62,25 +65,92 @@ def distinct_curve(completions: Int[Tensor, "n L"], ns: list[int]) -> list[int]:
     return [count_distinct(completions[:n]) for n in ns]
 
 
-def _form(form: str) -> type[Prefix]:
-    if form not in FORMS:
-        raise ValueError(f"form must be one of {sorted(FORMS)}, got {form!r}.")
-    return FORMS[form]
+_form = form_class  # name (or class name) -> form; ValueError naming the valid names
 
 
 def _flat(prefix: Prefix) -> tuple[Tensor, ...]:
-    return tuple(getattr(prefix, n).detach() for n in prefix._tensor_names)
+    return tuple(getattr(prefix, n).detach() for n in prefix.tensor_names)
 
 
 @torch.no_grad()
-def real_token_prefixes(model, form: str, tokens: Int[Tensor, "n"], batch_size: int = 512) -> Prefix:
+def real_token_prefixes(model, form: str, tokens: Int[Tensor, " n"], batch_size: int = 512) -> Prefix:
     """The batched one-slot ``form`` prefix of each real token: exactly that token as the first position."""
     cls = _form(form)
     tokens = torch.as_tensor(tokens).reshape(-1)
     _, device = model_dtype_device(model)
     parts = [cls.from_prompt(model, tokens[i:i + batch_size, None].to(device)) for i in range(0, len(tokens), batch_size)]
-    tensors = [torch.cat([_flat(p)[j] for p in parts]) for j in range(len(cls._tensor_names))]
+    tensors = [torch.cat([_flat(p)[j] for p in parts]) for j in range(len(cls.tensor_names))]
     return cls(*tensors, signature=signature_of(model))
+
+
+@dataclass
+class RealTokenFit:
+    """The real-token tensors a sampler is fitted to: ``X`` (``[M, D]``, float64 on the CPU, one
+    flattened ``form`` prefix per row) for the real tokens ``tokens``, and how to rebuild a prefix."""
+
+    form: str
+    tokens: Tensor
+    X: Tensor
+    shapes: list[torch.Size]
+    signature: object
+    dtype: torch.dtype
+    device: torch.device
+    _centred: tuple[Tensor, Tensor] | None = field(default=None, repr=False)
+
+    def centred(self) -> tuple[Tensor, Tensor]:
+        """``(mu, X - mu)``, computed once."""
+        if self._centred is None:
+            mu = self.X.mean(0)
+            self._centred = (mu, self.X - mu)
+        return self._centred
+
+
+def _fit(model, form: str, g: torch.Generator, fit_tokens: int | None) -> RealTokenFit:
+    _form(form)
+    V = int(model.cfg.d_vocab)
+    fit = torch.randperm(V, generator=g)[:fit_tokens] if fit_tokens and fit_tokens < V else torch.arange(V)
+    tensors = _flat(real_token_prefixes(model, form, fit))
+    X = torch.cat([t.reshape(len(fit), -1).double().cpu() for t in tensors], dim=1)  # [M, D]
+    dtype, device = model_dtype_device(model)
+    return RealTokenFit(form, fit, X, [t.shape[1:] for t in tensors], signature_of(model), dtype, device)
+
+
+@torch.no_grad()
+def fit_real_tokens(model, form: str, seed: int = 0, fit_tokens: int | None = 4096) -> RealTokenFit:
+    """The real tokens a sampler is fitted to: a seeded random subset of ``fit_tokens`` of them
+    (``None``: all), each as a one-slot ``form`` prefix (what :func:`sample_prefixes` fits to)."""
+    return _fit(model, form, torch.Generator().manual_seed(seed), fit_tokens)
+
+
+@torch.no_grad()
+def draw_prefixes(fit: RealTokenFit, n: int, sampler: str, generator: torch.Generator, k: int = 4) -> Prefix:
+    """``n`` one-slot prefixes drawn by ``sampler`` from a fitted :class:`RealTokenFit` with ``generator``
+    (see the module docstring). Drawing many samples in several calls, each with its own seeded
+    generator, needs only one fit and memory for one call's samples."""
+    if sampler not in SAMPLERS:
+        raise ValueError(f"sampler must be one of {SAMPLERS}, got {sampler!r}.")
+    if n < 1:
+        raise ValueError(f"n must be >= 1, got {n}.")
+    M = fit.X.shape[0]
+    if sampler == "gaussian":
+        if M < 2:
+            raise ValueError("the Gaussian sampler needs at least 2 real tokens to fit.")
+        mu, centred = fit.centred()
+        coeff = torch.randn(n, M, generator=generator, dtype=torch.float64) / (M - 1) ** 0.5
+        samples = mu + coeff @ centred
+    else:
+        if not 1 <= k <= M:
+            raise ValueError(f"k must be in [1, {M}] for a convex combination, got {k}.")
+        idx = torch.stack([torch.randperm(M, generator=generator)[:k] for _ in range(n)])  # [n, k]
+        w = -torch.rand(n, k, generator=generator, dtype=torch.float64).clamp_min(1e-300).log()  # Exp(1): Dirichlet(1)
+        w = w / w.sum(1, keepdim=True)
+        samples = torch.einsum("nk,nkd->nd", w, fit.X[idx])
+    out, start = [], 0
+    for shape in fit.shapes:
+        size = int(torch.Size(shape).numel())
+        out.append(samples[:, start:start + size].reshape(n, *shape).to(dtype=fit.dtype, device=fit.device))
+        start += size
+    return _form(fit.form)(*out, signature=fit.signature)
 
 
 @torch.no_grad()
@@ -96,47 +166,23 @@ def sample_prefixes(
     """``n`` one-slot ``form`` prefixes drawn by ``sampler`` (see the module docstring), batched.
 
     ``fit_tokens`` caps how many real tokens the sampler is fitted to (a seeded random subset;
-    ``None``: all of them). ``k`` is the number of tokens in a convex combination.
+    ``None``: all of them). ``k`` is the number of tokens in a convex combination. One generator
+    seeded with ``seed`` picks the fit subset and then draws the samples (:func:`fit_real_tokens`
+    followed by :func:`draw_prefixes`).
     """
-    cls = _form(form)
+    _form(form)
     if sampler not in SAMPLERS:
         raise ValueError(f"sampler must be one of {SAMPLERS}, got {sampler!r}.")
     if n < 1:
         raise ValueError(f"n must be >= 1, got {n}.")
-    V = int(model.cfg.d_vocab)
     g = torch.Generator().manual_seed(seed)
-    fit = torch.randperm(V, generator=g)[:fit_tokens] if fit_tokens and fit_tokens < V else torch.arange(V)
-    real = real_token_prefixes(model, form, fit)
-    tensors = _flat(real)
-    shapes = [t.shape[1:] for t in tensors]
-    X = torch.cat([t.reshape(len(fit), -1).double().cpu() for t in tensors], dim=1)  # [M, D]
-    M = X.shape[0]
-    if sampler == "gaussian":
-        if M < 2:
-            raise ValueError("the Gaussian sampler needs at least 2 real tokens to fit.")
-        mu = X.mean(0)
-        coeff = torch.randn(n, M, generator=g, dtype=torch.float64) / (M - 1) ** 0.5
-        samples = mu + coeff @ (X - mu)
-    else:
-        if not 1 <= k <= M:
-            raise ValueError(f"k must be in [1, {M}] for a convex combination, got {k}.")
-        idx = torch.stack([torch.randperm(M, generator=g)[:k] for _ in range(n)])  # [n, k]
-        w = -torch.rand(n, k, generator=g, dtype=torch.float64).clamp_min(1e-300).log()  # Exp(1): Dirichlet(1)
-        w = w / w.sum(1, keepdim=True)
-        samples = torch.einsum("nk,nkd->nd", w, X[idx])
-    dtype, device = model_dtype_device(model)
-    out, start = [], 0
-    for shape in shapes:
-        size = int(torch.Size(shape).numel())
-        out.append(samples[:, start:start + size].reshape(n, *shape).to(dtype=dtype, device=device))
-        start += size
-    return cls(*out, signature=signature_of(model))
+    return draw_prefixes(_fit(model, form, g, fit_tokens), n, sampler, g, k)
 
 
 @torch.no_grad()
 def greedy_completions(
     model,
-    first: Int[Tensor, "n"] | Prefix,
+    first: Int[Tensor, " n"] | Prefix,
     length: int = 10,
     content_token: int | None = None,
     batch_size: int = 256,
@@ -148,7 +194,9 @@ def greedy_completions(
     ``first`` is ``[n]`` real token ids, or a batched one-slot prefix of ``n`` virtual tokens.
     With ``content_token`` the prompt is ``[first, content_token]``; without it the first generated
     token is read at the first position itself (not defined for a :class:`KVPrefix`).
-    Later tokens come from :func:`prefixlens.generate` (key/value cache where the model has one).
+    Later tokens come from the model's key/value cache where it has one: without a content token the
+    slot's own forward pass fills the cache (the slot is not run twice), otherwise
+    :func:`prefixlens.generate`. Greedy ids stay tensors throughout (no per-row Python).
     """
     if length < 1:
         raise ValueError(f"length must be >= 1, got {length}.")
@@ -172,7 +220,13 @@ def greedy_completions(
         B = rows.stop - rows.start
         if is_prefix:
             prefix = first.batch_slice(rows)
-            if content_token is None:
+            if content_token is None and use_cache and has_kv_cache(model):
+                # the slot is the whole prompt: its own output gives the first token, and the cache
+                # already holds its keys and values for the rest (no second pass over the slot)
+                with attached(model, prefix) as slots:
+                    logits, cache = cached_forward(model, slots.placeholders(B, device))
+                outputs.append(_greedy_cached(model, logits[:, -1], cache, length))
+            elif content_token is None:
                 with attached(model, prefix) as slots:
                     g1 = sample_next(model(slots.placeholders(B, device))[:, -1])
                 rest = (generate(model, g1[:, None], prefix, length - 1, use_cache=use_cache)[:, 1:]
@@ -187,6 +241,16 @@ def greedy_completions(
                 prompt = torch.cat([prompt, torch.full_like(prompt, content_token)], dim=1)
             outputs.append(generate(model, prompt, None, length, use_cache=use_cache)[:, prompt.shape[1]:])
     return torch.cat(outputs).cpu()
+
+
+def _greedy_cached(model, logits, cache, length: int) -> Int[Tensor, "batch length"]:
+    """``length`` greedy tokens: the first from ``logits`` (``[B, d_vocab]``, the last position), each
+    later one from a cached step on the previous one (ids stay tensors: no per-row Python)."""
+    generated = [logits.argmax(-1)]
+    for _ in range(length - 1):
+        step, cache = cached_forward(model, generated[-1][:, None], cache)
+        generated.append(step[:, -1].argmax(-1))
+    return torch.stack(generated, dim=1)
 
 
 @dataclass

@@ -144,3 +144,126 @@ def test_script_trains_and_caches_the_toy_model(tmp_path):
     assert "cached" in desc2 and desc2.split("final loss")[1].strip(" )") == desc.split("final loss")[1].strip(" )")
     tokens = torch.arange(10)[:, None]
     assert torch.equal(model(tokens), again(tokens))
+
+
+def test_sample_prefixes_is_fit_then_draw(llama):
+    """sample_prefixes = fit_real_tokens + draw_prefixes with one generator (what the block sampler reuses)."""
+    for form, sampler in (("residual", "gaussian"), ("kv", "convex")):
+        one = cap.sample_prefixes(llama, form, 6, sampler, seed=7, fit_tokens=8)
+        g = torch.Generator().manual_seed(7)
+        fit = cap._fit(llama, form, g, 8)
+        two = cap.draw_prefixes(fit, 6, sampler, g)
+        assert all(torch.equal(a, b) for a, b in zip(cap._flat(one), cap._flat(two)))
+        assert torch.equal(fit.tokens, cap.fit_real_tokens(llama, form, seed=7, fit_tokens=8).tokens)
+
+
+def test_profile_defaults_and_file_names():
+    """smollm2-135m defaults to the quick profile; quick and full share their checkpoints; toy runs keep the
+    one-shot mode and the committed file names."""
+    script = _script()
+    quick = script.parse_args(["--model", "smollm2-135m"])
+    assert quick.profile == "quick" and quick.fit_tokens == 1024 and quick.n is None
+    assert script.default_stem(quick) == "token_vs_soft_token_smollm2_quick"
+    full = script.parse_args(["--model", "smollm2-135m", "--profile", "full", "--batch-size", "1024", "--n", "4096"])
+    assert script.default_stem(full) == "token_vs_soft_token_smollm2"
+    assert script.checkpoint_dir("smollm2-135m", full) == script.checkpoint_dir("smollm2-135m", quick)
+    toy = script.parse_args([])
+    assert toy.profile is None and toy.n == 512 and toy.fit_tokens == 4096
+    assert script.default_stem(toy) == "token_vs_soft_token"
+    with pytest.raises(SystemExit):
+        script.parse_args(["--model", "smollm2-135m", "--block", "0"])
+
+
+@pytest.mark.slow
+def test_profile_blocks_checkpoint_and_resume(tmp_path, monkeypatch):
+    """--profile: frozen blocks, quick is the full run's first block, a time budget stops between rounds with
+    equal N in every arm, and a rerun resumes from the checkpoints without regenerating them."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    hf = LlamaForCausalLM(LlamaConfig(vocab_size=21, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=32,
+                                      bos_token_id=1, eos_token_id=2, pad_token_id=0))
+    hf.save_pretrained(tmp_path / "llama")
+    script = _script()
+    common = ["--model", str(tmp_path / "llama"), "--block", "8", "--batch-size", "8", "--length", "3", "--fit-tokens", "12",
+              "--out", str(tmp_path / "results"), "--artifacts", str(tmp_path / "art")]
+    quick = script.main(common + ["--profile", "quick", "--n", "8"])["models"][0]
+    assert quick["status"] == "complete" and quick["n_done"] == 8
+    stem = script.default_stem(script.parse_args(common + ["--profile", "quick"]))
+    assert stem.startswith("token_vs_soft_token_llama-") and stem.endswith("_quick")
+    assert (tmp_path / "results" / f"{stem}.png").exists()
+    arms = {(p, r["arm"]) for p, b in quick["protocols"].items() for r in b["arms"]}
+    assert arms == {("reference", "token"), ("reference", "soft-gaussian"), ("reference", "soft-convex"),
+                    ("reference", "residual-gaussian"), ("prefix", "token"), ("prefix", "kv-gaussian")}
+
+    partial = script.main(common + ["--profile", "full", "--time-budget", "0"])["models"][0]
+    assert partial["n_done"] == 8 and partial["status"].startswith("partial: 8 of 21")  # round 1 came from quick
+    assert partial["generated_this_invocation_s"] == 0 and partial["projected_full_run_s"] is not None
+
+    full = script.main(common + ["--profile", "full"])["models"][0]
+    assert full["status"] == "complete" and full["n_done"] == 21
+    rows = {(p, r["arm"]): r for p, b in full["protocols"].items() for r in b["arms"]}
+    assert all(r["n"] == 21 and 1 <= r["distinct"] <= 21 for r in rows.values())
+    qrows = {(p, r["arm"]): r for p, b in quick["protocols"].items() for r in b["arms"]}
+    assert all(rows[a]["examples"] == qrows[a]["examples"] for a in rows)  # quick = the first block of full
+    data = json.loads((tmp_path / "results" / f"{stem[:-len('_quick')]}.json").read_text())
+    assert data["profile"] == "full" and data["environment"]["packages"] and data["wall_s"] > 0
+
+    def refuse(*a, **k):
+        raise AssertionError("a checkpointed block was regenerated")
+
+    monkeypatch.setattr(cap, "greedy_completions", refuse)
+    again = script.main(common + ["--profile", "full"])["models"][0]
+    assert again["generated_this_invocation_s"] == 0
+    assert {(p, r["arm"]): r["distinct"] for p, b in again["protocols"].items() for r in b["arms"]} == \
+        {a: r["distinct"] for a, r in rows.items()}
+    md = (tmp_path / "results" / f"{stem[:-len('_quick')]}.md").read_text()
+    assert "24,426" in md and "46,812" in md and "complete" in md and "Projected wall time" in md
+    (tmp_path / "results" / f"{stem[:-len('_quick')]}.md").unlink()
+    script.main(["--render", str(tmp_path / "results" / f"{stem[:-len('_quick')]}.json")])  # no model, no run
+    assert (tmp_path / "results" / f"{stem[:-len('_quick')]}.md").read_text() == md
+
+
+# --- SmolLM2-135M (the built-in real model; loading it takes ~10 s, these tests ~1 min on 2 cores) ----------
+
+
+@pytest.fixture(scope="module")
+def smollm2():
+    return models.load("smollm2-135m")
+
+
+SMOL_TOKENS = torch.tensor([26843, 504, 1000, 2000, 4000, 12345, 30000, 49151])  # "Hi", " the", ...
+
+
+@pytest.mark.slow
+def test_smollm2_batched_greedy_equals_hf_generate(smollm2):
+    """Batched greedy completions (KV cache, no BOS) equal HF generate(do_sample=False) token for token."""
+    ours = cap.greedy_completions(smollm2, SMOL_TOKENS, 10, batch_size=5)  # two chunks of different sizes
+    hf = smollm2.original_model
+    eos = hf.generation_config.eos_token_id
+    for t, row in zip(SMOL_TOKENS, ours):
+        ids = torch.tensor([[int(t)]])
+        with torch.inference_mode():
+            theirs = hf.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False, max_new_tokens=10,
+                                 pad_token_id=0)[0, 1:]
+        n = theirs.shape[0]  # HF stops at EOS; ours keeps going greedily
+        assert torch.equal(row[:n], theirs), (int(t), row.tolist(), theirs.tolist())
+        assert n == 10 or int(theirs[-1]) in ([eos] if isinstance(eos, int) else list(eos))
+
+
+@pytest.mark.slow
+def test_smollm2_real_token_prefixes_give_the_tokens_completion(smollm2):
+    """A one-slot soft / residual prefix built from a real token (from_prompt) completes like the token itself
+    (reference protocol); a one-slot KV prefix like the token with the content token after it."""
+    tokens = SMOL_TOKENS[:6]
+    plain = cap.greedy_completions(smollm2, tokens, 10)
+    for form in ("soft", "residual"):
+        virtual = cap.greedy_completions(smollm2, cap.real_token_prefixes(smollm2, form, tokens), 10)
+        assert torch.equal(virtual, plain), form
+    c = 1
+    with_c = cap.greedy_completions(smollm2, tokens, 10, content_token=c)
+    assert torch.equal(cap.greedy_completions(smollm2, cap.real_token_prefixes(smollm2, "kv", tokens), 10,
+                                              content_token=c), with_c)
+    assert torch.equal(pl.generate(smollm2, torch.stack([tokens, torch.full_like(tokens, c)], 1), None, 10)[:, 2:],
+                       with_c)
