@@ -26,19 +26,46 @@ from __future__ import annotations
 import dataclasses
 import os
 import warnings
-from typing import Callable, ClassVar
+from collections.abc import Callable
+from typing import ClassVar
 
 import torch
 from jaxtyping import Float, Int
 from torch import Tensor, nn
 
-from prefixlens.serialization import load_tensors, save_tensors
+from prefixlens.runtime import check_not_attached, check_token_ids, evaluation_mode
+from prefixlens.serialization import CorruptFileError, load_tensors, save_tensors
 from prefixlens.signature import ModelSignature, model_dtype_device, signature_of
+from prefixlens.text import chat_ids, tokens_and_mask
 
-__all__ = ["Prefix", "KVPrefix", "ResidualPrefix", "SoftPrompt", "FORMS"]
+__all__ = ["Prefix", "KVPrefix", "ResidualPrefix", "SoftPrompt", "FORMS", "form_class"]
 
 Hook = tuple[str, Callable]
 FORMAT_VERSION = "2"  # 2: the signature carries a weights fingerprint and the file a checksum
+
+# The one registry of prefix forms, short name -> class ("kv", "residual", "soft"). A form registers
+# itself by declaring ``name`` on its class (``Prefix.__init_subclass__``); every other lookup
+# (``capacity.FORMS``, ``training.PREFIX_FORMS``, ``text.chat_prefix``, the analyses) is this dict or
+# :func:`form_class`.
+FORMS: dict[str, type[Prefix]] = {}
+
+
+def form_class(name: str | type[Prefix]) -> type[Prefix]:
+    """The prefix form called ``name``: its short name (``"kv"``, ``"residual"``, ``"soft"``), its class
+    name (``"KVPrefix"``, what prefix files record), or the class itself. Raises ``ValueError`` naming
+    the valid names."""
+    if isinstance(name, type) and name in FORMS.values():
+        return name
+    if isinstance(name, str):
+        if name in FORMS:
+            return FORMS[name]
+        for cls in FORMS.values():
+            if name == cls.form:
+                return cls
+    raise ValueError(
+        f"form must be one of {sorted(FORMS)} (or a class name: {sorted(c.form for c in FORMS.values())}), "
+        f"got {name!r}."
+    )
 
 
 def _as_tensor_attr(module: nn.Module, name: str, value: Tensor) -> None:
@@ -69,17 +96,33 @@ def _require_weights(model, what: str, fix: str = "Load") -> None:
         )
 
 
-def _prompt_tokens(model, tokens, where: str = "from_prompt") -> tuple[Tensor, bool]:
+def _prompt_tokens(model, tokens, where: str = "from_prompt", prepend_bos: bool | None = None) -> tuple[Tensor, bool]:
     """Check a prompt for ``from_prompt``; returns ``[batch, P]`` int64 ids on the model's device
     and whether the prompt was batched.
 
-    A prompt is ``[P]`` or ``[batch, P]`` ids of any integer dtype (converted to int64); the ids
-    must fit the model (``check_tokens``, as for ``run_with_prefix``) and the model must have
-    weights (not the meta device). Every error names the prompt and the call.
+    A prompt is ``[P]`` or ``[batch, P]`` ids of any integer dtype (converted to int64), or text: a
+    string (one prefix) or a list of strings (one prefix per example), encoded by
+    :func:`prefixlens.text.tokens_and_mask` as the start of a sequence (``prepend_bos=None``: the
+    model's default, i.e. BOS iff the checkpoint's tokenizer adds one). Strings of different token
+    lengths are refused: prefix slots cannot be padded. The ids must fit the model (``check_tokens``,
+    as for ``run_with_prefix``) and the model must have weights (not the meta device). Every error
+    names the prompt and the call.
     """
-    from prefixlens.injection import check_tokens
-
     _require_weights(model, where)
+    one_string = isinstance(tokens, str)
+    try:
+        tokens, mask = tokens_and_mask(model, tokens, prepend_bos=prepend_bos)
+    except (TypeError, ValueError) as e:
+        raise type(e)(f"{where}: {e}") from None
+    if mask is not None:
+        lengths = mask.sum(1).tolist()
+        raise ValueError(
+            f"{where}: the prompts encode to different numbers of tokens ({lengths}); a batched prefix needs "
+            f"prompts of equal token length, since prefix slots cannot be padded. Make one prefix per prompt "
+            f"(and run each with its own content), or pass equal-length prompts."
+        )
+    if one_string:
+        tokens = tokens[0]  # one prompt: an unbatched prefix
     if not isinstance(tokens, Tensor):
         try:
             tokens = torch.as_tensor(tokens)
@@ -103,18 +146,43 @@ def _prompt_tokens(model, tokens, where: str = "from_prompt") -> tuple[Tensor, b
     # any integer dtype: the range check below runs on int64 (an out-of-range uint64 turns negative)
     tokens = tokens.to(device=model_dtype_device(model)[1], dtype=torch.long)
     try:
-        tokens = check_tokens(model, tokens)
+        tokens = check_token_ids(model, tokens)
     except (TypeError, ValueError) as e:
         raise type(e)(f"{where}: the prompt tokens do not fit this model: {e}") from None
     return tokens, batched
 
 
 class Prefix(nn.Module):
-    """Base class of the prefix forms. Subclasses define ``_tensor_names`` and ``injection_hooks``."""
+    """Base class of the prefix forms.
 
-    form: ClassVar[str]
-    _tensor_names: ClassVar[tuple[str, ...]]
-    _unbatched_ndim: ClassVar[int]
+    A form declares on its class its registry ``name`` (``"kv"``, ``"residual"``, ``"soft"``: the
+    ``form=`` argument of training, capacity and ``chat_prefix``), its ``tensor_names`` (the tensors
+    that make the prefix, in constructor order) and the dimensions below, and defines
+    ``injection_hooks``. Declaring ``name`` registers the class in :data:`FORMS` (look forms up with
+    :func:`form_class`). ``form``, the class name, is what error messages and prefix files say.
+    """
+
+    name: ClassVar[str]  # the short name in FORMS
+    form: ClassVar[str]  # the class name: error messages, and the "form" a prefix file records
+    tensor_names: ClassVar[tuple[str, ...]]
+    _unbatched_ndim: ClassVar[int]  # dims of one prefix's tensors
+    _per_layer_ndim: ClassVar[int]  # dims of what one injection hook writes for one prefix ([P, ...])
+    _slot_dim: ClassVar[int]  # the (negative) dim that indexes the P slots
+
+    def __init_subclass__(cls, **kwargs) -> None:
+        super().__init_subclass__(**kwargs)
+        if "name" not in cls.__dict__:  # an intermediate base (or a variant of a form): not registered
+            return
+        if not isinstance(cls.name, str) or not cls.name:
+            raise TypeError(f"{cls.__qualname__}.name must be a non-empty string, got {cls.name!r}.")
+        if "tensor_names" not in cls.__dict__:
+            raise TypeError(f"prefix form {cls.__qualname__} declares name={cls.name!r} but no tensor_names.")
+        taken = FORMS.get(cls.name)
+        if taken is not None and taken.__qualname__ != cls.__qualname__:  # (re-running a class body replaces it)
+            raise ValueError(f"prefix form name {cls.name!r} is taken by {taken.__qualname__}.")
+        cls.form = cls.__name__
+        cls._tensor_names = cls.tensor_names  # the former private name, for code written before
+        FORMS[cls.name] = cls
 
     def __init__(self, signature: ModelSignature):
         super().__init__()
@@ -123,7 +191,7 @@ class Prefix(nn.Module):
     # ---- shape -------------------------------------------------------------------------------
     @property
     def _main(self) -> Tensor:
-        return getattr(self, self._tensor_names[0])
+        return getattr(self, self.tensor_names[0])
 
     @property
     def batched(self) -> bool:
@@ -137,7 +205,7 @@ class Prefix(nn.Module):
     @property
     def length(self) -> int:
         """P, the number of prefix slots."""
-        return self._main.shape[-2] if self.form != "KVPrefix" else self._main.shape[-3]
+        return self._main.shape[self._slot_dim]
 
     @property
     def dtype(self) -> torch.dtype:
@@ -147,18 +215,28 @@ class Prefix(nn.Module):
     def device(self) -> torch.device:
         return self._main.device
 
+    @classmethod
+    def from_chat(cls, model, system) -> "Prefix":
+        """This form of prefix holding a system prompt (a string) or leading chat turns (a list of
+        ``{"role", "content"}`` messages) as the tokenizer's chat template renders them; follow it with
+        :func:`prefixlens.text.chat_continuation`. See :func:`prefixlens.text.chat_prefix`."""
+        if getattr(cls, "name", None) is None:  # Prefix itself, or an intermediate base
+            raise TypeError(f"call from_chat on a prefix form: {', '.join(c.form for c in FORMS.values())}.")
+        ids = chat_ids(model, system, add_generation_prompt=False)
+        return cls.from_prompt(model, torch.tensor(ids, device=model.cfg.device))
+
     def batch_slice(self, rows: slice | Tensor) -> "Prefix":
         """The prefixes of the selected batch rows (a batched prefix only); shares storage."""
         if not self.batched:
             raise ValueError(f"batch_slice needs a batched {self.form}; this one has no batch dimension.")
-        return type(self)(**{n: getattr(self, n)[rows] for n in self._tensor_names}, signature=self.signature)
+        return type(self)(**{n: getattr(self, n)[rows] for n in self.tensor_names}, signature=self.signature)
 
     def n_parameters(self) -> int:
         """The number of scalars in the prefix (what a training run optimises)."""
-        return sum(getattr(self, n).numel() for n in self._tensor_names)
+        return sum(getattr(self, n).numel() for n in self.tensor_names)
 
     def _check_shapes(self) -> None:
-        for name in self._tensor_names:
+        for name in self.tensor_names:
             t = getattr(self, name)
             if t.ndim not in (self._unbatched_ndim, self._unbatched_ndim + 1):
                 raise ValueError(
@@ -175,10 +253,6 @@ class Prefix(nn.Module):
         if t.ndim == self._per_layer_ndim:
             return t.unsqueeze(0).expand(batch, *t.shape)
         return t
-
-    @property
-    def _per_layer_ndim(self) -> int:
-        return {"KVPrefix": 3, "ResidualPrefix": 2, "SoftPrompt": 2}[self.form]
 
     # ---- checks ------------------------------------------------------------------------------
     def validate(self, model) -> None:
@@ -239,7 +313,7 @@ class Prefix(nn.Module):
         signature (shapes and weights fingerprint) and a checksum of the content."""
         save_tensors(
             path,
-            {n: getattr(self, n) for n in self._tensor_names},
+            {n: getattr(self, n) for n in self.tensor_names},
             {
                 "prefixlens_format": FORMAT_VERSION,
                 "form": self.form,
@@ -261,19 +335,21 @@ class Prefix(nn.Module):
         (format 1) loads with a warning, as made for ``model`` (re-save it to record that);
         ``allow_other_weights=True`` silences the warning.
         """
-        from prefixlens.serialization import CorruptFileError
-
         try:
             tensors, meta = load_tensors(path)
         except CorruptFileError as e:
             raise CorruptFileError(f"cannot load a prefix: {e}") from None
         form = meta.get("form")
-        if form not in FORMS:
+        try:  # files record the class name ("KVPrefix"); the short name ("kv") is accepted too
+            target = form_class(form) if isinstance(form, str) else None
+        except ValueError:
+            target = None
+        if target is None:
             raise ValueError(
                 f"{path} is not a prefixlens prefix file (metadata form={form!r}, expected one of "
-                f"{sorted(FORMS)}); pass a file written by Prefix.save."
+                f"{sorted(c.form for c in FORMS.values())}); pass a file written by Prefix.save."
             )
-        target = FORMS[form]
+        form = target.form
         if cls is not Prefix and cls is not target:
             raise TypeError(f"{path} holds a {form}, not a {cls.__name__}; use {form}.load or Prefix.load.")
         if "signature" not in meta:
@@ -282,11 +358,11 @@ class Prefix(nn.Module):
             saved = ModelSignature.from_json(meta["signature"])
         except (ValueError, TypeError) as e:
             raise ValueError(f"{path} has a malformed 'signature' metadata entry: {e} Re-save the prefix.") from None
-        missing = [n for n in target._tensor_names if n not in tensors]
-        extra = sorted(set(tensors) - set(target._tensor_names))
+        missing = [n for n in target.tensor_names if n not in tensors]
+        extra = sorted(set(tensors) - set(target.tensor_names))
         if missing or extra:
             raise ValueError(
-                f"{path} does not hold the tensors of a {form}: expected {list(target._tensor_names)}, "
+                f"{path} does not hold the tensors of a {form}: expected {list(target.tensor_names)}, "
                 f"missing {missing}, unexpected {extra}."
             )
         theirs = signature_of(model)
@@ -321,7 +397,7 @@ class Prefix(nn.Module):
             raise ValueError(f"{path} holds tensors that do not form a valid {form}: {e}") from None
 
     def extra_repr(self) -> str:
-        shapes = ", ".join(f"{n}={tuple(getattr(self, n).shape)}" for n in self._tensor_names)
+        shapes = ", ".join(f"{n}={tuple(getattr(self, n).shape)}" for n in self.tensor_names)
         return f"P={self.length}, {shapes}, model={self.signature.architecture}"
 
 
@@ -332,9 +408,11 @@ class KVPrefix(Prefix):
     Keys are pre-rotary, as at ``hook_k``.
     """
 
-    form = "KVPrefix"
-    _tensor_names = ("keys", "values")
+    name = "kv"
+    tensor_names = ("keys", "values")
     _unbatched_ndim = 4
+    _per_layer_ndim = 3
+    _slot_dim = -3
 
     def __init__(
         self,
@@ -388,13 +466,14 @@ class KVPrefix(Prefix):
         return cls(torch.zeros(shape, dtype=dtype, device=device), torch.zeros(shape, dtype=dtype, device=device), s)
 
     @classmethod
-    def from_prompt(cls, model, tokens: Int[Tensor, "*batch P"]) -> "KVPrefix":
+    def from_prompt(cls, model, tokens: "Int[Tensor, '*batch P'] | str | list[str]", prepend_bos: bool | None = None) -> "KVPrefix":
         """The keys and values a real-token prompt writes in every layer: the exact equivalent prefix.
 
+        ``tokens``: ids ``[P]`` / ``[batch, P]``, a string, or a list of strings of equal token length
+        (a batched prefix). Text is the start of the sequence: ``prepend_bos=None`` uses the model's
+        default (BOS iff the checkpoint's tokenizer adds one; :mod:`prefixlens.text`).
         The prompt runs in eval mode (dropout off; each submodule's mode restored afterwards)."""
-        from prefixlens.decomposition import evaluation_mode
-
-        tokens, batched = _prompt_tokens(model, tokens, f"{cls.__name__}.from_prompt")
+        tokens, batched = _prompt_tokens(model, tokens, f"{cls.__name__}.from_prompt", prepend_bos)
         s = _check_length(model, tokens.shape[-1])
         names = [f"blocks.{l}.attn.hook_{kv}" for l in range(s.n_layers) for kv in "kv"]
         with torch.no_grad(), evaluation_mode(model):
@@ -405,8 +484,11 @@ class KVPrefix(Prefix):
 
     @classmethod
     def from_peft(cls, peft_model_or_dir, model, **kwargs) -> "KVPrefix":
-        """Import a HuggingFace PEFT prefix-tuning adapter; see :func:`prefixlens.peft_interop.kv_prefix_from_peft`."""
-        from prefixlens.peft_interop import kv_prefix_from_peft
+        """Import a HuggingFace PEFT prefix-tuning adapter; see :func:`prefixlens.peft_interop.kv_prefix_from_peft`.
+
+        A convenience wrapper: the importer lives above this module (it builds a ``KVPrefix``), so it is
+        imported when called, the one import of a higher prefixlens module here."""
+        from prefixlens.peft_interop import kv_prefix_from_peft  # lazily: peft_interop imports this module
 
         return kv_prefix_from_peft(peft_model_or_dir, model, **kwargs)
 
@@ -421,11 +503,9 @@ class _ConvertibleToKV(Prefix):
         """The exact equivalent :class:`KVPrefix` (differentiable: gradients reach this prefix).
 
         The model runs in eval mode (dropout off; each submodule's mode restored afterwards)."""
-        from prefixlens.decomposition import evaluation_mode
-        from prefixlens.injection import attached
-
         self.validate(model)
         _require_weights(model, f"{self.form}.to_kv")
+        check_not_attached(model, f"{self.form}.to_kv")  # an attached prefix's hooks would write the slots too
         s = self.signature
         P = self.length
         captured: dict[str, Tensor] = {}
@@ -435,10 +515,10 @@ class _ConvertibleToKV(Prefix):
 
         batch = self.batch_size or 1
         names = [f"blocks.{l}.attn.hook_{kv}" for l in range(s.n_layers) for kv in "kv"]
-        with evaluation_mode(model), attached(model, self) as slots:
-            model.run_with_hooks(
-                slots.placeholders(batch), return_type=None, fwd_hooks=[(n, grab) for n in names]
-            )
+        # the slots alone, as inside ``prefixlens.attached`` (placeholder ids: the hooks overwrite them)
+        placeholders = torch.zeros((batch, P), dtype=torch.long)
+        with evaluation_mode(model), model.hooks(fwd_hooks=self.injection_hooks()):
+            model.run_with_hooks(placeholders, return_type=None, fwd_hooks=[(n, grab) for n in names])
         k = torch.stack([captured[_canonical(model, f"blocks.{l}.attn.hook_k")] for l in range(s.n_layers)], 1)
         v = torch.stack([captured[_canonical(model, f"blocks.{l}.attn.hook_v")] for l in range(s.n_layers)], 1)
         return KVPrefix(k if self.batched else k[0], v if self.batched else v[0], s)
@@ -451,9 +531,11 @@ class ResidualPrefix(_ConvertibleToKV):
     ``resid``: ``[n_layers, P, d_model]`` (optionally a leading batch dim).
     """
 
-    form = "ResidualPrefix"
-    _tensor_names = ("resid",)
+    name = "residual"
+    tensor_names = ("resid",)
     _unbatched_ndim = 3
+    _per_layer_ndim = 2
+    _slot_dim = -2
 
     def __init__(self, resid: Float[Tensor, "*batch n_layers P d_model"], signature: ModelSignature):
         super().__init__(signature)
@@ -488,11 +570,10 @@ class ResidualPrefix(_ConvertibleToKV):
         return cls(torch.zeros((s.n_layers, length, s.d_model), dtype=dtype, device=device), s)
 
     @classmethod
-    def from_prompt(cls, model, tokens: Int[Tensor, "*batch P"]) -> "ResidualPrefix":
-        """The residual stream a real-token prompt has at every layer's input (run in eval mode, dropout off)."""
-        from prefixlens.decomposition import evaluation_mode
-
-        tokens, batched = _prompt_tokens(model, tokens, f"{cls.__name__}.from_prompt")
+    def from_prompt(cls, model, tokens: "Int[Tensor, '*batch P'] | str | list[str]", prepend_bos: bool | None = None) -> "ResidualPrefix":
+        """The residual stream a real-token prompt has at every layer's input (run in eval mode, dropout off).
+        ``tokens``: ids, a string or a list of strings, as for :meth:`KVPrefix.from_prompt`."""
+        tokens, batched = _prompt_tokens(model, tokens, f"{cls.__name__}.from_prompt", prepend_bos)
         s = _check_length(model, tokens.shape[-1])
         names = [f"blocks.{l}.hook_resid_pre" for l in range(s.n_layers)]
         with torch.no_grad(), evaluation_mode(model):
@@ -508,9 +589,11 @@ class SoftPrompt(_ConvertibleToKV):
     embedding (``hook_embed``); models with learned positions still add the positions ``0..P-1``.
     """
 
-    form = "SoftPrompt"
-    _tensor_names = ("embeddings",)
+    name = "soft"
+    tensor_names = ("embeddings",)
     _unbatched_ndim = 2
+    _per_layer_ndim = 2
+    _slot_dim = -2
 
     def __init__(self, embeddings: Float[Tensor, "*batch P d_model"], signature: ModelSignature):
         super().__init__(signature)
@@ -543,19 +626,15 @@ class SoftPrompt(_ConvertibleToKV):
         return cls(torch.zeros((length, s.d_model), dtype=dtype, device=device), s)
 
     @classmethod
-    def from_prompt(cls, model, tokens: Int[Tensor, "*batch P"]) -> "SoftPrompt":
-        """The token embeddings of a real prompt (``W_E[tokens]``; run in eval mode, dropout off)."""
-        from prefixlens.decomposition import evaluation_mode
-
-        tokens, batched = _prompt_tokens(model, tokens, f"{cls.__name__}.from_prompt")
+    def from_prompt(cls, model, tokens: "Int[Tensor, '*batch P'] | str | list[str]", prepend_bos: bool | None = None) -> "SoftPrompt":
+        """The token embeddings of a real prompt (``W_E[tokens]``; run in eval mode, dropout off).
+        ``tokens``: ids, a string or a list of strings, as for :meth:`KVPrefix.from_prompt`."""
+        tokens, batched = _prompt_tokens(model, tokens, f"{cls.__name__}.from_prompt", prepend_bos)
         s = _check_length(model, tokens.shape[-1])
         with torch.no_grad(), evaluation_mode(model):
             _, cache = model.run_with_cache(tokens, names_filter=lambda n: n == "hook_embed")
         e = cache["hook_embed"]
         return cls(e if batched else e[0], s)
-
-
-FORMS: dict[str, type[Prefix]] = {c.form: c for c in (KVPrefix, ResidualPrefix, SoftPrompt)}
 
 
 def _check_length(model, length: int) -> ModelSignature:

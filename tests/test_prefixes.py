@@ -42,7 +42,7 @@ def test_save_and_load_round_trip(tmp_path, family, form):
     prefix.save(tmp_path / "p.safetensors")
     again = pl.Prefix.load(tmp_path / "p.safetensors", model)
     assert type(again) is form and again.signature == prefix.signature
-    for name in prefix._tensor_names:
+    for name in prefix.tensor_names:
         assert torch.equal(getattr(again, name), getattr(prefix, name))
     assert not list(tmp_path.glob("*.tmp")), "no temporary file is left behind"
 

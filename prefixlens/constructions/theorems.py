@@ -33,8 +33,8 @@ the two-token construction packs ``K`` base-V digits per coordinate with ``V**K 
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Mapping
 
 import torch
 from jaxtyping import Int
@@ -93,7 +93,11 @@ def max_digits_per_coordinate(V: int, dtype: torch.dtype = torch.float32) -> int
 
 
 def count_distinct(outputs: Tensor) -> int:
-    """The number of distinct rows of ``outputs`` (flattened after the first dim)."""
+    """The number of distinct rows of ``outputs`` (flattened after the first dim; 0 for no rows).
+
+    The one definition: :func:`prefixlens.capacity.count_distinct` (distinct completions) is this."""
+    if outputs.shape[0] == 0:
+        return 0
     return int(torch.unique(outputs.reshape(outputs.shape[0], -1), dim=0).shape[0])
 
 
