@@ -237,7 +237,9 @@ def mixture_then_prefixes(args, seed: int, prof: dict, experiment: str, prefix_t
     config) reuse each other's runs instead of training them again (table 3's quick profile reuses
     section 6's pretraining and its 40-slot histogram prefix).
     """
-    from prefixlens import models, tasks as T, train as TR
+    from prefixlens import models
+    from prefixlens import tasks as T
+    from prefixlens import train as TR
 
     P = prof["n_pad"]
     cfg = lambda key, **over: train_config(args, seed, prof[key], **over)  # noqa: E731
@@ -276,6 +278,7 @@ def mechanism(args, experiment: str, model, prefixes: dict, n_pad: int, seed: in
 
     import prefixlens as pl
     from prefixlens import tasks as T
+    from prefixlens.report import project_2d
     from prefixlens.serialization import save_tensors
 
     out_dir = Path(args.out) / "figures"
@@ -304,10 +307,9 @@ def mechanism(args, experiment: str, model, prefixes: dict, n_pad: int, seed: in
         for key, prefix in named.items():
             _, cache = pl.run_with_cache(model, test.tokens[:, prefix.length:], prefix, names_filter=hook)
             acts[key] = cache[hook][:, last].clone()
-    stacked = torch.cat(list(acts.values()))
-    centred = stacked - stacked.mean(0)
-    _, _, V = torch.linalg.svd(centred.double(), full_matrices=False)
-    proj = {k: ((a - stacked.mean(0)).double() @ V[:2].T).float() for k, a in acts.items()}
+    # the report's Figure-3 projection (one implementation): PCA of all points together
+    coords, _ = project_2d(torch.cat(list(acts.values())))
+    proj = {k: c.float().clone() for k, c in zip(acts, coords.split([len(a) for a in acts.values()]))}
     shift = {k: float((acts[k] - acts["pretrained"]).norm(dim=-1).mean()) for k in named}
     spread = {k: float((acts[k] - acts[k].mean(0)).norm(dim=-1).mean()) for k in acts}
     report["figure3"] = {"hook": hook, "position": last, "mean_shift_norm": shift, "within_condition_spread": spread}
@@ -353,7 +355,7 @@ def mechanism_notes(mech: dict | None) -> list[str]:
         f"Mechanism (seed 0, `pl.decompose`, layer inputs held fixed): the prefixed model's content attention, "
         f"renormalised, equals the pretrained model's to {rel32:.1e} (float32) / {rel64:.1e} (float64), max over "
         f"prefixes, layers, heads and positions; head outputs equal (1 − A)·t + A·b to {rec32:.1e} (float32).",
-        f"Figure 3 (`results/figures/*_figure3.png`): at the last input position the attention block output moves "
-        f"by a mean norm of " + ", ".join(f"{k} {v:.2f}" for k, v in shift.items())
+        "Figure 3 (`results/figures/*_figure3.png`): at the last input position the attention block output moves "
+        "by a mean norm of " + ", ".join(f"{k} {v:.2f}" for k, v in shift.items())
         + f" (spread of the inputs without a prefix: {spread['pretrained']:.2f}): each prefix adds a bias.",
     ]

@@ -36,7 +36,9 @@ import torch
 
 import prefixlens as pl
 from prefixlens import analysis, models
+from prefixlens.attention_math import identity_1_residual
 from prefixlens.environment import environment
+from prefixlens.prefixes import FORMS, form_class
 from prefixlens.serialization import atomic_write_text
 
 REFERENCE = {
@@ -71,7 +73,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", help="local HuggingFace checkpoint directory (default: a toy LLaMA)")
     ap.add_argument("--prefix", help="a prefix file written by Prefix.save (default: random prefixes)")
-    ap.add_argument("--form", choices=["residual", "kv", "soft"], default="residual", help="form of the random prefixes")
+    ap.add_argument("--form", choices=sorted(FORMS), default="residual", help="form of the random prefixes")
     ap.add_argument("--lengths", default="1,4,10", help="prefix lengths P of the random prefixes (comma-separated)")
     ap.add_argument("--dtypes", default="float32,float64", help="dtypes to check every length in")
     ap.add_argument("--reference-dtype", default="float16", help="a low-precision dtype checked at P = 1 only ('' to skip)")
@@ -114,7 +116,7 @@ def build_prefixes(args, model) -> list[tuple[str, pl.Prefix]]:
     if args.prefix:
         p = pl.Prefix.load(args.prefix, model)
         return [(f"{p.form} from {args.prefix}", p)]
-    cls = {"residual": pl.ResidualPrefix, "kv": pl.KVPrefix, "soft": pl.SoftPrompt}[args.form]
+    cls = form_class(args.form)
     return [(f"random {cls.__name__}", cls.random(model, P, seed=args.seed)) for P in args.lengths]
 
 
@@ -281,13 +283,12 @@ def figure(args, path: Path) -> None:
     for row, l in enumerate(layers):
         h = int(d.prefix_attention[l, 0].mean(-1).argmax())
         pattern = cache[f"blocks.{l}.attn.hook_pattern"][0, h]
-        A = pattern[P:, :P].sum(-1, keepdim=True)
         ref = torch.nan_to_num(d.reference_pattern[l, 0, h])
         z, rec = d.z[l, 0, :, h], d.reconstruction()[l, 0, :, h]
         panels = [
             (pattern, f"L{l}H{h}: with prefix (P={P}, slots first)"),
             (ref, "without prefix, same layer input"),
-            (pattern[P:, P:] - ref * (1 - A), "A^pt[content] − A^ref·(1−A)"),
+            (identity_1_residual(pattern[P:], ref, P), "A^pt[content] − A^ref·(1−A)"),
             (z - rec, "z − ((1−A)t + Ab)"),
         ]
         for i, (ax, (img, title)) in enumerate(zip(axes[row], panels)):

@@ -6,7 +6,8 @@ Two groups of functions, both thin over :func:`prefixlens.decompose` and the att
 
 - :func:`check_identities` measures, for every layer and head and over a batch of inputs, how far
   the model's own prefixed run is from the two identities of paper §4, written exactly as the paper
-  (and the reference notebook) states them, with the model's post-softmax patterns:
+  (and the reference notebook) states them, with the model's post-softmax patterns
+  (:func:`~prefixlens.attention_math.identity_1_residual`, :func:`~prefixlens.attention_math.identity_2_residual`):
 
   1. *relative attention*: ``A^pt[i, P+j] = A^ref[i, j] · (1 − Σ_p A^pt[i, p])``;
   2. *bias only*: ``z_i = Σ_p A^pt[i, p]·v_p + (1 − Σ_p A^pt[i, p])·t_i`` with ``t_i = Σ_j A^ref[i, j]·v_j``,
@@ -30,11 +31,19 @@ from jaxtyping import Float, Int
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from prefixlens.attention_math import expand_kv_heads, prefix_mass
-from prefixlens.decomposition import decompose, evaluation_mode, prefixed_scores
-from prefixlens.injection import attached, check_tokens, full_attention_mask
+from prefixlens.attention_math import (
+    attend,
+    expand_kv_heads,
+    identity_1_residual,
+    identity_2_residual,
+    prefix_mass,
+    prefix_pattern,
+)
+from prefixlens.decomposition import decompose, prefixed_cache, prefixed_scores
+from prefixlens.injection import check_tokens, full_attention_mask
 from prefixlens.prefixes import Prefix
 from prefixlens.signature import model_dtype_device
+from prefixlens.text import tokens_and_mask
 
 __all__ = [
     "IdentityCheck",
@@ -82,7 +91,7 @@ class IdentityCheck:
     z_scale: Float[Tensor, "layer head"]
     mean_prefix_attention: Float[Tensor, "layer head"]
     max_prefix_attention: Float[Tensor, "layer head"]
-    cross_layer_shift: Float[Tensor, "layer"]
+    cross_layer_shift: Float[Tensor, " layer"]
 
     ERRORS = ("relative_attention", "renormalised_attention", "bias_only", "bias_only_scores", "bias_only_residual")
 
@@ -143,9 +152,7 @@ def _prefixed_patterns(model, tokens: Tensor, prefix: Prefix, mask: Tensor | Non
     full ``mask``: padded query rows set to 0)."""
     n_layers, n_heads = int(model.cfg.n_layers), int(model.cfg.n_heads)
     names = {f"blocks.{l}.attn.hook_{h}" for l in range(n_layers) for h in ("pattern", "v")}
-    masked = {} if mask is None else {"attention_mask": mask}
-    with torch.no_grad(), evaluation_mode(model), attached(model, prefix) as slots:
-        _, cache = model.run_with_cache(slots.prepend(tokens), names_filter=lambda n: n in names, **masked)
+    cache = prefixed_cache(model, tokens, prefix, names, mask)
     patterns = [cache[f"blocks.{l}.attn.hook_pattern"] for l in range(n_layers)]
     if mask is not None:
         patterns = [p.masked_fill(~mask.bool()[:, None, :, None], 0.0) for p in patterns]
@@ -160,13 +167,9 @@ def _chunk_errors(model, tokens: Tensor, prefix: Prefix, mask: Tensor | None = N
     ref = d.reference_pattern  # [l, b, h, q, k]; non-finite values propagate into the errors
     rel, bias = [], []
     for l, (pattern, v) in enumerate(zip(patterns, values)):
-        on_slots = pattern[:, :, P:, :P]  # [b, h, q, p]
-        A = on_slots.sum(-1, keepdim=True)
-        rel.append((pattern[:, :, P:, P:] - ref[l] * (1 - A)).abs().amax(dim=(0, 2, 3)))
-        t = torch.einsum("bhqk,bkhd->bqhd", ref[l], v[:, P:])
-        bias_term = torch.einsum("bhqp,bphd->bqhd", on_slots, v[:, :P])
-        z_hat = bias_term + (1 - A.squeeze(-1)).transpose(1, 2).unsqueeze(-1) * t
-        bias.append((d.z[l] - z_hat).abs().amax(dim=(0, 1, 3)))
+        content_rows = pattern[:, :, P:]  # [b, h, q, P + k]
+        rel.append(identity_1_residual(content_rows, ref[l], P).abs().amax(dim=(0, 2, 3)))
+        bias.append(identity_2_residual(d.z[l], content_rows, ref[l], v, P).abs().amax(dim=(0, 1, 3)))
     renorm = (d.content_pattern - ref).abs()
     out = {
         "relative_attention": torch.stack(rel),
@@ -186,11 +189,12 @@ def _chunk_errors(model, tokens: Tensor, prefix: Prefix, mask: Tensor | None = N
 
 def check_identities(
     model,
-    tokens: Int[Tensor, "batch pos"],
+    tokens: "Int[Tensor, 'batch pos'] | str | list[str]",
     prefix: Prefix,
     batch_size: int = 16,
     progress: bool = False,
     attention_mask: Int[Tensor, "batch pos"] | None = None,
+    prepend_bos: bool | None = None,
 ) -> IdentityCheck:
     """Measure both §4 identities for every layer and head of ``model`` over ``tokens`` with ``prefix``.
 
@@ -200,7 +204,10 @@ def check_identities(
     Run it on a float64 model (``models.toy_llama(dtype=torch.float64)``,
     ``models.load(dir, dtype=torch.float64)``) to see the identities hold to ~1e-15.
     ``attention_mask`` (``[B, T]`` or ``[B, P + T]``): padded positions are left out of every error and mean.
+    ``tokens`` may be text (a string or a list of strings, left-padded with a mask when ragged); after
+    the prefix it gets no BOS unless ``prepend_bos=True`` (:mod:`prefixlens.text`).
     """
+    tokens, attention_mask = tokens_and_mask(model, tokens, attention_mask, prepend_bos, continuation=True)
     tokens = check_tokens(model, tokens, prefix)
     mask = full_attention_mask(attention_mask, tokens, prefix.length)
     if batch_size < 1:
@@ -384,12 +391,13 @@ class SlotStatistics:
 
 def slot_statistics(
     model,
-    tokens: Int[Tensor, "batch pos"],
+    tokens: "Int[Tensor, 'batch pos'] | str | list[str]",
     prefix: Prefix,
     positions: int | list[int] | None = -1,
     batch_size: int = 64,
     progress: bool = False,
     attention_mask: Int[Tensor, "batch pos"] | None = None,
+    prepend_bos: bool | None = None,
 ) -> SlotStatistics:
     """Attention over the slots of ``prefix`` from the content ``positions`` of every input, every head.
 
@@ -399,7 +407,10 @@ def slot_statistics(
     when the total prefix attention is tiny. The model runs in eval mode (dropout off).
     ``attention_mask`` (``[B, T]`` or ``[B, P + T]``): the selected positions must be real tokens in
     every row (e.g. ``-1`` with left padding); a padded one is refused.
+    ``tokens`` may be text (a string or a list of strings, left-padded with a mask when ragged, so
+    ``-1`` is every row's last real token); after the prefix it gets no BOS unless ``prepend_bos=True``.
     """
+    tokens, attention_mask = tokens_and_mask(model, tokens, attention_mask, prepend_bos, continuation=True)
     tokens = check_tokens(model, tokens, prefix)
     if prefix.batched:
         raise ValueError("slot_statistics takes one prefix for all inputs; pass an unbatched prefix.")
@@ -428,8 +439,8 @@ def slot_statistics(
         rows = slice(start, start + batch_size)
         scores, values = _slot_scores(model, tokens[rows], prefix, index, mask[rows] if mask is not None else None)
         # scores [l, b, h, q, P + T]; values [l, b, p, h, d] (the same for every b)
-        w = scores[..., :P].softmax(-1)
-        bias = torch.einsum("lbhqp,lbphd->lhbqd", w, values)
+        w = prefix_pattern(scores, P)
+        bias = attend(w, values).permute(0, 3, 1, 2, 4)  # [l, b, q, h, d] -> [l, h, b, q, d]
         W.append(w.permute(0, 2, 1, 3, 4).flatten(2, 3))
         Bias.append(bias.flatten(2, 3))
         Mass.append(prefix_mass(scores, P).transpose(1, 2).flatten(2, 3))

@@ -102,3 +102,21 @@ def test_smollm2_real_sentences_every_head(script, tmp_path):
             assert per_head.shape == (30, 9)
             assert bool((per_head < 1e-4).all()), (name, r["n_slots"], float(per_head.max()))
         assert 0 < r["mean_A"] < 1
+
+
+def test_figure_uses_attention_maths_identity_1(script, tmp_path, monkeypatch):
+    """The figure's identity-1 panel is attention_math.identity_1_residual, not the formula written again."""
+    from prefixlens.attention_math import identity_1_residual
+
+    seen = []
+
+    def spy(pattern, reference, n_slots):
+        out = identity_1_residual(pattern, reference, n_slots)
+        seen.append(float(out.abs().max()))
+        return out
+
+    monkeypatch.setattr(script, "identity_1_residual", spy)
+    args = script.parse_args(["--n-inputs", "2", "--seq-len", "5", "--lengths", "2"])
+    script.figure(args, tmp_path / "f.png")
+    assert len(seen) == 2 and max(seen) < TOL[torch.float64]  # layer 0 and the last layer, float64
+    assert (tmp_path / "f.png").stat().st_size > 1000
