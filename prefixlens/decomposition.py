@@ -4,23 +4,38 @@ from __future__ import annotations
 
 import math
 import weakref
-from contextlib import contextmanager
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable, Iterator
+from typing import TYPE_CHECKING
 
 import torch
 from jaxtyping import Float, Int
 from torch import Tensor
 
-from prefixlens.attention_math import causal_scores, combine, expand_kv_heads, split_attention
+from prefixlens.attention_math import (
+    bias_term,
+    causal_scores,
+    combine,
+    content_term,
+    expand_kv_heads,
+    head_residual,
+    split_attention,
+)
+from prefixlens.generation import _last_logits_only
 from prefixlens.injection import attached, check_tokens, full_attention_mask
 from prefixlens.prefixes import Prefix
-from prefixlens.signature import model_dtype_device, module_roots
+from prefixlens.runtime import evaluation_mode  # defined below the prefix forms; re-exported here
+from prefixlens.signature import model_dtype_device
+from prefixlens.text import tokens_and_mask
+
+if TYPE_CHECKING:
+    from transformer_lens import ActivationCache
 
 __all__ = [
     "HeadDecomposition",
     "decompose",
     "prefixed_scores",
+    "prefixed_cache",
     "attention_scale",
     "fires_pre_softmax_scores",
     "attention_sources",
@@ -95,25 +110,24 @@ class HeadDecomposition:
     def head_contributions(self) -> tuple[Float[Tensor, "layer batch pos head d_model"], Float[Tensor, "layer batch pos head d_model"]]:
         """``((1 − A)·t·W_O[h], A·b·W_O[h])``: each head's content term and prefix-bias term in the residual basis."""
         W_O = self._require_W_O()
-        A = self.prefix_attention.transpose(-1, -2).unsqueeze(-1)
-        content = torch.einsum("lbphd,lhdm->lbphm", (1 - A) * self.content_output, W_O)
-        bias = torch.einsum("lbphd,lhdm->lbphm", A * self.prefix_bias, W_O)
+        content = head_residual(content_term(self.prefix_attention, self.content_output), W_O)
+        bias = head_residual(bias_term(self.prefix_attention, self.prefix_bias), W_O)
         return content, bias
 
     def residual_reconstruction_error(self) -> Float[Tensor, "layer head"]:
         """max |z·W_O[h] − ((1 − A)·t + A·b)·W_O[h]| per layer and head (``b_O`` belongs to neither term)."""
         W_O = self._require_W_O()
-        diff = torch.einsum("lbphd,lhdm->lbphm", self.z - self.reconstruction(), W_O)
+        diff = head_residual(self.z - self.reconstruction(), W_O)
         return diff.abs().amax(dim=(1, 2, 4))
 
-    def relative_attention_error(self) -> Float[Tensor, "layer"]:
+    def relative_attention_error(self) -> Float[Tensor, " layer"]:
         """max |prefixed content attention renormalised − attention without the prefix|, per layer.
 
         Non-finite entries are not masked: a layer with a NaN or infinite pattern reports NaN.
         """
         return (self.content_pattern - self.reference_pattern).abs().amax(dim=(1, 2, 3, 4))
 
-    def cross_layer_shift(self) -> Float[Tensor, "layer"]:
+    def cross_layer_shift(self) -> Float[Tensor, " layer"]:
         """Mean relative change of each layer's input caused by the prefix (0 for layer 0)."""
         return self.layer_input_shift.mean(dim=(1, 2))
 
@@ -150,26 +164,6 @@ class HeadDecomposition:
         if self.W_O is None:
             raise ValueError("the model exposes no W_O, so the residual-basis terms are unavailable.")
         return self.W_O
-
-
-@contextmanager
-def evaluation_mode(model) -> Iterator[None]:
-    """Run ``model`` in eval mode (dropout off) inside the block, then give every submodule back its
-    own mode exactly (also those of a bridge's ``original_model``, which ``.modules()`` misses).
-
-    Every analysis entry point (:func:`decompose`, :func:`prefixed_scores`, ``from_prompt``, the
-    ``prefixlens.analysis`` functions) measures the model's deterministic function this way: with
-    dropout the model's own ``hook_z`` is a random draw and no decomposition of it is exact.
-    """
-    modules = {id(m): m for root in module_roots(model) for m in root.modules()}
-    modes = [(m, m.training) for m in modules.values()]
-    try:
-        for m, _ in modes:
-            m.training = False
-        yield
-    finally:
-        for m, training in modes:
-            m.training = training
 
 
 # What each layer's attention hooks carry, per model (found by one probe forward pass):
@@ -220,8 +214,8 @@ def attention_sources(model) -> list[str]:
         tol = max(1e-4, 8 * torch.finfo(pattern.dtype).eps)
         scores = cache[f"{attn}.hook_attn_scores"] if f"{attn}.hook_attn_scores" in cache else None
 
-        def reproduces(s: Tensor) -> bool:
-            return bool((s.double().softmax(-1) - p).abs().max() <= tol)
+        def reproduces(s: Tensor) -> bool:  # called in this iteration only
+            return bool((s.double().softmax(-1) - p).abs().max() <= tol)  # noqa: B023
 
         is_pattern = scores is None or (
             scores.shape == pattern.shape and bool((scores.double() - p).abs().max() <= tol)
@@ -262,10 +256,11 @@ def attention_scale(model) -> float:
 
 def decompose(
     model,
-    tokens: Int[Tensor, "batch pos"],
+    tokens: "Int[Tensor, 'batch pos'] | str | list[str]",
     prefix: Prefix,
     reference: bool = True,
     attention_mask: Int[Tensor, "batch pos"] | None = None,
+    prepend_bos: bool | None = None,
 ) -> HeadDecomposition:
     """Decompose every head of every layer of ``model`` run on ``tokens`` with ``prefix``.
 
@@ -279,7 +274,10 @@ def decompose(
     Which hook carries the pre-softmax scores is found per model by :func:`attention_sources`.
     ``attention_mask`` (``[B, T]`` or ``[B, P + T]``, see :mod:`prefixlens.injection`): padded keys get
     no attention, and every quantity at a padded query position is set to 0 (undefined there).
+    ``tokens`` may be text (a string or a list of strings, left-padded with a mask when ragged;
+    :mod:`prefixlens.text`); after the prefix it gets no BOS unless ``prepend_bos=True``.
     """
+    tokens, attention_mask = tokens_and_mask(model, tokens, attention_mask, prepend_bos, continuation=True)
     tokens = check_tokens(model, tokens, prefix)
     P, n_layers = prefix.length, int(model.cfg.n_layers)
     mask = full_attention_mask(attention_mask, tokens, P)
@@ -318,6 +316,27 @@ def _zero_pads(x: Tensor, mask: Tensor | None, P: int, query_dim: int) -> Tensor
     return torch.where(real.reshape(shape), x, torch.zeros((), dtype=x.dtype, device=x.device))
 
 
+def prefixed_cache(
+    model,
+    tokens: Int[Tensor, "batch pos"],
+    prefix: Prefix,
+    names: "set[str] | frozenset[str]",
+    mask: Int[Tensor, "batch n_pos"] | None = None,
+) -> "ActivationCache":
+    """One prefixed forward pass into a cache of the hooks ``names``: no gradients, eval mode
+    (:func:`evaluation_mode`), ``prefix`` attached for the pass only. ``mask``: the full ``[B, P + T]``
+    attention mask (:func:`prefixlens.injection.full_attention_mask`) or ``None``.
+
+    The one prefixed run of :func:`prefixed_scores` (so of :func:`decompose`) and of
+    :mod:`prefixlens.analysis`."""
+    masked = {} if mask is None else {"attention_mask": mask}
+    # the logits are not used: compute the unembedding at the last position only (when no unembed hook is asked for)
+    keep = {} if any("unembed" in n for n in names) else _last_logits_only(model)
+    with torch.no_grad(), evaluation_mode(model), attached(model, prefix) as slots:
+        _, cache = model.run_with_cache(slots.prepend(tokens), names_filter=lambda n: n in names, **keep, **masked)
+    return cache
+
+
 def prefixed_scores(
     model,
     tokens: Int[Tensor, "batch pos"],
@@ -335,14 +354,12 @@ def prefixed_scores(
     mode (:func:`evaluation_mode`). With ``attention_mask`` (``[B, T]`` or ``[B, P + T]``) padded keys
     score ``-inf``."""
     mask = full_attention_mask(attention_mask, tokens, prefix.length)
-    masked = {} if mask is None else {"attention_mask": mask}
     n_layers, n_heads = int(model.cfg.n_layers), int(model.cfg.n_heads)
     sources = attention_sources(model)
     per_layer = {"scores": ["hook_attn_scores"], "qk": ["hook_q", "hook_k"], "pattern": ["hook_pattern"]}
     names = {f"blocks.{l}.attn.{h}" for l in range(n_layers) for h in ["hook_v", "hook_z"] + per_layer[sources[l]]}
     names |= set(extra_names)
-    with torch.no_grad(), evaluation_mode(model), attached(model, prefix) as slots:
-        _, cache = model.run_with_cache(slots.prepend(tokens), names_filter=lambda n: n in names, **masked)
+    cache = prefixed_cache(model, tokens, prefix, names, mask)
     P = prefix.length
     scores, values = [], []
     for l in range(n_layers):
@@ -414,7 +431,8 @@ def _reference_run(model, tokens, prefixed_inputs: list[Tensor], P: int, mask: T
         masked = {"attention_mask": mask[:, P:].repeat(2, 1)}
     with evaluation_mode(model):
         model.run_with_hooks(
-            torch.cat([tokens, tokens]), return_type=None, fwd_hooks=hooks, position_ids=positions, **masked
+            torch.cat([tokens, tokens]), return_type=None, fwd_hooks=hooks, position_ids=positions, **masked,
+            **_last_logits_only(model),  # the logits are not used
         )
     if mask is not None:
         patterns = [_zero_pads(p, mask, P, 2) for p in patterns]

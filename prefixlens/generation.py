@@ -2,14 +2,18 @@
 
 from __future__ import annotations
 
+import inspect
+from collections.abc import Sequence
+
 import torch
 from jaxtyping import Float, Int
 from torch import Tensor
 from tqdm.auto import tqdm
 
 from prefixlens.injection import check_not_attached, check_tokens, full_attention_mask, maybe_attached
-from prefixlens.kv_cache import cached_forward, has_kv_cache
+from prefixlens.kv_cache import KVCacheError, _bridge_attention_reads_cache, _versions, cache_length, has_kv_cache
 from prefixlens.prefixes import Prefix
+from prefixlens.text import decode, tokens_and_mask
 
 __all__ = ["generate", "sample_next", "check_sampling", "row_seed"]
 
@@ -20,8 +24,8 @@ def sample_next(
     temperature: float = 1.0,
     top_k: int | None = None,
     top_p: float | None = None,
-    generator: torch.Generator | None = None,
-) -> Int[Tensor, "batch"]:
+    generator: torch.Generator | Sequence[torch.Generator] | None = None,
+) -> Int[Tensor, " batch"]:
     """Greedy argmax, or a sample after temperature, top-k and nucleus (top-p) filtering.
 
     ``generator``: one ``torch.Generator`` for the whole batch, or a sequence of one per row (row ``i``
@@ -64,7 +68,7 @@ def row_seed(seed: int, row: int) -> int:
 
 def generate(
     model,
-    tokens: Int[Tensor, "batch pos"],
+    tokens: "Int[Tensor, 'batch pos'] | str | list[str]",
     prefix: Prefix | None = None,
     max_new_tokens: int = 10,
     do_sample: bool = False,
@@ -77,8 +81,20 @@ def generate(
     batch_size: int | None = None,
     progress: bool = False,
     attention_mask: Int[Tensor, "batch pos"] | None = None,
-) -> Int[Tensor, "batch pos_plus_new"]:
+    prepend_bos: bool | None = None,
+    return_text: bool = False,
+    skip_special_tokens: bool = False,
+) -> "Int[Tensor, 'batch pos_plus_new'] | list[str]":
     """Generate ``max_new_tokens`` after ``tokens`` with ``prefix`` in place.
+
+    ``tokens``: ids, a string or a list of strings (left-padded with a mask when ragged;
+    :mod:`prefixlens.text`). ``prepend_bos=None``: no BOS after a prefix (the text continues it), the
+    model's default without one (the text starts the sequence).
+    ``return_text=True`` returns one string per row: the decoded **new tokens only** (the
+    continuation, without the input or its padding, as HF's text-generation pipeline with
+    ``return_full_text=False``); with ``eos_token_id`` a row's text ends at its first EOS (the EOS
+    itself is kept unless ``skip_special_tokens=True``, which drops every special token, like
+    ``tokenizer.decode``). It needs the model's tokenizer.
 
     Returns the content tokens followed by the generated ones (no prefix slots), like
     ``model.generate``. With a prefix from ``from_prompt(model, prompt)``, greedy decoding gives
@@ -106,6 +122,9 @@ def generate(
     Refused inside a :func:`prefixlens.attached` block (prefixes do not nest).
     """
     check_not_attached(model, "prefixlens.generate")
+    tokens, attention_mask = tokens_and_mask(model, tokens, attention_mask, prepend_bos, continuation=prefix is not None)
+    if return_text and getattr(model, "tokenizer", None) is None:
+        raise ValueError("return_text=True needs the model's tokenizer to decode; this model has none (use the ids).")
     tokens = check_tokens(model, tokens, prefix)
     if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be an int >= 1, got {max_new_tokens!r}.")
@@ -147,7 +166,18 @@ def generate(
         if out.shape[1] < width:  # finished early (every row hit EOS): pad with EOS like a finished row
             out = torch.cat([out, out.new_full((out.shape[0], width - out.shape[1]), eos_token_id)], dim=1)
         outputs.append(out)
-    return torch.cat(outputs, dim=0)
+    out = torch.cat(outputs, dim=0)
+    return _continuation_text(model, out[:, tokens.shape[1] :], eos_token_id, skip_special_tokens) if return_text else out
+
+
+def _continuation_text(model, new: Int[Tensor, "batch new"], eos_token_id, skip_special_tokens: bool) -> list[str]:
+    """The new tokens of each row as text, cut after the row's first EOS (the EOS padding left out)."""
+    keep = None
+    if eos_token_id is not None:
+        is_eos = new == eos_token_id
+        first = torch.where(is_eos.any(1), is_eos.long().argmax(1), new.shape[1])
+        keep = torch.arange(new.shape[1], device=new.device)[None] <= first[:, None]
+    return decode(model, new, keep, skip_special_tokens=skip_special_tokens)
 
 
 def _append(new, finished, eos_token_id):
@@ -159,21 +189,70 @@ def _append(new, finished, eos_token_id):
 
 @torch.no_grad()
 def _generate_cached(model, tokens, prefix, mask, max_new_tokens, eos_token_id, sampling):
+    """Greedy/sampled decoding on the model's key/value cache.
+
+    The first step runs ``[slots] + tokens`` with the prefix hooks (P extra positions, like a real
+    prompt), computing the last position's logits only when the HF model supports it
+    (``logits_to_keep``, as HF's ``generate`` does); each new token then runs alone on the cache. The
+    cache hand-over hooks (:mod:`prefixlens.kv_cache`) are installed once for the whole generation,
+    and every step checks that the cache grew by exactly the tokens it was given.
+    """
+    T = tokens.shape[1]
     finished = torch.zeros(tokens.shape[0], dtype=torch.bool, device=tokens.device)
     masked = {} if mask is None else {"attention_mask": mask}
-    with maybe_attached(model, prefix) as slots:
-        logits, cache = cached_forward(model, slots.prepend(tokens), **masked)
-    generated = []
-    for i in range(max_new_tokens):
-        new, finished = _append(sample_next(logits[:, -1], **sampling), finished, eos_token_id)
-        generated.append(new)
-        if i == max_new_tokens - 1 or bool(finished.all()):
-            break
-        if mask is not None:
-            mask = torch.cat([mask, mask.new_ones(mask.shape[0], 1)], dim=1)
-            masked = {"attention_mask": mask}
-        logits, cache = cached_forward(model, new[:, None], cache, **masked)
+    with _bridge_attention_reads_cache(model):
+        with maybe_attached(model, prefix) as slots:
+            logits, cache = _cached_step(model, slots.prepend(tokens), None, 0, use_cache=True,
+                                         **_last_logits_only(model), **masked)
+        before = slots.n + T
+        generated = []
+        for i in range(max_new_tokens):
+            new, finished = _append(sample_next(logits[:, -1], **sampling), finished, eos_token_id)
+            generated.append(new)
+            if i == max_new_tokens - 1 or (eos_token_id is not None and bool(finished.all())):
+                break
+            if mask is not None:
+                mask = torch.cat([mask, mask.new_ones(mask.shape[0], 1)], dim=1)
+                masked = {"attention_mask": mask}
+            logits, cache = _cached_step(model, new[:, None], cache, before + i, **masked)
     return torch.cat([tokens, torch.stack(generated, dim=1)], dim=1)
+
+
+def _cached_step(model, tokens, cache, before: int, **kwargs):
+    """Logits of ``tokens`` after the ``before`` positions in ``cache``, and the extended cache; raises
+    :class:`~prefixlens.kv_cache.KVCacheError` unless it then holds ``before + tokens.shape[1]``
+    positions (as :func:`~prefixlens.kv_cache.cached_forward`, whose hand-over hooks the caller holds)."""
+    logits, new_cache = model(tokens, past_key_values=cache, return_type="logits_and_cache", **kwargs)
+    expected = before + tokens.shape[1]
+    got = cache_length(new_cache)
+    if got != expected:
+        raise KVCacheError(
+            f"the model's key/value cache holds {got} positions after this step, expected {expected} "
+            f"({before} cached + {tokens.shape[1]} new). The model did not write its keys and values to the "
+            f"cache, so later tokens would attend to nothing before them and the results would be silently "
+            f"wrong. Installed: {_versions()}. Install the tested versions (`pip install -c constraints.txt -e .` "
+            f"in a prefixlens checkout), or turn the cache off: `generate(..., use_cache=False)` recomputes the "
+            f"sequence at every step."
+        )
+    return logits, new_cache
+
+
+_LOGITS_TO_KEEP: dict[type, bool] = {}
+
+
+def _last_logits_only(model) -> dict:
+    """``{"logits_to_keep": 1}`` when the bridge's HF model can compute the last position's logits
+    alone (what HF's ``generate`` asks for), else ``{}``."""
+    hf = getattr(model, "original_model", None)
+    if hf is None:
+        return {}
+    kind = type(hf)
+    if kind not in _LOGITS_TO_KEEP:
+        try:
+            _LOGITS_TO_KEEP[kind] = "logits_to_keep" in inspect.signature(kind.forward).parameters
+        except (TypeError, ValueError):
+            _LOGITS_TO_KEEP[kind] = False
+    return {"logits_to_keep": 1} if _LOGITS_TO_KEEP[kind] else {}
 
 
 @torch.no_grad()

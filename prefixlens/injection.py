@@ -14,6 +14,10 @@ HuggingFace does for padded batches (``cumsum(mask) - 1``): a row's real content
 padded positions are undefined. A mask of another shape, with values other than 0/1, with a masked
 slot, or with a row that has no real token is refused.
 
+**Text.** Every entry point also takes a string or a list of strings (:mod:`prefixlens.text`): a
+ragged list is left-padded and its mask flows into the machinery above. Content after a prefix gets
+no BOS unless ``prepend_bos=True`` (it continues the prefix's prompt).
+
 **One prefix at a time.** Prefixes do not nest: every prefix writes slots ``0..P-1``, so an
 ``attached`` block (or ``run_with_prefix``, ``generate``, ``decompose``) inside another ``attached``
 block is refused; build one prefix that holds both (e.g. ``from_prompt`` on the joined prompts). A
@@ -25,10 +29,9 @@ tokens; use :func:`prefixlens.generate`, or ``model.generate(..., use_past_kv_ca
 
 from __future__ import annotations
 
-import weakref
+from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import dataclass
-from typing import Any, Callable, Iterator
 
 import torch
 from jaxtyping import Float, Int
@@ -36,7 +39,8 @@ from torch import Tensor
 from transformer_lens import ActivationCache
 
 from prefixlens.prefixes import Prefix
-from prefixlens.signature import model_dtype_device
+from prefixlens.runtime import _ATTACHED, attached_prefix, check_not_attached, check_token_ids
+from prefixlens.text import tokens_and_mask
 
 __all__ = [
     "Slots",
@@ -54,8 +58,8 @@ __all__ = [
 PLACEHOLDER_TOKEN = 0
 RETURN_TYPES = ("logits", "loss", "both", None)
 
-# model -> the prefix attached to it by an open ``attached`` block
-_ATTACHED: "weakref.WeakKeyDictionary[Any, Prefix]" = weakref.WeakKeyDictionary()
+# model -> the prefix attached to it by an open ``attached`` block: ``prefixlens.runtime._ATTACHED``
+# (below the prefix forms, so that ``to_kv`` can refuse to run inside a block without importing this module)
 
 
 @dataclass(frozen=True)
@@ -68,7 +72,7 @@ class Slots:
     def placeholders(self, batch: int, device=None) -> Int[Tensor, "batch n"]:
         return torch.full((batch, self.n), self.placeholder, dtype=torch.long, device=device)
 
-    def prepend(self, tokens: Int[Tensor, "batch pos"]) -> Int[Tensor, "batch n+pos"]:
+    def prepend(self, tokens: Int[Tensor, "batch pos"]) -> Int[Tensor, "batch slots_and_pos"]:
         """``[placeholders] + tokens``: the input to give the model while the prefix is attached."""
         return torch.cat([self.placeholders(tokens.shape[0], tokens.device), tokens], dim=1)
 
@@ -85,29 +89,7 @@ def check_tokens(model, tokens, prefix: Prefix | None = None) -> Int[Tensor, "ba
                 f"expected a prefixlens prefix (KVPrefix, ResidualPrefix or SoftPrompt), got {type(prefix).__name__}."
             )
         prefix.validate(model)
-    if not isinstance(tokens, Tensor):
-        tokens = torch.as_tensor(tokens)
-    if tokens.dtype.is_floating_point or tokens.dtype == torch.bool:
-        raise TypeError(f"tokens must be integer ids, got dtype {tokens.dtype}.")
-    if tokens.ndim == 1:
-        tokens = tokens[None]
-    if tokens.ndim != 2:
-        raise ValueError(f"tokens must be [pos] or [batch, pos], got shape {tuple(tokens.shape)}.")
-    if tokens.numel() == 0:
-        raise ValueError(f"empty input: tokens has shape {tuple(tokens.shape)}; give at least one content token.")
-    _, device = model_dtype_device(model)
-    if tokens.device.type != device.type:
-        raise ValueError(f"device mismatch: tokens are on {tokens.device} but the model is on {device}.")
-    n_ctx = int(model.cfg.n_ctx)
-    P = prefix.length if prefix is not None else 0
-    if P + tokens.shape[1] > n_ctx:
-        raise ValueError(
-            f"prefix length {P} + input length {tokens.shape[1]} = {P + tokens.shape[1]} exceeds the model's "
-            f"context of {n_ctx} positions; shorten the input or the prefix."
-        )
-    vocab = int(model.cfg.d_vocab)
-    if int(tokens.min()) < 0 or int(tokens.max()) >= vocab:
-        raise ValueError(f"token ids must lie in [0, {vocab}), got min {int(tokens.min())}, max {int(tokens.max())}.")
+    tokens = check_token_ids(model, tokens, prefix.length if prefix is not None else 0)
     if prefix is not None and prefix.batched and prefix.batch_size != tokens.shape[0]:
         raise ValueError(
             f"batch mismatch: the {prefix.form} holds {prefix.batch_size} prefixes but tokens have batch "
@@ -118,7 +100,7 @@ def check_tokens(model, tokens, prefix: Prefix | None = None) -> Int[Tensor, "ba
 
 def full_attention_mask(
     attention_mask, tokens: Int[Tensor, "batch pos"], n_slots: int
-) -> Int[Tensor, "batch n_slots+pos"] | None:
+) -> Int[Tensor, "batch slots_and_pos"] | None:
     """The mask of ``[slots] + tokens`` from a content mask ``[B, T]`` or a full mask ``[B, P + T]``
     (1 = real token, 0 = padding); ``None`` when there is no padding at all (the unmasked run).
 
@@ -157,7 +139,7 @@ def full_attention_mask(
     return None if bool(mask.all()) else mask
 
 
-def full_position_ids(position_ids, tokens: Int[Tensor, "batch pos"], n_slots: int) -> Int[Tensor, "batch n_slots+pos"] | None:
+def full_position_ids(position_ids, tokens: Int[Tensor, "batch pos"], n_slots: int) -> Int[Tensor, "batch slots_and_pos"] | None:
     """Positions of ``[slots] + tokens``. ``[B, T]`` (or ``[T]``) are content positions counted from the
     first content position, as PEFT takes them (it adds ``P``): content gets ``P + position_ids``, the
     slots ``0..P-1`` (the default is ``arange(T)``, i.e. ``P..P+T-1``). ``[B, P + T]`` is taken as it is."""
@@ -179,23 +161,6 @@ def full_position_ids(position_ids, tokens: Int[Tensor, "batch pos"], n_slots: i
     if int(pos.min()) < 0:
         raise ValueError(f"position_ids must be >= 0, got min {int(pos.min())}.")
     return pos
-
-
-def attached_prefix(model) -> Prefix | None:
-    """The prefix an open :func:`attached` block has attached to ``model`` (``None``: none)."""
-    return _ATTACHED.get(model)
-
-
-def check_not_attached(model, what: str) -> None:
-    """Refuse to run ``what`` while a prefix is attached (its hooks would overwrite content positions)."""
-    outer = _ATTACHED.get(model)
-    if outer is not None:
-        raise RuntimeError(
-            f"{what} inside a `prefixlens.attached` block: a {outer.form} (P={outer.length}) is already attached "
-            f"to this model, and prefixes do not nest (each writes slots 0..P-1, so the second would overwrite "
-            f"content positions of the first). Leave the block first, or use one prefix that holds both "
-            f"(e.g. from_prompt on the joined prompts)."
-        )
 
 
 def _refuse_cached_steps(module, args, kwargs):
@@ -285,17 +250,20 @@ def _finish(model, logits, tokens, content_mask, return_type, loss_per_token: bo
 
 def run_with_prefix(
     model,
-    tokens: Int[Tensor, "batch pos"],
+    tokens: "Int[Tensor, 'batch pos'] | str | list[str]",
     prefix: Prefix,
     attention_mask: Int[Tensor, "batch pos"] | None = None,
     position_ids: Int[Tensor, "batch pos"] | None = None,
     return_type: str | None = "logits",
     loss_per_token: bool = False,
+    prepend_bos: bool | None = None,
     **kwargs,
 ) -> Float[Tensor, "batch pos d_vocab"]:
     """Logits at the content positions of ``model`` run with ``prefix`` before ``tokens``.
 
     Equals ``model(prompt + tokens)[:, P:]`` when ``prefix`` comes from ``from_prompt(model, prompt)``.
+    ``tokens``: ids, a string or a list of strings (left-padded with a mask when ragged; see
+    :mod:`prefixlens.text`). Text after a prefix is a continuation: ``prepend_bos=None`` adds no BOS.
     ``attention_mask``: ``[B, T]`` (content) or ``[B, P + T]`` (full), see the module docstring.
     ``position_ids``: ``[B, T]`` content positions counted from the first content token (PEFT's
     convention: content token ``t`` sits at ``P + position_ids[:, t]``; default ``arange(T)``) or full
@@ -305,6 +273,7 @@ def run_with_prefix(
     ``model(prompt + tokens, loss_per_token=True)[:, P:]`` averages to), ``"both"`` or ``None``.
     Extra keyword arguments go to the model's forward.
     """
+    tokens, attention_mask = tokens_and_mask(model, tokens, attention_mask, prepend_bos, continuation=True)
     tokens = check_tokens(model, tokens, prefix)
     _check_return_type(return_type)
     extra, content_mask = _forward_kwargs(model, tokens, prefix.length, attention_mask, position_ids, kwargs)
@@ -315,13 +284,14 @@ def run_with_prefix(
 
 def run_with_cache(
     model,
-    tokens: Int[Tensor, "batch pos"],
+    tokens: "Int[Tensor, 'batch pos'] | str | list[str]",
     prefix: Prefix,
     names_filter: Callable[[str], bool] | str | list[str] | None = None,
     attention_mask: Int[Tensor, "batch pos"] | None = None,
     position_ids: Int[Tensor, "batch pos"] | None = None,
     return_type: str | None = "logits",
     loss_per_token: bool = False,
+    prepend_bos: bool | None = None,
     **kwargs,
 ) -> tuple[Float[Tensor, "batch pos d_vocab"], ActivationCache]:
     """Content logits (or what ``return_type`` asks for, as in :func:`run_with_prefix`) and the
@@ -329,8 +299,10 @@ def run_with_cache(
 
     The cache covers all ``P + T`` positions (slots first), so attention patterns keep their
     prefix columns; use ``cache[name][:, P:]`` for the content positions. With padding, the
-    activations of padded positions are undefined.
+    activations of padded positions are undefined. ``tokens`` and ``prepend_bos``: as in
+    :func:`run_with_prefix` (text, no BOS by default).
     """
+    tokens, attention_mask = tokens_and_mask(model, tokens, attention_mask, prepend_bos, continuation=True)
     tokens = check_tokens(model, tokens, prefix)
     _check_return_type(return_type)
     extra, content_mask = _forward_kwargs(model, tokens, prefix.length, attention_mask, position_ids, kwargs)
