@@ -3,13 +3,27 @@
 from prefixlens.decomposition import HeadDecomposition, decompose
 from prefixlens.generation import generate
 from prefixlens.injection import Slots, attached, run_with_cache, run_with_prefix
-from prefixlens.prefixes import KVPrefix, Prefix, ResidualPrefix, SoftPrompt
+from prefixlens.prefixes import FORMS, KVPrefix, Prefix, ResidualPrefix, SoftPrompt, form_class
 from prefixlens.signature import ModelSignature, signature_of
-from prefixlens import analysis, capacity, constructions, lora, report, tasks, train  # noqa: E402  (report loads CircuitsVis only when writing)
+from prefixlens.training import train_prefix
+from prefixlens import (  # noqa: E402  (report loads CircuitsVis only when writing)
+    analysis,
+    capacity,
+    constructions,
+    lexicons,
+    lora,
+    models,
+    report,
+    tasks,
+    text,
+    train,
+    training,
+)
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "FORMS",
     "HeadDecomposition",
     "KVPrefix",
     "ModelSignature",
@@ -21,13 +35,19 @@ __all__ = [
     "attached",
     "capacity",
     "constructions",
-    "lora",
     "decompose",
+    "form_class",
     "generate",
+    "lexicons",
+    "lora",
+    "models",
     "report",
     "run_with_cache",
     "run_with_prefix",
     "signature_of",
     "tasks",
+    "text",
     "train",
+    "train_prefix",
+    "training",
 ]

@@ -18,9 +18,10 @@ other bridge :func:`cached_forward` installs it for the call only.
 from __future__ import annotations
 
 import warnings
+from collections.abc import Iterator
 from contextlib import contextmanager
 from importlib import metadata
-from typing import Any, Iterator
+from typing import Any
 
 from jaxtyping import Float, Int
 from torch import Tensor, nn

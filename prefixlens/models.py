@@ -15,13 +15,14 @@ import torch
 from transformer_lens.config import TransformerBridgeConfig
 from transformer_lens.model_bridge import TransformerBridge
 
-from prefixlens.text import checkpoint_prepends_bos
 from prefixlens.kv_cache import hand_cache_to_bridge_attention
 from prefixlens.signature import module_roots
+from prefixlens.text import checkpoint_prepends_bos
 
 __all__ = [
     "toy_gpt2", "toy_llama", "native", "load", "builtin_checkpoint", "BUILTIN_MODELS", "toy_tokenizer",
     "full_precision_softmax", "float64_throughout",
+    "Float64Throughout",
 ]
 
 

@@ -13,14 +13,14 @@ import hashlib
 import os
 import stat
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-__all__ = ["save_tensors", "load_tensors", "atomic_write_text", "CorruptFileError", "CHECKSUM_KEY"]
+__all__ = ["save_tensors", "load_tensors", "atomic_write_text", "CorruptFileError", "CHECKSUM_KEY", "tensors_checksum"]
 
 CHECKSUM_KEY = "prefixlens_sha256"
 
@@ -79,6 +79,9 @@ def _atomic_replace(path: str | os.PathLike, write: Callable[[str], None]) -> Pa
 def save_tensors(path: str | os.PathLike, tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> Path:
     """Write ``tensors`` and string ``metadata`` to ``path`` atomically (temp file, then rename),
     with a checksum of both under ``metadata["prefixlens_sha256"]``."""
+    bad = sorted(k for k, v in tensors.items() if not isinstance(v, torch.Tensor))
+    if bad:
+        raise TypeError(f"save_tensors: {bad} are not tensors; only torch tensors can be saved.")
     plain = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
     metadata = {**metadata, CHECKSUM_KEY: tensors_checksum(plain, metadata)}
     return _atomic_replace(path, lambda tmp: save_file(plain, tmp, metadata=metadata))

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 
 import torch
 
-__all__ = ["ModelSignature", "signature_of", "weights_fingerprint", "module_roots"]
+__all__ = ["ModelSignature", "signature_of", "weights_fingerprint", "module_roots", "model_dtype_device"]
 
 
 @dataclass(frozen=True)

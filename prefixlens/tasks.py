@@ -174,7 +174,7 @@ class TaskBatch:
     task_ids: Tensor
     n_pad: int
 
-    def prompt(self, n_pad: int | None = None) -> Int[Tensor, "batch n_pad+length"]:
+    def prompt(self, n_pad: int | None = None) -> Int[Tensor, "batch pads_and_length"]:
         """Pads and input: what generation starts from (``n_pad`` defaults to the batch's ``P``)."""
         n_pad = self.n_pad if n_pad is None else n_pad
         pads = torch.full((self.inputs.shape[0], n_pad), PAD, dtype=torch.long, device=self.inputs.device)

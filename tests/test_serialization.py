@@ -13,8 +13,10 @@ def test_round_trip_and_metadata(tmp_path):
 def test_failed_write_leaves_old_file_and_no_temp(tmp_path):
     path = tmp_path / "x.safetensors"
     save_tensors(path, {"w": torch.ones(2)}, {})
-    with pytest.raises(Exception):
+    with pytest.raises(TypeError, match="not tensors"):
         save_tensors(path, {"w": "not a tensor"}, {})
+    with pytest.raises(TypeError):  # raised by safetensors inside the atomic write: metadata must be strings
+        save_tensors(path, {"w": torch.zeros(3)}, {"k": 1})
     assert torch.equal(load_tensors(path)[0]["w"], torch.ones(2))
     assert [p.name for p in tmp_path.iterdir()] == ["x.safetensors"]
 

@@ -28,7 +28,7 @@ from torch import Tensor, nn
 from transformer_lens import HookedRootModule
 from transformer_lens.hook_points import HookPoint
 
-__all__ = ["ConstructionConfig", "HookedConstruction", "Layout"]
+__all__ = ["ConstructionConfig", "HookedConstruction", "Layout", "ConstructionAttention", "ConstructionBlock", "ConstructionMLP"]
 
 
 @dataclass
@@ -203,7 +203,7 @@ class HookedConstruction(HookedRootModule):
         return self.unembed.W_U
 
     @property
-    def b_U(self) -> Float[Tensor, "d_vocab"]:
+    def b_U(self) -> Float[Tensor, " d_vocab"]:
         return self.unembed.b_U
 
     def _stacked(self, name: str) -> Tensor:
