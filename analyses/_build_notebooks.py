@@ -359,7 +359,7 @@ def main() -> None:
     from prefixlens.serialization import atomic_write_text
 
     for name in NOTEBOOKS:
-        path = atomic_write_text(HERE / f"{name}.ipynb", nbformat.writes(build(name)) + "\n")
+        atomic_write_text(HERE / f"{name}.ipynb", nbformat.writes(build(name)) + "\n")
         print(f"wrote analyses/{name}.ipynb")
 
 

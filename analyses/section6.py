@@ -34,7 +34,8 @@ VARIANTS = {"": "reference", "_mlp_only": "mlp"}  # row suffix -> LoRA targets
 
 def equal_size_prefix_length(model, rank: int, targets: str) -> int:
     """The residual-prefix length with exactly as many parameters as the LoRA (``L·P·d``)."""
-    from prefixlens import lora as LR, train as TR
+    from prefixlens import lora as LR
+    from prefixlens import train as TR
 
     n = LR.lora_parameter_count(model, rank, targets)
     length = n // TR.prefix_parameter_count(model, 1)
@@ -44,7 +45,9 @@ def equal_size_prefix_length(model, rank: int, targets: str) -> int:
 
 
 def run_seed(args, seed: int) -> dict:
-    from prefixlens import models, tasks as T, train as TR
+    from prefixlens import models
+    from prefixlens import tasks as T
+    from prefixlens import train as TR
 
     prof = PROFILES[args.profile]
     shape = models.toy_gpt2(d_vocab=T.VOCAB, n_ctx=2 * T.LENGTH, seed=seed, **prof["model"])  # sizes only

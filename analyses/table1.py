@@ -30,7 +30,9 @@ PROFILES = {
 
 
 def run_seed(args, seed: int) -> dict:
-    from prefixlens import models, tasks as T, train as TR
+    from prefixlens import models
+    from prefixlens import tasks as T
+    from prefixlens import train as TR
 
     prof = PROFILES[args.profile]
     P = prof["n_pad"]

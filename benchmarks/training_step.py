@@ -24,9 +24,11 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from prefixlens import models, tasks as T, train as TR  # noqa: E402
-from prefixlens.lora import add_lora  # noqa: E402
+from prefixlens import models  # noqa: E402
+from prefixlens import tasks as T
+from prefixlens import train as TR
 from prefixlens.environment import environment  # noqa: E402
+from prefixlens.lora import add_lora  # noqa: E402
 from prefixlens.serialization import atomic_write_text  # noqa: E402
 
 

@@ -27,7 +27,7 @@ FAMILIES = {
 }
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def build(family: str, dtype: torch.dtype = torch.float32):
     """A cached tiny model; ``init_range=0.3`` so attention is far from uniform."""
     model = FAMILIES[family](seed=7, init_range=0.3, dtype=dtype)
@@ -77,7 +77,7 @@ HF_FAMILIES = {
 }
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def build_hf(family: str, dtype: torch.dtype = torch.float32):
     """A cached tiny random bridge of one of ``HF_FAMILIES`` (seed 0)."""
     import transformers

@@ -36,7 +36,7 @@ def _check_contract(data, name):
     assert data["profile"] in ("quick", "paper")
     assert isinstance(data["seeds"], int) and data["seeds"] >= 1 and data["command"].startswith("python ")
     assert set(data["rows"]) == ROWS[name]
-    for row, cols in data["rows"].items():
+    for _row, cols in data["rows"].items():
         for col, c in cols.items():
             if col == "params":
                 assert isinstance(c, int) and c > 0
@@ -85,7 +85,8 @@ def test_table1_end_to_end_tiny(tmp_path, monkeypatch):
 def test_section6_prefix_lengths_match_the_lora_sizes():
     import section6
 
-    from prefixlens import models, tasks as T
+    from prefixlens import models
+    from prefixlens import tasks as T
 
     reference = models.toy_gpt2(n_layers=4, n_heads=4, d_model=256, d_vocab=T.VOCAB, n_ctx=31, seed=0)
     assert section6.equal_size_prefix_length(reference, 1, "reference") == 12  # the reference's notebook 04
@@ -103,7 +104,9 @@ def test_table3_quick_shares_section6_pretraining_and_histogram_prefix():
     import section6
     import table3
 
-    from prefixlens import models, tasks as T, train as TR
+    from prefixlens import models
+    from prefixlens import tasks as T
+    from prefixlens import train as TR
 
     t3, s6 = table3.PROFILES["quick"], section6.PROFILES["quick"]
     assert t3["model"] == s6["model"] and t3["pretrain"] == s6["pretrain"]
@@ -133,7 +136,9 @@ def test_section6_end_to_end_tiny(tmp_path, monkeypatch):
 def test_mechanism_on_a_tiny_model(tmp_path):
     import argparse
 
-    from prefixlens import models, tasks as T, train as TR
+    from prefixlens import models
+    from prefixlens import tasks as T
+    from prefixlens import train as TR
 
     model = models.toy_gpt2(n_layers=2, d_model=16, n_heads=2, d_vocab=T.VOCAB, n_ctx=22, seed=0)
     model.requires_grad_(False)

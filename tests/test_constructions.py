@@ -200,7 +200,7 @@ def test_two_token_unpacking_is_done_by_the_network():
     """The digits of row u0 appear in the residual stream (exactly), computed by the MLP blocks."""
     builder = C.TwoTokenInput(V=10, digits_per_coordinate=3)
     m = C.reference_two_token_map(3)
-    model, prefix = builder, builder.virtual_token(m)
+    prefix = builder.virtual_token(m)
     _, cache = pl.run_with_cache(builder.model, torch.tensor([[4, 7]]), prefix)
     resid = cache[f"blocks.{builder.K - 1}.hook_resid_post"][0, -1]
     digits = []

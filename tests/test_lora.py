@@ -6,7 +6,8 @@ import pytest
 import torch
 from torch.nn.utils import parametrize
 
-from prefixlens import models, tasks as T
+from prefixlens import models
+from prefixlens import tasks as T
 from prefixlens.lora import add_lora, lora_parameter_count
 
 

@@ -104,10 +104,10 @@ def test_bad_masks_are_refused():
     ]
     for mask, match in cases:
         for call in (
-            lambda: pl.run_with_prefix(model, x, prefix, attention_mask=mask),
-            lambda: pl.run_with_cache(model, x, prefix, attention_mask=mask),
-            lambda: pl.generate(model, x, prefix, attention_mask=mask, max_new_tokens=2),
-            lambda: pl.decompose(model, x, prefix, attention_mask=mask),
+            lambda: pl.run_with_prefix(model, x, prefix, attention_mask=mask),  # noqa: B023  (called in this iteration)
+            lambda: pl.run_with_cache(model, x, prefix, attention_mask=mask),  # noqa: B023  (called in this iteration)
+            lambda: pl.generate(model, x, prefix, attention_mask=mask, max_new_tokens=2),  # noqa: B023  (called in this iteration)
+            lambda: pl.decompose(model, x, prefix, attention_mask=mask),  # noqa: B023  (called in this iteration)
         ):
             with pytest.raises(ValueError, match=match):
                 call()

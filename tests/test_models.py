@@ -150,7 +150,7 @@ def _llama_reference_logits(model, x):
     causal = torch.ones(T, T, dtype=torch.bool).tril()
     h = sd["model.embed_tokens.weight"][x]
     for l in range(cfg.num_hidden_layers):
-        w = lambda n: sd[f"model.layers.{l}.{n}.weight"]  # noqa: E731
+        w = lambda n: sd[f"model.layers.{l}.{n}.weight"]  # noqa: E731, B023  (called in this iteration)
         y = rms(h, w("input_layernorm"))
         q = (y @ w("self_attn.q_proj").T).view(B, T, H, D).transpose(1, 2)
         k = (y @ w("self_attn.k_proj").T).view(B, T, KV, D).transpose(1, 2).repeat_interleave(H // KV, 1)

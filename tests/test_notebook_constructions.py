@@ -1,6 +1,5 @@
 """analyses/constructions.ipynb runs top to bottom with small settings and shows what it claims."""
 
-import os
 from pathlib import Path
 
 import pytest
