@@ -11,7 +11,7 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from prefixlens.injection import check_not_attached, check_tokens, full_attention_mask, maybe_attached
-from prefixlens.kv_cache import KVCacheError, _bridge_attention_reads_cache, _versions, cache_length, has_kv_cache
+from prefixlens.kv_cache import _bridge_attention_reads_cache, check_cache_grew, has_kv_cache
 from prefixlens.prefixes import Prefix
 from prefixlens.text import decode, tokens_and_mask
 
@@ -223,17 +223,7 @@ def _cached_step(model, tokens, cache, before: int, **kwargs):
     :class:`~prefixlens.kv_cache.KVCacheError` unless it then holds ``before + tokens.shape[1]``
     positions (as :func:`~prefixlens.kv_cache.cached_forward`, whose hand-over hooks the caller holds)."""
     logits, new_cache = model(tokens, past_key_values=cache, return_type="logits_and_cache", **kwargs)
-    expected = before + tokens.shape[1]
-    got = cache_length(new_cache)
-    if got != expected:
-        raise KVCacheError(
-            f"the model's key/value cache holds {got} positions after this step, expected {expected} "
-            f"({before} cached + {tokens.shape[1]} new). The model did not write its keys and values to the "
-            f"cache, so later tokens would attend to nothing before them and the results would be silently "
-            f"wrong. Installed: {_versions()}. Install the tested versions (`pip install -c constraints.txt -e .` "
-            f"in a prefixlens checkout), or turn the cache off: `generate(..., use_cache=False)` recomputes the "
-            f"sequence at every step."
-        )
+    check_cache_grew(new_cache, before, tokens.shape[1])
     return logits, new_cache
 
 

@@ -26,7 +26,7 @@ from typing import Any
 from jaxtyping import Float, Int
 from torch import Tensor, nn
 
-__all__ = ["KVCacheError", "cached_forward", "cache_length", "has_kv_cache", "hand_cache_to_bridge_attention"]
+__all__ = ["KVCacheError", "cached_forward", "check_cache_grew", "cache_length", "has_kv_cache", "hand_cache_to_bridge_attention"]
 
 
 class KVCacheError(RuntimeError):
@@ -92,6 +92,21 @@ def _versions() -> str:
     return f"transformers {version('transformers')}, transformer-lens {version('transformer-lens')}"
 
 
+def check_cache_grew(cache: Any, before: int, n_new: int) -> None:
+    """Raise :class:`KVCacheError` unless ``cache`` holds ``before + n_new`` positions after a step."""
+    expected = before + n_new
+    got = cache_length(cache)
+    if got != expected:
+        raise KVCacheError(
+            f"the model's key/value cache holds {got} positions after this step, expected {expected} "
+            f"({before} cached + {n_new} new). The model did not write its keys and values to the "
+            f"cache, so later tokens would attend to nothing before them and the results would be silently "
+            f"wrong. Installed: {_versions()}. Install the tested versions (`pip install -c constraints.txt -e .` "
+            f"in a prefixlens checkout), or turn the cache off: `generate(..., use_cache=False)` recomputes the "
+            f"sequence at every step, and `share_pads=False` does the same in training."
+        )
+
+
 def cached_forward(
     model, tokens: Int[Tensor, "batch pos"], cache: Any = None, **kwargs
 ) -> tuple[Float[Tensor, "batch pos d_vocab"], Any]:
@@ -105,15 +120,5 @@ def cached_forward(
     before = cache_length(cache) or 0
     with _bridge_attention_reads_cache(model):
         logits, new_cache = model(tokens, past_key_values=cache, return_type="logits_and_cache", **kwargs)
-    expected = before + tokens.shape[1]
-    got = cache_length(new_cache)
-    if got != expected:
-        raise KVCacheError(
-            f"the model's key/value cache holds {got} positions after this step, expected {expected} "
-            f"({before} cached + {tokens.shape[1]} new). The model did not write its keys and values to the "
-            f"cache, so later tokens would attend to nothing before them and the results would be silently "
-            f"wrong. Installed: {_versions()}. Install the tested versions (`pip install -c constraints.txt -e .` "
-            f"in a prefixlens checkout), or turn the cache off: `generate(..., use_cache=False)` recomputes the "
-            f"sequence at every step, and `share_pads=False` does the same in training."
-        )
+    check_cache_grew(new_cache, before, tokens.shape[1])
     return logits, new_cache
