@@ -19,6 +19,8 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
+from prefixlens.experiment import summary
+
 __all__ = ["main", "find_analyses_dir", "list_analyses", "load_analysis", "demo", "CLIError", "call_main"]
 
 ANALYSES_ENV = "PREFIXLENS_ANALYSES"
@@ -51,7 +53,7 @@ def find_analyses_dir(explicit: str | os.PathLike | None = None) -> Path:
 
 
 def list_analyses(directory: Path) -> dict[str, str]:
-    """``{name: first docstring line}`` for every ``*.py`` in ``directory`` defining ``main`` (parsed, not imported)."""
+    """``{name: first sentence of its docstring}`` for every ``*.py`` in ``directory`` defining ``main`` (parsed, not imported)."""
     found = {}
     for file in sorted(directory.glob("*.py")):
         if file.stem.startswith("_"):
@@ -62,8 +64,7 @@ def list_analyses(directory: Path) -> dict[str, str]:
             found[file.stem] = f"(cannot be parsed: {err})"
             continue
         if any(isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef)) and n.name == "main" for n in tree.body):
-            doc = (ast.get_docstring(tree) or "").strip().splitlines()
-            found[file.stem] = doc[0] if doc else ""
+            found[file.stem] = summary(ast.get_docstring(tree))
     return found
 
 

@@ -20,7 +20,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-__all__ = ["save_tensors", "load_tensors", "atomic_write_text", "CorruptFileError", "CHECKSUM_KEY", "tensors_checksum"]
+__all__ = ["save_tensors", "load_tensors", "atomic_write_text", "atomic_write_bytes", "CorruptFileError", "CHECKSUM_KEY", "tensors_checksum"]
 
 CHECKSUM_KEY = "prefixlens_sha256"
 
@@ -127,5 +127,15 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
     def write(tmp: str) -> None:
         with open(tmp, "w", encoding="utf-8") as f:
             f.write(text)
+
+    return _atomic_replace(path, write)
+
+
+def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
+    """Write bytes to ``path`` atomically (through a symlink, as :func:`save_tensors`)."""
+
+    def write(tmp: str) -> None:
+        with open(tmp, "wb") as f:
+            f.write(data)
 
     return _atomic_replace(path, write)
