@@ -13,6 +13,8 @@ figure). :meth:`Analysis.main` does the rest the same way for all of them:
 - the files: ``<out>/<stem>.json``, ``.md`` and ``.png``, each written atomically. ``--out`` defaults
   to the git-ignored ``runs/results/``; the committed results are refreshed only by asking for them,
   ``--out results``. ``--render-only`` rewrites the Markdown and figure from the JSON already there.
+  Everything from the line :data:`NOTES_MARKER` on in an existing ``.md`` is written by people
+  (how a profile was tuned, earlier runs and their commits) and is kept when the file is rewritten.
 
     analysis = Analysis(name="table1", doc=__doc__, run=run, markdown=markdown, profiles=PROFILES)
 
@@ -40,13 +42,25 @@ import torch
 from prefixlens.environment import environment
 from prefixlens.serialization import atomic_write_bytes, atomic_write_text
 
-__all__ = ["Analysis", "DEFAULT_OUT", "COMMITTED_RESULTS", "save_figure", "summary", "cpu_seconds", "restored_state"]
+__all__ = ["Analysis", "DEFAULT_OUT", "COMMITTED_RESULTS", "NOTES_MARKER", "save_figure", "summary", "cpu_seconds", "restored_state"]
 
 DEFAULT_OUT = "runs/results"
 """Where results go unless ``--out`` says otherwise (git-ignored)."""
 
 COMMITTED_RESULTS = "results"
 """The committed results folder: written only when asked for with ``--out results``."""
+
+
+NOTES_MARKER = "<!-- notes written by people, kept when the results are rewritten -->"
+"""The line after which a results Markdown file is hand-written (kept across re-renders)."""
+
+
+def kept_notes(path: Path) -> str:
+    """The hand-written tail of an existing results Markdown file (from :data:`NOTES_MARKER` on), or ``""``."""
+    if not path.is_file():
+        return ""
+    text = path.read_text(encoding="utf-8")
+    return text[text.index(NOTES_MARKER):] if NOTES_MARKER in text else ""
 
 
 class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
@@ -192,7 +206,9 @@ class Analysis:
 
     def render(self, result: dict, out: Path, stem: str) -> None:
         """Write ``<stem>.md`` (and ``<stem>.png``) of ``result`` into ``out``."""
-        atomic_write_text(out / f"{stem}.md", self.markdown(result).rstrip("\n") + "\n")
+        path = out / f"{stem}.md"
+        text, notes = self.markdown(result).rstrip("\n") + "\n", kept_notes(path)
+        atomic_write_text(path, text + ("\n" + notes.rstrip("\n") + "\n" if notes else ""))
         if self.figure is not None:
             figure = self.figure(result)
             if figure is not None:

@@ -9,7 +9,7 @@ import random
 import pytest
 import torch
 
-from prefixlens.experiment import COMMITTED_RESULTS, DEFAULT_OUT, Analysis, summary
+from prefixlens.experiment import COMMITTED_RESULTS, DEFAULT_OUT, NOTES_MARKER, Analysis, summary
 
 DOC = """A toy analysis: counts to
 n and reports it.
@@ -138,3 +138,15 @@ def test_stem_names_the_files(tmp_path):
     analysis = dataclasses.replace(_analysis(), stem=lambda args: f"toy_{args.profile}")
     analysis.main(["--out", str(tmp_path)])
     assert (tmp_path / "toy_small.json").is_file() and (tmp_path / "toy_small.md").is_file()
+
+
+def test_hand_written_notes_survive_a_rewrite(tmp_path):
+    analysis = _analysis()
+    analysis.main(["--out", str(tmp_path)])
+    md = tmp_path / "toy.md"
+    notes = f"{NOTES_MARKER}\n\n## How the profile was tuned\n\nAt commit abc1234 it reached 90%.\n"
+    md.write_text(md.read_text() + "\n" + notes)
+    analysis.main(["--out", str(tmp_path), "--extra", "4"])
+    assert md.read_text() == "# toy\n\ncount 6\n\n" + notes
+    analysis.main(["--out", str(tmp_path), "--render-only"])
+    assert md.read_text() == "# toy\n\ncount 6\n\n" + notes
