@@ -148,8 +148,8 @@ class Analysis:
         if self.profiles:
             names = list(self.profiles)
             parser.add_argument("--profile", choices=names, default=self.default_profile or names[0],
-                                help="settings of the run: " + "; ".join(f"{n}: {summary(type(p).__doc__ or '') or n}"
-                                                                        for n, p in self.profiles.items()))
+                                help="settings of the run: " + "; ".join(
+                                    f"{n}: {summary(type(p).__doc__ or '').rstrip('.') or n}" for n, p in self.profiles.items()))
         if self.add_arguments is not None:
             self.add_arguments(parser)
         parser.add_argument("--out", default=DEFAULT_OUT,
@@ -186,7 +186,8 @@ class Analysis:
             result = self.record(args, argv)
             write_json(out / f"{stem}.json", result)
         self.render(result, out, stem)
-        print(f"wrote {out / stem}.json, .md" + (", .png" if self.figure else ""))
+        written = ([] if args.render_only else [".json"]) + [".md"] + ([".png"] if self.figure else [])
+        print(f"wrote {out / stem}" + ", ".join(written))
         return result
 
     def record(self, args: argparse.Namespace, argv: list[str] | None = None) -> dict:

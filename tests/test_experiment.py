@@ -71,7 +71,7 @@ def test_help_shows_the_docstring_defaults_and_common_options(capsys):
     text = " ".join(capsys.readouterr().out.split())
     assert "A toy analysis: counts to n and reports it." in text
     assert "prefixlens run toy --n 3" in text
-    assert "(default: small)" in text and "small: Few steps, for a laptop." in text
+    assert "(default: small)" in text and "small: Few steps, for a laptop; large: Many steps" in text
     assert f"(default: {DEFAULT_OUT})" in text and f"'--out {COMMITTED_RESULTS}'" in text
     assert "added to n (default: 0)" in text
 
