@@ -1,6 +1,11 @@
-"""Shared plumbing of the table scripts: CLI, seed fan-out over processes, aggregation, JSON/Markdown.
+"""Shared parts of the toy-task scripts (``table1``, ``table2``, ``table3``, ``section6``).
 
-Kept thin: all training and evaluation lives in ``prefixlens.train`` / ``prefixlens.tasks``.
+Their own options (:func:`add_arguments`), the seed fan-out over worker processes
+(:func:`run_seeds`), aggregation over seeds with 95% intervals (:func:`aggregate`), the quick
+profile's acceptance margins (:data:`TARGETS`), the results table (:func:`table_markdown`), and the
+mechanism check and Figure 3 of tables 2 and 3 (:func:`mechanism`). Kept thin: all training and
+evaluation lives in ``prefixlens.train`` / ``prefixlens.tasks``; the command line, timing, the
+environment record and the result files are :class:`prefixlens.experiment.Analysis`'s.
 """
 
 from __future__ import annotations
@@ -9,37 +14,32 @@ import argparse
 import json
 import math
 import os
-import shlex
-import sys
-import time
+from collections.abc import Callable
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
-
-from prefixlens.environment import describe, environment  # noqa: E402
-from prefixlens.serialization import atomic_write_text  # noqa: E402
-from prefixlens.tasks import wilson_interval  # noqa: E402
+from prefixlens.environment import describe, environment
+from prefixlens.experiment import save_figure, write_json
+from prefixlens.tasks import wilson_interval
 
 # two-sided 97.5% Student-t quantiles by degrees of freedom
 _T975 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262, 10: 2.228}
 
 
-def parser(description: str) -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=description)
-    p.add_argument("--profile", choices=["quick", "paper"], default="quick")
-    p.add_argument("--seeds", type=int, default=3, help="number of seeds (0, 1, ..., N-1)")
-    p.add_argument("--jobs", type=int, default=2, help="seeds run in parallel processes")
-    p.add_argument("--threads", type=int, default=1, help="torch threads per process")
-    p.add_argument("--device", default="cpu")
-    p.add_argument("--out", default=str(ROOT / "results"), help="directory for <experiment>.json/.md")
-    p.add_argument("--artifacts", default=str(ROOT / "runs"), help="checkpoints (git-ignored)")
-    p.add_argument("--progress", action="store_true", help="tqdm bars (per process)")
-    p.add_argument("--render-only", action="store_true",
-                   help="rewrite the Markdown from the existing JSON (no training)")
-    return p
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """The options the toy-task scripts share (the runner adds ``--profile``, ``--out``,
+    ``--threads`` and ``--render-only``)."""
+    parser.add_argument("--seeds", type=int, default=3,
+                        help="number of seeds: the run trains seeds 0, 1, ..., N-1 and reports the mean and "
+                             "the 95%% interval over them")
+    parser.add_argument("--jobs", type=int, default=2,
+                        help="seeds trained in parallel worker processes, each with --threads torch threads "
+                             "(1: all seeds in this process)")
+    parser.add_argument("--device", default="cpu", help="torch device of the models (cpu, cuda, cuda:1, ...)")
+    parser.add_argument("--artifacts", default="runs",
+                        help="folder for the training checkpoints (<artifacts>/checkpoints; git-ignored): a training "
+                             "run with the same settings resumes from its checkpoint there instead of starting again")
+    parser.add_argument("--progress", action="store_true", help="tqdm progress bars (one per worker process)")
 
 
 # the quick profile's acceptance margins (issue 3): (row pattern, column rule, bound)
@@ -74,25 +74,26 @@ def check_targets(experiment: str, rows: dict) -> list[str]:
     return out
 
 
-def command_line() -> str:
-    return "python " + " ".join(shlex.quote(a) for a in [os.path.relpath(sys.argv[0], ROOT)] + sys.argv[1:])
-
-
 def _init_worker(threads: int) -> None:
     import torch
 
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    torch.set_num_threads(threads)
+    if threads:
+        torch.set_num_threads(threads)
 
 
-def run_seeds(fn, args, seeds: list[int]) -> list[dict]:
-    """``[fn(args, seed) for seed in seeds]``, in ``args.jobs`` worker processes."""
-    if args.jobs <= 1:
-        _init_worker(args.threads)
+def run_seeds(fn: Callable[[argparse.Namespace, int], dict], args: argparse.Namespace) -> list[dict]:
+    """``[fn(args, seed) for seed in range(args.seeds)]``, in ``args.jobs`` worker processes (each with
+    ``args.threads`` torch threads), or in this process with ``--jobs 1`` (the runner has set its
+    threads). ``fn`` and ``args`` (with its profile, ``args.settings``) are pickled for the workers, so
+    both must be defined at module level."""
+    seeds = list(range(args.seeds))
+    if args.jobs <= 1 or len(seeds) <= 1:
         return [fn(args, s) for s in seeds]
     import multiprocessing as mp
 
-    with ProcessPoolExecutor(args.jobs, mp_context=mp.get_context("spawn"), initializer=_init_worker, initargs=(args.threads,)) as ex:
+    with ProcessPoolExecutor(min(args.jobs, len(seeds)), mp_context=mp.get_context("spawn"),
+                             initializer=_init_worker, initargs=(args.threads,)) as ex:
         return list(ex.map(fn, [args] * len(seeds), seeds))
 
 
@@ -128,40 +129,18 @@ def fmt(c: dict) -> str:
     return f"{100 * c['mean']:.1f} [{100 * lo:.1f}, {100 * hi:.1f}]"
 
 
-def write(args, experiment: str, rows: dict, paper: dict, extra: dict, notes: list[str], wall_s: float, columns: list[str]) -> dict:
-    """Write ``results/<experiment>.json`` (the contract) and ``.md`` (ours next to the paper's).
-
-    With ``--render-only`` the JSON already on disk is kept and only the Markdown is rewritten."""
-    out = Path(args.out)
-    if getattr(args, "render_only", False):
-        data = json.loads((out / f"{experiment}.json").read_text())
-        render(data, paper, notes, columns, out)
-        return data
-    data = {
-        "experiment": experiment,
-        "profile": args.profile,
-        "seeds": args.seeds,
-        "command": command_line(),
-        "rows": rows,
-        "wall_time_s": round(wall_s, 1),
-        "cpu_time_s": round(cpu_seconds(), 1),
-        **extra,
-        "environment": environment(),
-    }
-    atomic_write_text(out / f"{experiment}.json", json.dumps(data, indent=1) + "\n")
-    render(data, paper, notes, columns, out)
-    return data
-
-
-def render(data: dict, paper: dict, notes: list[str], columns: list[str], out: Path) -> None:
-    experiment, rows = data["experiment"], data["rows"]
-    cpu = data.get("cpu_time_s")
+def table_markdown(result: dict, *, paper: dict, columns: list[str], notes: Callable[[dict], list[str]]) -> str:
+    """The results table of a toy-task run (ours next to the paper's number), the quick profile's
+    margins and ``notes(result)``. A script's ``markdown`` is this with its ``paper``, ``columns``
+    and ``notes`` bound (``functools.partial``)."""
+    experiment, rows = result["experiment"], result["rows"]
+    cpu = result.get("cpu_time_s")
     lines = [
-        f"# {experiment} ({data['profile']} profile, {data['seeds']} seeds)",
+        f"# {experiment} ({result['profile']} profile, {result['seeds']} seeds)",
         "",
-        f"Command: `{data['command']}`  ",
-        f"Wall time: {data['wall_time_s'] / 60:.1f} min" + (f"; CPU time {cpu / 60:.1f} min" if cpu else "") + ".  ",
-        f"Environment: {describe(data['environment'])}." if "environment" in data else "Environment: not recorded.",
+        f"Command: `{result['command']}`  ",
+        f"Wall time: {result['wall_time_s'] / 60:.1f} min" + (f"; CPU time {cpu / 60:.1f} min" if cpu else "") + ".  ",
+        f"Environment: {describe(result['environment'])}." if "environment" in result else "Environment: not recorded.",
         "",
         "Exact-match accuracy in %, mean over seeds [95% CI]; the paper's number in parentheses.",
         "",
@@ -178,49 +157,23 @@ def render(data: dict, paper: dict, notes: list[str], columns: list[str], out: P
             cells.append(fmt(cols[c]) + (f" ({p})" if p is not None else ""))
         label = row + (f" ({rows[row]['params']} params)" if isinstance(rows[row].get("params"), int) else "")
         lines.append(f"| {label} | " + " | ".join(cells) + " |")
-    checks = check_targets(experiment, rows) if data["profile"] == "quick" else []
+    checks = check_targets(experiment, rows) if result["profile"] == "quick" else []
     if checks:
         lines += ["", "## Quick-profile margins", ""] + [f"- {c}" for c in checks]
-    if notes:
-        lines += ["", "## Notes", ""] + [f"- {n}" for n in notes]
-    atomic_write_text(out / f"{experiment}.md", "\n".join(lines) + "\n")
+    notes_ = notes(result)
+    if notes_:
+        lines += ["", "## Notes", ""] + [f"- {n}" for n in notes_]
+    return "\n".join(lines) + "\n"
 
 
-def cpu_seconds() -> float:
-    """User + system CPU time of this process and its finished children (the seed workers)."""
-    import resource
-
-    own, kids = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
-    return own.ru_utime + own.ru_stime + kids.ru_utime + kids.ru_stime
-
-
-def run_or_load(args, experiment: str, fn) -> tuple[list[dict] | None, dict | None, float]:
-    """Run the seeds (``(outputs, None, wall_s)``) or, with ``--render-only``, load the JSON
-    (``(None, data, wall_s)``)."""
-    if args.render_only:
-        data = json.loads((Path(args.out) / f"{experiment}.json").read_text())
-        return None, data, data["wall_time_s"]
-    with Timer() as tm:
-        out = run_seeds(fn, args, list(range(args.seeds)))
-    return out, None, tm.s
-
-
-class Timer:
-    def __enter__(self):
-        self.t0 = time.perf_counter()
-        return self
-
-    def __exit__(self, *exc):
-        self.s = time.perf_counter() - self.t0
-
-
-def train_config(args, seed: int, settings: dict, checkpoints: str = "shared", every: int = 1000, **over):
+def train_config(args: argparse.Namespace, seed: int, settings: dict, checkpoints: str = "shared", every: int = 1000,
+                 **over):
     """The ``TrainConfig`` of one run: a profile's ``settings`` (updated by ``over``), seeded, saving a
     checkpoint every ``every`` steps under ``<artifacts>/checkpoints/<checkpoints>``."""
-    from prefixlens import train as TR
+    from prefixlens import train
 
-    return TR.TrainConfig(seed=seed, checkpoint_dir=f"{args.artifacts}/checkpoints/{checkpoints}",
-                          checkpoint_every=every, progress=args.progress, **{**settings, **over})
+    return train.TrainConfig(seed=seed, checkpoint_dir=f"{args.artifacts}/checkpoints/{checkpoints}",
+                             checkpoint_every=every, progress=args.progress, **{**settings, **over})
 
 
 def prefix_run_name(seed: int, task: str, length: int | None = None) -> str:
@@ -228,78 +181,93 @@ def prefix_run_name(seed: int, task: str, length: int | None = None) -> str:
     return f"s{seed}-prefix-{task}" + (f"-P{length}" if length else "")
 
 
-def mixture_then_prefixes(args, seed: int, prof: dict, experiment: str, prefix_tasks: list[str], columns: list[str]):
+def mixture_then_prefixes(args: argparse.Namespace, seed: int, prefix_tasks: list[str], columns: list[str]):
     """Pretrain on the four-task mixture, train one prefix per task, evaluate every (row, column).
 
-    Returns ``(model, prefixes, result)`` where ``result`` is the picklable per-seed record.
-    With ``prof["prefix_length"]`` the prefixes take that many of the P pad slots. Checkpoints go to
+    The settings are the profile's (``args.settings``: ``model``, ``n_pad``, ``test_items``,
+    ``pretrain``, ``prefix``, and optionally ``prefix_length`` and ``prefix_overrides``). Returns
+    ``(model, prefixes, result)`` where ``result`` is the picklable per-seed record. With a
+    ``prefix_length`` the prefixes take that many of the ``n_pad`` pad slots. Checkpoints go to
     ``<artifacts>/checkpoints/shared`` so experiments with identical settings (same model, seed and
     config) reuse each other's runs instead of training them again (table 3's quick profile reuses
     section 6's pretraining and its 40-slot histogram prefix).
     """
-    from prefixlens import models
-    from prefixlens import tasks as T
-    from prefixlens import train as TR
+    from prefixlens import models, tasks, train
 
-    P = prof["n_pad"]
-    cfg = lambda key, **over: train_config(args, seed, prof[key], **over)  # noqa: E731
-    model = models.toy_gpt2(d_vocab=T.VOCAB, n_ctx=P + 2 * T.LENGTH, seed=seed, device=args.device, **prof["model"])
-    pre = TR.train_model(model, T.MIXTURE, P, cfg("pretrain"), name=f"s{seed}-pretrain-mixture")
-    tests = {t: T.test_set(t, prof["test_items"], P, seed=seed) for t in columns}
+    profile = args.settings
+    n_pad = profile.n_pad
+    model = models.toy_gpt2(d_vocab=tasks.VOCAB, n_ctx=n_pad + 2 * tasks.LENGTH, seed=seed, device=args.device,
+                            **profile.model)
+    pre = train.train_model(model, tasks.MIXTURE, n_pad, train_config(args, seed, profile.pretrain),
+                            name=f"s{seed}-pretrain-mixture")
+    tests = {t: tasks.test_set(t, profile.test_items, n_pad, seed=seed) for t in columns}
     prefixes: dict = {"pretrained": None}
-    length = prof.get("prefix_length")  # None: the prefixes replace all P pads
+    length = getattr(profile, "prefix_length", None)  # None: the prefixes replace all the pads
+    overrides = getattr(profile, "prefix_overrides", None) or {}
     logs = {"pretrain_steps": pre.steps, "pretrain_evals": pre.evals, "pretrain_resumed_from": pre.resumed_from,
             "prefix": {}}
     for task in prefix_tasks:
-        key = "prefix_" + task
-        over = prof.get("prefix_overrides", {}).get(task, {})
-        p, res = TR.train_prefix(model, task, P, cfg("prefix", **over), form="residual", length=length,
-                                 name=prefix_run_name(seed, task, length))
-        prefixes[key] = p
+        config = train_config(args, seed, profile.prefix, **overrides.get(task, {}))
+        prefix, res = train.train_prefix(model, task, n_pad, config, form="residual", length=length,
+                                         name=prefix_run_name(seed, task, length))
+        prefixes["prefix_" + task] = prefix
         logs["prefix"][task] = {"steps": res.steps, "final_loss": res.final_loss, "evals": res.evals,
                                 "resumed_from": res.resumed_from}
-    mat = TR.accuracy_matrix(model, tests, prefixes)
-    rows = {r: {t: (a.correct, a.n) for t, a in cols.items()} for r, cols in mat.items()}
+    matrix = train.accuracy_matrix(model, tests, prefixes)
+    rows = {r: {t: (a.correct, a.n) for t, a in cols.items()} for r, cols in matrix.items()}
     return model, prefixes, {"rows": rows, "logs": logs}
 
 
-def mechanism(args, experiment: str, model, prefixes: dict, n_pad: int, seed: int, n_items: int = 128) -> dict:
+def mixture_seed(args: argparse.Namespace, seed: int, experiment: str, prefix_tasks: list[str]) -> dict:
+    """One seed of table 2 or 3: :func:`mixture_then_prefixes` on every prefix task (the columns are
+    the prefix tasks), and on seed 0 the :func:`mechanism` check and Figure 3."""
+    model, prefixes, result = mixture_then_prefixes(args, seed, prefix_tasks, prefix_tasks)
+    if seed == 0:
+        result["mechanism"] = mechanism(args, experiment, model, prefixes, args.settings.n_pad, seed)
+    return result
+
+
+def mechanism(args: argparse.Namespace, experiment: str, model, prefixes: dict, n_pad: int, seed: int,
+              n_items: int = 128) -> dict:
     """Why prefixes work or fail, on seed ``seed``'s model (paper §4 and Figure 3).
 
     - ``pl.decompose`` on a mixture test batch for every prefix: the renormalised content attention
       equals the pretrained model's for the same layer inputs (``relative_attention_error`` per
       layer, in float32 and in float64) and each head output is ``(1 − A)·t + A·b``.
     - Figure 3: the attention block output of the last layer at the last input position, without
-      and with each prefix, projected on its two principal directions. Saved as PNG + safetensors.
+      and with each prefix, projected on its two principal directions.
+
+    Written to ``<out>/figures/<experiment>_mechanism.json``, ``_figure3.png`` and
+    ``_figure3.safetensors`` (the activations and their projection).
     """
     import copy
 
     import torch
 
     import prefixlens as pl
-    from prefixlens import tasks as T
+    from prefixlens import tasks
     from prefixlens.report import project_2d
     from prefixlens.serialization import save_tensors
 
     out_dir = Path(args.out) / "figures"
-    test = T.test_set(T.MIXTURE, n_items, n_pad, seed=seed + 100)
+    test = tasks.test_set(tasks.MIXTURE, n_items, n_pad, seed=seed + 100)
     named = {k: v for k, v in prefixes.items() if v is not None}
     report: dict = {"relative_attention_error": {}, "reconstruction_error": {}, "cross_layer_shift": {},
                     "mean_prefix_attention": {}}
-    m64 = copy.deepcopy(model).to(torch.float64)
+    model64 = copy.deepcopy(model).to(torch.float64)
     for key, prefix in named.items():
         tokens = test.tokens[:, prefix.length:]
-        for label, m, p in (("float32", model, prefix), ("float64", m64, copy.deepcopy(prefix).to(torch.float64))):
+        for label, m, p in (("float32", model, prefix), ("float64", model64, copy.deepcopy(prefix).to(torch.float64))):
             d = pl.decompose(m, tokens, p)
             report["relative_attention_error"].setdefault(key, {})[label] = d.relative_attention_error().tolist()
             report["reconstruction_error"].setdefault(key, {})[label] = d.reconstruction_error()
             if label == "float32":
                 report["cross_layer_shift"][key] = d.cross_layer_shift().tolist()
                 report["mean_prefix_attention"][key] = d.prefix_attention.mean(dim=(1, 2, 3)).tolist()
-    del m64
+    del model64
 
     # Figure 3: attention block output at the last input position
-    last = n_pad + T.LENGTH - 1
+    last = n_pad + tasks.LENGTH - 1
     hook = f"blocks.{int(model.cfg.n_layers) - 1}.hook_attn_out"
     with torch.no_grad():
         _, cache = model.run_with_cache(test.tokens, names_filter=lambda n: n == hook)
@@ -317,33 +285,35 @@ def mechanism(args, experiment: str, model, prefixes: dict, n_pad: int, seed: in
     save_tensors(out_dir / f"{experiment}_figure3.safetensors", tensors,
                  {"experiment": experiment, "seed": str(seed), "hook": hook, "position": str(last),
                   "task_ids": json.dumps(test.task_ids.tolist())})
+    save_figure(figure3(experiment, hook, proj), out_dir / f"{experiment}_figure3.png", dpi=120)
+    report["environment"] = environment()
+    write_json(out_dir / f"{experiment}_mechanism.json", report)
+    return report
+
+
+def figure3(experiment: str, hook: str, projections: dict):
+    """Figure 3: each condition's points (``{"pretrained": (n, 2), prefix name: (n, 2), ...}``), with
+    lines from the first 40 inputs without a prefix to the same inputs with each prefix."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(6, 5))
-    base = proj["pretrained"]
+    base = projections["pretrained"]
     ax.scatter(base[:, 0], base[:, 1], c="0.6", s=10, label="no prefix (pads)")
-    for i, k in enumerate(named):
-        pts = proj[k]
-        for j in range(min(40, len(pts))):
-            ax.plot([base[j, 0], pts[j, 0]], [base[j, 1], pts[j, 1]], c=f"C{i}", lw=0.3, alpha=0.5)
-        ax.scatter(pts[:, 0], pts[:, 1], c=f"C{i}", s=10, label=k)
+    for i, (key, points) in enumerate((k, v) for k, v in projections.items() if k != "pretrained"):
+        for j in range(min(40, len(points))):
+            ax.plot([base[j, 0], points[j, 0]], [base[j, 1], points[j, 1]], c=f"C{i}", lw=0.3, alpha=0.5)
+        ax.scatter(points[:, 0], points[:, 1], c=f"C{i}", s=10, label=key)
     ax.set_title(f"{experiment}: {hook} at the last input position\n(PCA of all points; lines link the same input)")
     ax.legend(fontsize=7)
-    out_dir.mkdir(parents=True, exist_ok=True)
     fig.tight_layout()
-    tmp = out_dir / f".{experiment}_figure3.tmp.png"
-    fig.savefig(tmp, dpi=120)
-    os.replace(tmp, out_dir / f"{experiment}_figure3.png")
-    plt.close(fig)
-    report["environment"] = environment()
-    atomic_write_text(out_dir / f"{experiment}_mechanism.json", json.dumps(report, indent=1) + "\n")
-    return report
+    return fig
 
 
 def mechanism_notes(mech: dict | None) -> list[str]:
+    """The mechanism check and Figure 3 in two sentences (none without a mechanism record)."""
     if not mech:
         return []
     rel32 = max(max(v["float32"]) for v in mech["relative_attention_error"].values())

@@ -1,13 +1,25 @@
 """Table 2: pretrain on the four-task mixture (no task marker); one prefix per task elicits that task.
 
-    python analyses/table2.py --profile quick --seeds 3
+A toy GPT-2 is pretrained on a mixture of ascending sort, descending sort, +1 and +2 with no marker
+saying which task an input belongs to, so without a prefix it picks one task per input. A residual
+prefix is then trained per task on the frozen model, and every prefix is evaluated on every task:
+each prefix elicits a skill the model already has. On seed 0 the run also checks the mechanism
+(``pl.decompose``: the prefix rescales the content attention and adds a bias) and draws Figure 3,
+written to ``<out>/figures/table2_*``.
+
+    prefixlens run table2 --profile quick --seeds 3 --jobs 3
+    prefixlens run table2 --profile quick --seeds 3 --jobs 3 --out results   # refresh the committed results
 """
 
 from __future__ import annotations
 
-import _common as C
+import dataclasses
+import functools
 
-EXPERIMENT = "table2"
+import _common
+
+from prefixlens.experiment import Analysis
+
 TASKS = ["ascending", "descending", "add1", "add2"]
 COLUMNS = TASKS
 PAPER = {
@@ -17,38 +29,66 @@ PAPER = {
     "prefix_add1": {"ascending": "0±0", "descending": "1±3", "add1": "95±6", "add2": "0±1"},
     "prefix_add2": {"ascending": "0±0", "descending": "0±0", "add1": "1±2", "add2": "98±5"},
 }
+
+
+@dataclasses.dataclass(frozen=True)
+class Profile:
+    """Settings of a table 2 run: the model, the pad slots, the test size and each training run.
+
+    ``model`` holds ``models.toy_gpt2`` arguments; ``pretrain`` and ``prefix`` hold ``TrainConfig``
+    fields; each prefix replaces all ``n_pad`` pads.
+    """
+
+    model: dict
+    n_pad: int
+    test_items: int
+    pretrain: dict
+    prefix: dict
+
+
+class Paper(Profile):
+    """The reference's sizes (its notebook 02): 1 layer, 4 heads, d = 256, dropout 0.1, 1 pad; prefixes 30k steps at lr 5e-5.
+
+    The reference's model also drops ln_1, which an HF GPT-2 block cannot.
+    """
+
+
+class Quick(Profile):
+    """A laptop run of minutes: 1 layer, 4 heads, d = 128, no dropout, 4-slot prefixes at lr 1e-2.
+
+    How these were chosen (d = 128, 4 heads, 4 slots) is in ``results/table2.md``.
+    """
+
+
 PROFILES = {
-    # the reference's notebook 02: 1 layer, 4 heads, d = 256 (it also drops ln_1, which the
-    # HF GPT-2 block cannot), dropout 0.1, P = 1, prefixes 30k iterations at lr 5e-5
-    "paper": dict(model=dict(n_layers=1, n_heads=4, d_model=256, dropout=0.1), n_pad=1, test_items=3200,
-                  pretrain=dict(iters=20_000, lr=5e-4), prefix=dict(iters=30_000, lr=5e-5)),
-    # laptop: d = 128 (a d = 64 model caps the prefixes at 60-85%: its own skill is the ceiling);
-    # 4 heads (2 or 8 heads, or dropout 0.1, missed more margins in full 3-seed runs); 4 prefix
-    # slots (one slot on this smaller model reached only 48-99% per seed and task)
-    "quick": dict(model=dict(n_layers=1, n_heads=4, d_model=128, dropout=0.0), n_pad=4, test_items=1000,
-                  pretrain=dict(iters=8000, lr=3e-3, schedule="cosine"),
-                  prefix=dict(iters=1000, lr=1e-2, schedule="cosine", eval_every=250, target_accuracy=0.98)),
+    "quick": Quick(model=dict(n_layers=1, n_heads=4, d_model=128, dropout=0.0), n_pad=4, test_items=1000,
+                   pretrain=dict(iters=8000, lr=3e-3, schedule="cosine"),
+                   prefix=dict(iters=1000, lr=1e-2, schedule="cosine", eval_every=250, target_accuracy=0.98)),
+    "paper": Paper(model=dict(n_layers=1, n_heads=4, d_model=256, dropout=0.1), n_pad=1, test_items=3200,
+                   pretrain=dict(iters=20_000, lr=5e-4), prefix=dict(iters=30_000, lr=5e-5)),
 }
 
 
 def run_seed(args, seed: int) -> dict:
-    model, prefixes, result = C.mixture_then_prefixes(args, seed, PROFILES[args.profile], EXPERIMENT, TASKS, COLUMNS)
-    if seed == 0:
-        result["mechanism"] = C.mechanism(args, EXPERIMENT, model, prefixes, PROFILES[args.profile]["n_pad"], seed)
-    return result
+    """One seed: the mixture model, a prefix per task, the accuracy matrix (and the mechanism on seed 0)."""
+    return _common.mixture_seed(args, seed, "table2", TASKS)
 
 
-def main(argv=None) -> None:
-    args = C.parser(__doc__.splitlines()[0]).parse_args(argv)
-    out, data, wall = C.run_or_load(args, EXPERIMENT, run_seed)
-    if data is None:
-        rows = C.aggregate([o["rows"] for o in out])
-        logs = [o["logs"] for o in out]
-        mech = next((o["mechanism"] for o in out if "mechanism" in o), None)
-    else:
-        rows, logs, mech = data["rows"], data["per_seed_logs"], data.get("mechanism")
-    last_val = {t: [round(100 * l["prefix"][t]["evals"][-1][1]) for l in logs if l["prefix"][t]["evals"]] for t in TASKS}
-    seed_acc = lambda row, col, i: rows[row][col]["per_seed"][i]  # noqa: E731
+def run(args) -> dict:
+    out = _common.run_seeds(run_seed, args)
+    return {"seeds": args.seeds, "rows": _common.aggregate([o["rows"] for o in out]),
+            "per_seed_logs": [o["logs"] for o in out],
+            "mechanism": next((o["mechanism"] for o in out if "mechanism" in o), None)}
+
+
+def notes(result: dict) -> list[str]:
+    rows, logs = result["rows"], result["per_seed_logs"]
+    last_val = {t: [round(100 * log["prefix"][t]["evals"][-1][1]) for log in logs if log["prefix"][t]["evals"]]
+                for t in TASKS}
+
+    def seed_acc(row: str, col: str, i: int) -> float:
+        return rows[row][col]["per_seed"][i]
+
     n_seeds = len(rows["pretrained"][TASKS[0]]["per_seed"])
     # seeds in which every prefix beats, on its own task, both the other tasks and the no-prefix model
     own_best = sum(
@@ -56,28 +96,28 @@ def main(argv=None) -> None:
                                                + [seed_acc("pretrained", t, i)]) for t in TASKS)
         for i in range(n_seeds)
     )
-    notes = [
+    return [
         "Without a prefix (pads in the slot) the mixture model picks one task per input; each prefix selects "
         "its task (the prefix elicits a skill the model already has).",
         "Last validation accuracy of prefix training (train split, teacher-forced = greedy exact match) per "
         "seed: " + "; ".join(f"{t} {v}" for t, v in last_val.items()) + ". Each prefix raises its own task above "
-        "the other tasks and the no-prefix baseline in " + ("every seed" if own_best == n_seeds else f"{own_best} of {n_seeds} seeds") + ".",
-        "The quick profile gives each prefix 4 slots where the reference gives 1 (on a d = 256 model). With one "
-        "slot, the same d = 128 model's prefixes plateaued at 48-99% validation accuracy, depending on seed and "
-        "task (3-seed quick run at commit dffd148: own-task 94.7 / 76.4 / 79.3 / 91.6%, and 4 off-task cells at "
-        "5.4-6.5%); restarting a 1-slot prefix from other random initialisations moved a bad seed's "
-        "descending prefix between 50% and 77% and left add1 at 71% (test), so the limit was the single "
-        "slot (with its 1-pad pretraining layout), not the optimiser's start. A mixture model has no task "
-        "marker: once the prefix has picked the first answer token, the model must keep to the task on its "
-        "own, and a 1-slot bias was too weak to hold it "
-        "there on this smaller model. More slots do not change what a prefix can do (a bias on each "
-        "attention head, the paper's §4), only how strong and query-dependent that bias can be.",
+        "the other tasks and the no-prefix baseline in "
+        + ("every seed" if own_best == n_seeds else f"{own_best} of {n_seeds} seeds") + ".",
         "The reference model for this table has no ln_1 (skip_layer_norm); HF GPT-2 blocks always normalise, "
         "so our prefix passes through ln_1 as in the reference's other notebooks.",
+        *_common.mechanism_notes(result.get("mechanism")),
     ]
-    C.write(args, EXPERIMENT, rows, PAPER, {"per_seed_logs": logs, "mechanism": mech},
-            notes + C.mechanism_notes(mech), wall, COLUMNS)
-    print(open(f"{args.out}/{EXPERIMENT}.md").read())
+
+
+markdown = functools.partial(_common.table_markdown, paper=PAPER, columns=COLUMNS, notes=notes)
+
+analysis = Analysis(name="table2", doc=__doc__, run=run, markdown=markdown, add_arguments=_common.add_arguments,
+                    profiles=PROFILES)
+
+
+def main(argv=None) -> dict:
+    return analysis.main(argv)
+
 
 if __name__ == "__main__":
     main()
