@@ -1,121 +1,174 @@
 """Paper §3: distinct greedy completions from a real first token vs a virtual one (soft / residual / KV).
 
-    python analyses/token_vs_soft_token.py                       # default: the trained toy model
-    python analyses/token_vs_soft_token.py --model toy-llama     # a random toy LLaMA (V = 101)
-    python analyses/token_vs_soft_token.py --model /path/to/llama-7b --n 32000 --fit-tokens 1024 \
-        --batch-size 512 --dtype float16 --device cuda          # the reference's setting
-    python analyses/token_vs_soft_token.py --model smollm2-135m                  # = --profile quick
-    nice python analyses/token_vs_soft_token.py --model smollm2-135m --profile full --threads 1
+    prefixlens run token_vs_soft_token                         # the trained toy model, one-shot
+    prefixlens run token_vs_soft_token --model toy-llama       # a random toy LLaMA (V = 101)
+    prefixlens run token_vs_soft_token --model toy-trained --model toy-llama --n 2048 --convex
+    prefixlens run token_vs_soft_token --model /path/to/llama-7b --n 32000 --fit-tokens 1024 --batch-size 512 --dtype float16 --device cuda
+    prefixlens run token_vs_soft_token --model smollm2-135m    # = --profile quick (about 6 min on a CPU core)
+    nice prefixlens run token_vs_soft_token --model smollm2-135m --profile full --time-budget 8400
 
-Profiles (``--profile quick|full``; the default for a built-in model such as smollm2-135m is quick):
-the first tokens and the virtual samples come in frozen blocks of ``--block`` rows (block b of the
+The third command wrote results/token_vs_soft_token.*, the fourth is the reference's setting (LLaMA-7B).
+Results go to --out (default: the git-ignored runs/results; ``--out results`` refreshes the committed
+ones): ``token_vs_soft_token.{json,md,png}`` in the one-shot mode, ``token_vs_soft_token_<model>[_quick]``
+with a block profile (``token_vs_soft_token_smollm2`` for the full SmolLM2 run); ``--stem`` overrides.
+The reference's LLaMA-7B numbers sit next to ours.
+
+Profiles: ``one-shot`` draws N samples per virtual arm at once (the token arm: min(N, V) real tokens)
+and keeps nothing; ``quick`` and ``full`` come in frozen blocks of ``--block`` rows (block b of the
 token arm is positions b*block.. of one seeded permutation of the vocabulary; block b of a virtual arm
 is drawn with its own generator seeded from (seed, b), from samplers fitted once to ``--fit-tokens``
 real tokens), so the quick profile (the first block of every arm) is a subset of the full one (every
-one of the V first tokens, and V samples per virtual arm). Arms: reference protocol -- token,
+one of the V first tokens, and V samples per virtual arm). Block arms: reference protocol -- token,
 soft-gaussian, soft-convex, residual-gaussian; prefix protocol -- token and kv-gaussian. Every block's
 completions are checkpointed under ``--artifacts``, so an interrupted run resumes where it stopped
 and a full run reuses the quick run's blocks; arms advance in rounds, so ``--time-budget`` stops
 with the same N in every arm, and the results (written after every round) say how many of the
-target were done and project the full run's wall time from the measured rate.
-Profile results go to ``results/token_vs_soft_token_<model>[_quick].{json,md,png}``
-(``token_vs_soft_token_smollm2.*`` for the full SmolLM2 run); ``--stem`` overrides.
+target were done and project the full run's wall time from the measured rate. The default profile,
+``auto``, is quick for a built-in model (smollm2-135m) and one-shot otherwise.
 
 Two protocols (see ``prefixlens.capacity``):
   reference -- the first position is the whole prompt (no BOS); arms: token, soft-gaussian,
                soft-convex, residual-gaussian (a KV prefix does not define the slot's own output);
   prefix    -- prompt ``[first position, c]`` with a fixed content token c (BOS if the tokenizer has
-               one, else 0); arms: token, soft, residual and kv, each with the Gaussian sampler
-               (``--convex`` adds the convex-combination sampler for every form).
-Writes results/token_vs_soft_token.{json,md,png}; the reference's LLaMA-7B numbers sit next to ours.
+               one, else 0); one-shot arms: token, soft, residual and kv, each with the Gaussian
+               sampler (``--convex`` adds the convex-combination sampler for every form).
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import hashlib
 import io
 import json
 import math
 import os
-import shlex
-import sys
-import tempfile
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
+import torch
 
-import torch  # noqa: E402
-
-from prefixlens import capacity, models  # noqa: E402
-from prefixlens.environment import describe, environment  # noqa: E402
-from prefixlens.generation import row_seed  # noqa: E402
-from prefixlens.serialization import atomic_write_text, load_tensors, save_tensors  # noqa: E402
+from prefixlens import capacity, models
+from prefixlens.environment import describe, environment
+from prefixlens.experiment import Analysis, cpu_seconds, write_json
+from prefixlens.generation import row_seed
+from prefixlens.serialization import atomic_write_bytes, atomic_write_text, load_tensors, save_tensors
 
 EXPERIMENT = "token_vs_soft_token"
+ROOT = Path(__file__).resolve().parents[1]
 REFERENCE = {  # reference-spec §6: LLaMA-7B, greedy 10-token completions, no BOS
     "model": "LLaMA-7B (reference notebook)",
     "token": {"n": 32000, "distinct": 24426},
     "soft": {"n": 48218, "distinct": 46812, "sampler": "not in the reference repository"},
 }
 DTYPES = {"float32": torch.float32, "float64": torch.float64, "float16": torch.float16, "bfloat16": torch.bfloat16}
-PROFILES = {  # N per arm (None: d_vocab) and the sampler fit shared by both profiles (so quick is a subset of full)
-    "quick": {"n": 256},
-    "full": {"n": None},
-}
 PROFILE_ARMS = {"reference": ["token", "soft-gaussian", "soft-convex", "residual-gaussian"], "prefix": ["token", "kv-gaussian"]}
-PROFILE_FIT_TOKENS = 1024
+BLOCK_PROFILES = ("quick", "full")
 SHORT_NAMES = {"smollm2-135m": "smollm2"}
 
 
-def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+@dataclasses.dataclass(frozen=True)
+class Auto:
+    """Quick for a built-in model (smollm2-135m), one-shot otherwise."""
+
+
+@dataclasses.dataclass(frozen=True)
+class OneShot:
+    """All N samples of every arm at once (the token arm: min(N, V) real tokens), nothing checkpointed.
+
+    ``n``: samples per virtual arm; ``fit_tokens``: real tokens the samplers are fitted to."""
+
+    n: int = 512
+    fit_tokens: int = 4096
+
+
+@dataclasses.dataclass(frozen=True)
+class Blocks:
+    """Frozen, checkpointed blocks of first positions.
+
+    ``n``: first positions per arm (``None``: V, every real token once); ``fit_tokens``: real tokens the
+    samplers are fitted to (the same for quick and full, so that they share their blocks); ``arms``: per protocol."""
+
+    n: int | None = None
+    fit_tokens: int = 1024
+    arms: dict = dataclasses.field(default_factory=lambda: {p: list(a) for p, a in PROFILE_ARMS.items()})
+
+
+@dataclasses.dataclass(frozen=True)
+class Quick(Blocks):
+    """The first block of every arm (N = 256), checkpointed: a subset of the full run."""
+
+    n: int | None = 256
+
+
+@dataclasses.dataclass(frozen=True)
+class Full(Blocks):
+    """Every one of the V real tokens and V samples per virtual arm, in checkpointed rounds of blocks (resumable)."""
+
+
+PROFILES = {"auto": Auto(), "one-shot": OneShot(), "quick": Quick(), "full": Full()}
+
+
+def _positive(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", action="append", default=None,
-                   help="toy-trained (default), toy-llama, or a local checkpoint directory; repeat for several")
-    p.add_argument("--profile", choices=sorted(PROFILES), default=None,
-                   help="quick (the first block of every arm) or full (all d_vocab first tokens and as many "
-                        "samples per arm); blocks are checkpointed and resumed. Default: quick for a built-in "
-                        "model (smollm2-135m), else the one-shot mode of --n")
-    p.add_argument("--n", type=int, default=None,
-                   help="samples per virtual arm; the token arm uses min(n, d_vocab) (default 512; with a "
-                        "profile: overrides its N)")
-    p.add_argument("--length", type=int, default=10, help="completion length L (the reference: 10)")
-    p.add_argument("--batch-size", type=int, default=256, help="rows per forward pass")
-    p.add_argument("--block", type=int, default=256, help="profile mode: rows per frozen, checkpointed block")
+                   help="toy-trained, toy-llama, smollm2-135m or a local checkpoint directory; repeat for several "
+                        "(none given: toy-trained)")
+    p.add_argument("--n", type=_positive, default=None,
+                   help="N: samples per virtual arm, first tokens per token arm (at most V); none given: the "
+                        "profile's (one-shot 512, quick 256, full V)")
+    p.add_argument("--length", type=_positive, default=10, help="completion length L (the reference: 10)")
+    p.add_argument("--batch-size", type=_positive, default=256,
+                   help="rows per forward pass (block profiles: also the rows of one round of every arm)")
+    p.add_argument("--block", type=_positive, default=256,
+                   help="block profiles: rows per frozen, checkpointed block (part of the checkpoint folder's name)")
     p.add_argument("--time-budget", type=float, default=None,
-                   help="profile mode: start no new round of blocks after this many seconds (results say how "
-                        "far it got; rerun the same command to resume)")
-    p.add_argument("--threads", type=int, default=None,
-                   help="torch.set_num_threads (on a CPU shared with other jobs, 1 can be much faster than 2)")
-    p.add_argument("--render", metavar="JSON", help="only rewrite the .md and .png of an earlier results JSON")
-    p.add_argument("--stem", default=None, help="profile mode: output file stem (default from the model and profile)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--fit-tokens", type=int, default=None,
-                   help=f"real tokens the samplers are fitted to (default 4096; {PROFILE_FIT_TOKENS} with a profile)")
-    p.add_argument("--convex-k", type=int, default=4, help="tokens per convex combination")
-    p.add_argument("--convex", action="store_true", help="also run the convex sampler in the prefix protocol")
-    p.add_argument("--protocols", default="reference,prefix")
-    p.add_argument("--train-iters", type=int, default=300, help="pretraining iterations of the toy-trained model")
-    p.add_argument("--dtype", default="float32", choices=sorted(DTYPES))
-    p.add_argument("--device", default="cpu")
-    p.add_argument("--out", default=str(ROOT / "results"))
-    p.add_argument("--artifacts", default=str(ROOT / "artifacts"))
-    p.add_argument("--progress", action="store_true")
-    args = p.parse_args(argv)
+                   help="block profiles: start no new round of blocks after this many seconds (the results say "
+                        "how far it got; rerun the same command to resume); none given: no limit")
+    p.add_argument("--stem", default=None,
+                   help="output file stem; none given: token_vs_soft_token (one-shot) or "
+                        "token_vs_soft_token_<model>[_quick] (block profiles)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the token order, the samplers and the toy models")
+    p.add_argument("--fit-tokens", type=_positive, default=None,
+                   help="real tokens the samplers are fitted to; none given: the profile's (one-shot 4096, "
+                        "quick and full 1024)")
+    p.add_argument("--convex-k", type=_positive, default=4, help="real tokens per convex combination")
+    p.add_argument("--convex", action="store_true",
+                   help="one-shot: also run the convex sampler for every form in the prefix protocol")
+    p.add_argument("--protocols", default="reference,prefix",
+                   help="comma-separated: reference (the first position is the whole prompt) and/or prefix "
+                        "(prompt [first position, content token])")
+    p.add_argument("--train-iters", type=_positive, default=300,
+                   help="pretraining iterations of the toy-trained model (cached under --artifacts)")
+    p.add_argument("--dtype", default="float32", choices=sorted(DTYPES), help="dtype the model runs in")
+    p.add_argument("--device", default="cpu", help="torch device of the model")
+    p.add_argument("--artifacts", default=str(ROOT / "artifacts"),
+                   help="folder of the block checkpoints and the cached toy model (git-ignored)")
+    p.add_argument("--progress", action="store_true", help="progress bars")
+
+
+def resolve(args: argparse.Namespace) -> argparse.Namespace:
+    """Settle what the command line leaves to the profile (idempotent): the models, the ``auto`` profile,
+    N and the sampler fit; ``args.settings`` becomes the profile with them."""
     args.model = args.model or ["toy-trained"]
-    if args.profile is None and any(m in models.BUILTIN_MODELS for m in args.model):
-        args.profile = "quick"
-    if args.profile is None:
-        args.n = 512 if args.n is None else args.n
-    args.fit_tokens = args.fit_tokens or (PROFILE_FIT_TOKENS if args.profile else 4096)
-    for name in ("n", "batch_size", "block", "length", "fit_tokens"):
-        value = getattr(args, name)
-        if value is not None and value < 1:
-            p.error(f"--{name.replace('_', '-')} must be >= 1, got {value}")
+    if args.profile == "auto":
+        args.profile = "quick" if any(m in models.BUILTIN_MODELS for m in args.model) else "one-shot"
+    profile = PROFILES[args.profile]
+    args.n = profile.n if args.n is None else args.n
+    args.fit_tokens = args.fit_tokens or profile.fit_tokens
+    args.settings = dataclasses.replace(profile, n=args.n, fit_tokens=args.fit_tokens)
     return args
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """The command line as a run sees it (``auto`` resolved, the profile's N and fit filled in)."""
+    return resolve(analysis.parse_args(argv))
 
 
 TOY = dict(n_layers=1, n_heads=4, d_model=64, d_vocab=10, n_ctx=64)
@@ -204,7 +257,8 @@ def model_slug(name: str) -> str:
 
 
 def default_stem(args) -> str:
-    if args.profile is None:
+    """The output files' stem of resolved ``args`` (the names the committed results have)."""
+    if args.profile not in BLOCK_PROFILES:
         return EXPERIMENT
     return "_".join([EXPERIMENT] + [model_slug(m) for m in args.model] + (["quick"] if args.profile == "quick" else []))
 
@@ -215,12 +269,15 @@ def checkpoint_dir(name: str, args) -> Path:
     return Path(args.artifacts) / EXPERIMENT / model_slug(name) / key
 
 
-def _atomic_save(obj, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
+def stem(args) -> str:
+    return resolve(args).stem or default_stem(args)
+
+
+def _save_block(entry: dict, path: Path) -> None:
+    """A block's checkpoint: ``torch.save`` of its dict, written atomically (``torch.load(weights_only=True)`` reads it)."""
+    buffer = io.BytesIO()
+    torch.save(entry, buffer)
+    atomic_write_bytes(path, buffer.getvalue())
 
 
 def _loadavg() -> float | None:
@@ -290,7 +347,7 @@ class Arm:
             entry = {"completions": part.clone(), "seconds": seconds * size / sum(sizes),
                      "threads": torch.get_num_threads(), "batch_size": self.args.batch_size,
                      "loadavg": _loadavg(), "finished_at": time.strftime("%Y-%m-%d %H:%M:%S")}
-            _atomic_save(entry, self.path(b))
+            _save_block(entry, self.path(b))
             self.blocks[b] = entry
         return seconds
 
@@ -328,7 +385,7 @@ def run_profile(name: str, args, t_start: float, write) -> dict:
     """Run (or resume) one model's profile in rounds of blocks; ``write(partial_model_result)`` after each round."""
     model, desc = load_model(name, args)
     V = int(model.cfg.d_vocab)
-    n_target = args.n if args.n is not None else (PROFILES[args.profile]["n"] or V)
+    n_target = args.n if args.n is not None else V
     folder = checkpoint_dir(name, args)
     order = torch.randperm(V, generator=torch.Generator().manual_seed(args.seed))
     fits: dict = {}
@@ -340,7 +397,7 @@ def run_profile(name: str, args, t_start: float, write) -> dict:
     rounds_done, stopped, generated_s = 0, None, 0.0
     history_path = folder / "runs.json"
     history = json.loads(history_path.read_text()) if history_path.exists() else []
-    invocation = {"command": " ".join(shlex.quote(a) for a in sys.argv) if sys.argv else None,
+    invocation = {"command": analysis.command_line(None),
                   "profile": args.profile, "n_target": None, "started": time.strftime("%Y-%m-%d %H:%M:%S"),
                   "threads": torch.get_num_threads(), "batch_size": args.batch_size, "loadavg_start": _loadavg()}
     print(f"[{name}] profile {args.profile}: N = {n_target:,} per arm ({total_blocks} blocks of {args.block}), "
@@ -423,18 +480,27 @@ def _code(text: str) -> str:
     return "`" + text.replace("`", "'").replace("\n", "\\n").replace("|", "\\|") + "`"
 
 
+def _blocked(result: dict) -> bool:
+    """A block profile's result (quick or full), as opposed to a one-shot one (whose JSON may have no profile)."""
+    return result.get("profile") in BLOCK_PROFILES
+
+
+def _wall_s(result: dict) -> float:
+    return result.get("wall_time_s", result.get("wall_s"))  # (results written before the runner: wall_s)
+
+
 def markdown(result: dict) -> str:
     lines = [
         "# Token vs soft-token capacity (paper §3)",
         "",
         f"Command: `{result['command']}`  ",
     ]
-    if result.get("profile"):
+    if _blocked(result):
         lines += [
             f"Profile **{result['profile']}**: greedy completions of L = {result['length']} tokens, no BOS; seed "
             f"{result['seed']}; frozen blocks of {result['block']} rows; samplers fitted to {result['fit_tokens']:,} "
             f"real tokens; {result['threads']} torch thread(s), batch {result['batch_size']}; wall time of this "
-            f"invocation {result['wall_s']:.0f} s (load average {result['loadavg_start']} at the start, "
+            f"invocation {_wall_s(result):.0f} s (load average {result['loadavg_start']} at the start, "
             f"{result.get('loadavg_end')} at the end: the CPU was shared with other jobs).  ",
         ]
         for m in result["models"]:
@@ -455,7 +521,7 @@ def markdown(result: dict) -> str:
                                          for r in runs) + ").  ")
     else:
         lines.append(f"Greedy completions of L = {result['length']} tokens; N samples per virtual arm = {result['n']}; "
-                     f"seed {result['seed']}; wall time {result['wall_s']:.0f} s.  ")
+                     f"seed {result['seed']}; wall time {_wall_s(result):.0f} s.  ")
     lines += [
         f"Environment: {describe(result['environment'])}." if "environment" in result else "Environment: not recorded.",
         "",
@@ -474,7 +540,7 @@ def markdown(result: dict) -> str:
                      f"{r['distinct'] / r['n']:.1%} | – |")
     lines += ["", "Models:", ""]
     lines += [f"- **{m['model']}**: {m['description']}" for m in result["models"]]
-    if result.get("profile"):
+    if _blocked(result):
         for m in result["models"]:
             if not m["protocols"]:
                 continue
@@ -501,7 +567,8 @@ def markdown(result: dict) -> str:
     return "\n".join(lines)
 
 
-def plot(result: dict, path: Path) -> None:
+def figure(result: dict):
+    """distinct / N (block profiles) or distinct completions (one-shot) against N, per model and protocol."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -509,16 +576,16 @@ def plot(result: dict, path: Path) -> None:
 
     models_ = [m for m in result["models"] if m["protocols"]]
     if not models_:
-        return
+        return None
     n_prot = max(len(m["protocols"]) for m in models_)
     fig, axes = plt.subplots(len(models_), n_prot, figsize=(5.5 * n_prot, 4.2 * len(models_)), squeeze=False)
     for i, m in enumerate(models_):
         for j, (protocol, block) in enumerate(m["protocols"].items()):
             ax = axes[i][j]
             top = max(row["n"] for row in block["arms"])
-            if protocol == "reference":
+            if protocol == "reference" and _blocked(result):  # the reference's points are drawn: reach them
                 top = max(top, REFERENCE["soft"]["n"])
-            if not result.get("profile"):
+            if not _blocked(result):
                 ax.plot([1, top], [1, top], color="0.8", lw=1, label="N (all distinct)")
                 ax.axhline(m["d_vocab"], color="0.5", ls=":", lw=1, label=f"V = {m['d_vocab']:,}")
             else:  # distinct / N: the arms differ by tens of percent, which log-log axes hide
@@ -526,17 +593,17 @@ def plot(result: dict, path: Path) -> None:
                 ax.plot(xs, [min(1.0, m["d_vocab"] / x) for x in xs], color="0.5", ls=":", lw=1,
                         label=f"V / N (real tokens' ceiling, V = {m['d_vocab']:,})")
             for a, row in enumerate(block["arms"]):
-                ys = [c / n for c, n in zip(row["curve"], row["ns"])] if result.get("profile") else row["curve"]
+                ys = [c / n for c, n in zip(row["curve"], row["ns"])] if _blocked(result) else row["curve"]
                 ax.plot(row["ns"], ys, marker="os^vDx"[a % 6], ms=4, lw=1.2,
                         ls=["-", "--", "-.", ":"][a % 4], label=f"{row['arm']} ({row['distinct']:,} / {row['n']:,})")
-            if protocol == "reference" and result.get("profile"):
+            if protocol == "reference" and _blocked(result):
                 for arm, marker in (("token", "*"), ("soft", "P")):
                     r = REFERENCE[arm]
                     ax.plot([r["n"]], [r["distinct"] / r["n"]], marker=marker, ms=11, ls="none", color="k",
                             label=f"LLaMA-7B {arm} ({r['distinct']:,} / {r['n']:,})")
             ax.set_xscale("log")
             ax.set_xlabel("N (first positions)")
-            if result.get("profile"):
+            if _blocked(result):
                 ax.set_ylim(0, 1.05), ax.set_ylabel("distinct completions / N")
             else:
                 ax.set_yscale("log"), ax.set_ylabel("distinct completions")
@@ -544,14 +611,7 @@ def plot(result: dict, path: Path) -> None:
             ax.set_title(f"{m['model']}: {protocol} protocol{status}", fontsize=9)
             ax.legend(fontsize=7)
     fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=110)
-    plt.close(fig)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    with os.fdopen(fd, "wb") as f:
-        f.write(buf.getvalue())
-    os.replace(tmp, path)
+    return fig
 
 
 LEGACY_NOTES = [
@@ -589,56 +649,51 @@ PROFILE_NOTES = [
 ]
 
 
-def render(json_path: str | Path) -> None:
-    """Rewrite the .md and .png next to a results JSON from it alone (no model, no run)."""
-    path = Path(json_path)
-    result = json.loads(path.read_text())
-    atomic_write_text(path.with_suffix(".md"), markdown(result))
-    plot(result, path.with_suffix(".png"))
 
 
-def main(argv=None) -> dict:
+def run(args: argparse.Namespace) -> dict:
+    """Every model's arms (one-shot), or every model's profile in resumable rounds of blocks; a block
+    profile also writes the results so far into --out after every round."""
+    resolve(args)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    args = parse_args(argv)
-    if args.render:
-        render(args.render)
-        print(f"rendered {Path(args.render).with_suffix('.md')} and .png")
-        return json.loads(Path(args.render).read_text())
-    if args.threads:
-        torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
-    t0 = time.time()
-    out, stem = Path(args.out), args.stem or default_stem(args)
+    t0, cpu0 = time.time(), cpu_seconds()
+    blocked = args.profile in BLOCK_PROFILES
     result = {
-        "experiment": EXPERIMENT,
-        "command": "python " + " ".join(shlex.quote(a) for a in
-                                        ["analyses/token_vs_soft_token.py"] + (sys.argv[1:] if argv is None else argv)),
-        "profile": args.profile, "length": args.length, "n": args.n, "seed": args.seed,
-        "fit_tokens": args.fit_tokens, "convex_k": args.convex_k, "block": args.block,
-        "batch_size": args.batch_size, "threads": torch.get_num_threads(), "dtype": args.dtype,
-        "loadavg_start": _loadavg(), "models": [], "reference": REFERENCE,
-        "notes": [n.format(k=args.convex_k, fit=args.fit_tokens)
-                  for n in (PROFILE_NOTES if args.profile else LEGACY_NOTES)],
+        "length": args.length, "n": args.n, "seed": args.seed, "fit_tokens": args.fit_tokens,
+        "convex_k": args.convex_k, "block": args.block, "batch_size": args.batch_size,
+        "threads": torch.get_num_threads(), "dtype": args.dtype, "loadavg_start": _loadavg(), "models": [],
+        "reference": REFERENCE,
+        "notes": [n.format(k=args.convex_k, fit=args.fit_tokens) for n in (PROFILE_NOTES if blocked else LEGACY_NOTES)],
     }
-
-    def write(models_: list[dict]) -> None:
-        result["models"] = models_
-        result["wall_s"] = time.time() - t0
-        result["loadavg_end"] = _loadavg()
-        result["environment"] = environment()
-        atomic_write_text(out / f"{stem}.json", json.dumps(result, indent=1))
-        atomic_write_text(out / f"{stem}.md", markdown(result))
-        plot(result, out / f"{stem}.png")
-
-    if args.profile:
+    if not blocked:
+        result["models"] = [run_model(name, args) for name in args.model]
+    else:
         done: list[dict] = []
         for name in args.model:
-            done.append(run_profile(name, args, t0, lambda partial: write(done + [partial])))
-        write(done)
-    else:
-        write([run_model(name, args) for name in args.model])
-    print(f"wrote {out / stem}.{{json,md,png}} in {result['wall_s']:.0f} s")
+            done.append(run_profile(name, args, t0, lambda partial: _write_so_far(args, result, done + [partial], t0, cpu0)))
+        result["models"] = done
+    result["loadavg_end"] = _loadavg()
     return result
+
+
+def _write_so_far(args: argparse.Namespace, result: dict, models_: list[dict], t0: float, cpu0: float) -> None:
+    """The results after a round of blocks, recorded as the runner records the final ones (which replace them)."""
+    record = {"experiment": analysis.name, "command": analysis.command_line(None), "profile": args.profile,
+              "settings": dataclasses.asdict(args.settings)}
+    record.update(result, models=models_, loadavg_end=_loadavg(), wall_time_s=round(time.time() - t0, 1),
+                  cpu_time_s=round(cpu_seconds() - cpu0, 1), environment=environment())
+    out, name = Path(args.out), stem(args)
+    write_json(out / f"{name}.json", record)
+    analysis.render(record, out, name)
+
+
+analysis = Analysis(name=EXPERIMENT, doc=__doc__, run=run, markdown=markdown, figure=figure,
+                    add_arguments=add_arguments, profiles=PROFILES, stem=stem, threads=1)
+
+
+def main(argv: list[str] | None = None) -> dict:
+    return analysis.main(argv)
 
 
 if __name__ == "__main__":

@@ -1,6 +1,8 @@
 """prefixlens KV prefix-tuning vs HuggingFace PEFT prefix tuning on SmolLM2: same data, steps, optimiser.
 
-    nice python analyses/train_vs_peft.py [--steps 40 --batch 16 --length 10 --lr 5e-3 --threads 1]
+    nice prefixlens run train_vs_peft                                  # 40 steps of batch 16 (several minutes)
+    nice prefixlens run train_vs_peft --steps 30 --eval-every 10      # the committed results/train_vs_peft.*
+    prefixlens run train_vs_peft --steps 2 --batch 4 --eval-every 1 --n-train 8 --n-test-per-class 4   # a smoke test
 
 Data: a small real objective, AFINN-165 sentiment (:func:`prefixlens.lexicons.afinn_sentiment_task`,
 words with |score| >= 2): ``"Word: {w}\\nSentiment:"`` → ``" positive"`` / ``" negative"``; ``--n-train``
@@ -22,65 +24,52 @@ row's positions from its mask (the content at ``P + cumsum(mask) - 1``), so ever
 if it were alone: checked against the plain HF model on ``init words + row``, row by row. A plain HF
 forward given no ``position_ids`` uses ``arange`` positions instead, so a left-padded row's tokens sit
 one rotary position per pad token too far right (HF's training convention is right padding, where
-``arange`` is right). Without position ids PEFT's step-0 loss was 3.0574 against 3.1139 (the rows
-without padding agreed exactly; only the padded ones differed). So PEFT here gets the same left-padded
-batches **with** ``position_ids = cumsum(mask) - 1`` (pads clamped to 0; masked anyway), which PEFT's
-prefix tuning supports and offsets by ``num_virtual_tokens`` itself: both runs compute the same
-function (right-padding PEFT's batches gives the same loss too, to 1e-6). The held-out evaluation
-does the same.
+``arange`` is right; the notes in results/train_vs_peft.md give the step-0 losses without position
+ids). So PEFT here gets the same left-padded batches **with** ``position_ids = cumsum(mask) - 1`` (pads
+clamped to 0; masked anyway), which PEFT's prefix tuning supports and offsets by
+``num_virtual_tokens`` itself: both runs compute the same function. The held-out evaluation does the
+same.
 
 The step-0 losses must agree (asserted, < 1e-4, also checked before PEFT's first step, and the
 initial held-out losses likewise): the same function of the same prefix. After that the two
 trajectories may differ slightly: PEFT's trained tensors are the *rotated* keys, prefixlens's the keys
 before rotary, and Adam's per-coordinate steps are not rotation invariant.
 
-Writes results/train_vs_peft.{json,md,png} (the loss curves side by side; environment recorded).
+Writes ``train_vs_peft.{json,md,png}`` into --out (the loss curves side by side; environment recorded).
 """
 
 from __future__ import annotations
 
 import argparse
-import io
-import json
-import os
-import sys
-import tempfile
 import time
 import warnings
-from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
+import torch
 
-import torch  # noqa: E402
-
-from prefixlens import KVPrefix, lexicons, models  # noqa: E402
-from prefixlens.environment import describe, environment  # noqa: E402
-from prefixlens.serialization import atomic_write_text  # noqa: E402
-from prefixlens.training import TrainConfig, train_prefix  # noqa: E402
-from prefixlens.training.fast_kv import rotate_keys  # noqa: E402
-from prefixlens.training.pairs import Pairs, initial_prefix  # noqa: E402
-from prefixlens.training.trainer import learning_rate, make_optimizer  # noqa: E402
+from prefixlens import KVPrefix, lexicons, models
+from prefixlens.environment import describe
+from prefixlens.experiment import Analysis
+from prefixlens.training import TrainConfig, train_prefix
+from prefixlens.training.fast_kv import rotate_keys
+from prefixlens.training.pairs import Pairs, initial_prefix
+from prefixlens.training.trainer import learning_rate, make_optimizer
 
 EXPERIMENT = "train_vs_peft"
 
 
-def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--model", default="smollm2-135m")
-    p.add_argument("--steps", type=int, default=40)
-    p.add_argument("--batch", type=int, default=16)
-    p.add_argument("--length", type=int, default=10, help="prefix length P")
-    p.add_argument("--lr", type=float, default=5e-3)
-    p.add_argument("--n-train", type=int, default=64)
-    p.add_argument("--n-test-per-class", type=int, default=32)
-    p.add_argument("--init-text", default="Classify the sentiment of the word as positive or negative")
-    p.add_argument("--eval-every", type=int, default=10)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--threads", type=int, default=1)
-    p.add_argument("--out", default=str(ROOT / "results"))
-    return p.parse_args(argv)
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", default="smollm2-135m",
+                   help="a built-in model or a local checkpoint with a tokenizer that PEFT can wrap")
+    p.add_argument("--steps", type=int, default=40, help="optimiser steps of each run")
+    p.add_argument("--batch", type=int, default=16, help="training pairs per step (the same batches for both)")
+    p.add_argument("--length", type=int, default=10, help="prefix length P (PEFT's num_virtual_tokens)")
+    p.add_argument("--lr", type=float, default=5e-3, help="AdamW learning rate of both runs")
+    p.add_argument("--n-train", type=int, default=64, help="training pairs (half positive, half negative words)")
+    p.add_argument("--n-test-per-class", type=int, default=32, help="held-out words per label")
+    p.add_argument("--init-text", default="Classify the sentiment of the word as positive or negative",
+                   help="the task words whose keys and values start both prefixes (PEFT's TEXT init)")
+    p.add_argument("--eval-every", type=int, default=10, help="held-out loss and accuracy every this many steps")
+    p.add_argument("--seed", type=int, default=0, help="seed of the data split, the batch order and the init")
 
 
 def data(n_train: int, n_test_per_class: int, seed: int):
@@ -114,7 +103,6 @@ def row_positions(mask: torch.Tensor) -> torch.Tensor:
 def run(args) -> dict:
     from peft import PrefixTuningConfig, get_peft_model
 
-    torch.set_num_threads(args.threads)
     model = models.load(args.model)
     model.requires_grad_(False)
     model.eval()
@@ -202,25 +190,22 @@ def run(args) -> dict:
     step0 = {"prefixlens": ours.losses[0], "peft": peft_losses[0]}
     assert abs(step0["prefixlens"] - step0["peft"]) < 1e-4, f"step-0 losses differ: {step0}"
     return {
-        "experiment": EXPERIMENT,
         "model": args.model,
         "data": {"task": task.name, "source": task.source, "template": task.template, "n_train": len(train),
                  "n_test": len(test), "params": task.params, "first_pairs": train[:4]},
         "settings": {"steps": args.steps, "batch": args.batch, "length": args.length, "lr": args.lr,
                      "betas": list(config.betas), "weight_decay": 0.0, "grad_clip": 1.0, "seed": args.seed,
                      "init": "text (Li & Liang task words; PEFT TEXT init)", "init_text": args.init_text,
-                     "threads": args.threads},
+                     "threads": torch.get_num_threads()},
         "layout_check_max_abs": layout_error,
         "step0_loss": step0,
         "step0_abs_diff": abs(step0["prefixlens"] - step0["peft"]),
-        "peft_position_ids": "cumsum(mask) - 1 per row (PEFT adds num_virtual_tokens); without them PEFT's step-0 loss was 3.0574 vs 3.1139",
+        "peft_position_ids": "cumsum(mask) - 1 per row (PEFT adds num_virtual_tokens)",
         "losses": {"prefixlens": ours.losses, "peft": peft_losses},
         "evals": {"prefixlens": ours.evals, "peft": peft_evals},
         "initial_eval": our_initial_eval,
         "initial_eval_peft": peft_initial_eval,
         "wall_seconds": {"prefixlens": round(our_seconds, 1), "peft": round(peft_seconds, 1)},
-        "command": "python analyses/train_vs_peft.py " + " ".join(sys.argv[1:]),
-        "environment": environment(),
     }
 
 
@@ -241,9 +226,7 @@ def markdown(r: dict) -> str:
         "Padded rows: the batches are left-padded; prefixlens places each row's content at `P + cumsum(mask) - 1` "
         "(each row as if alone, checked against the HF model on the real init words + row), and PEFT gets the same "
         "batches with `position_ids = cumsum(mask) - 1` (PEFT's prefix tuning adds `num_virtual_tokens`). Without "
-        "them a plain HF/PEFT forward uses `arange` positions, shifting every left-padded row by its pad count: "
-        "PEFT's step-0 loss was then 3.0574 against 3.1139 (unpadded rows equal, padded rows off). Right-padding "
-        "PEFT's batches instead gives the same loss (to 1e-6).",
+        "them a plain HF/PEFT forward uses `arange` positions, shifting every left-padded row by its pad count.",
         "",
         "| step | prefixlens train loss | PEFT train loss | prefixlens held-out loss / acc | PEFT held-out loss / acc |",
         "|---:|---:|---:|---:|---:|",
@@ -273,7 +256,8 @@ def markdown(r: dict) -> str:
     return "\n".join(lines)
 
 
-def plot(r: dict, path: Path) -> None:
+def figure(r: dict):
+    """Training loss, held-out loss and their difference, prefixlens vs PEFT, against the updates done."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -293,7 +277,7 @@ def plot(r: dict, path: Path) -> None:
     axes[2].axhline(1e-4, color="grey", ls=":", lw=1, label="step-0 tolerance 1e-4")
     axes[0].set_yscale("log"), axes[2].set_yscale("log")
     axes[0].set_xlabel("updates done"), axes[0].set_ylabel("target-token loss (log)"), axes[0].set_title("training loss (batch before the step)", fontsize=9)
-    axes[1].set_xlabel("updates done"), axes[1].set_ylabel("target-token loss"), axes[1].set_title("held-out loss (64 words)", fontsize=9)
+    axes[1].set_xlabel("updates done"), axes[1].set_ylabel("target-token loss"), axes[1].set_title(f"held-out loss ({r['data']['n_test']} words)", fontsize=9)
     axes[2].set_xlabel("updates done"), axes[2].set_ylabel("absolute difference (log)"), axes[2].set_title(
         f"training-loss difference (step 0: {diff[0]:.1e})", fontsize=9)
     for ax in axes:
@@ -301,26 +285,15 @@ def plot(r: dict, path: Path) -> None:
         ax.grid(alpha=0.3)
     fig.suptitle(f"{r['model']}: KV prefix-tuning, prefixlens vs PEFT (same start, data, optimiser)", fontsize=10)
     fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=110)
-    plt.close(fig)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    with os.fdopen(fd, "wb") as f:
-        f.write(buf.getvalue())
-    os.chmod(tmp, 0o644)  # mkstemp makes it owner-only
-    os.replace(tmp, path)
+    return fig
 
 
-def main(argv=None) -> dict:
-    args = parse_args(argv)
-    r = run(args)
-    out = Path(args.out)
-    atomic_write_text(out / f"{EXPERIMENT}.json", json.dumps(r, indent=1) + "\n")
-    atomic_write_text(out / f"{EXPERIMENT}.md", markdown(r))
-    plot(r, out / f"{EXPERIMENT}.png")
-    print(markdown(r))
-    return r
+analysis = Analysis(name=EXPERIMENT, doc=__doc__, run=run, markdown=markdown, figure=figure,
+                    add_arguments=add_arguments, threads=1)
+
+
+def main(argv: list[str] | None = None) -> dict:
+    return analysis.main(argv)
 
 
 if __name__ == "__main__":

@@ -1,5 +1,7 @@
 """Distinct completions from real vs virtual first positions (prefixlens.capacity + the analysis script)."""
 
+import functools
+import importlib.util
 import json
 import sys
 from pathlib import Path
@@ -101,11 +103,30 @@ def test_virtual_first_positions_exceed_V(gpt2):
     assert all(a <= b for a, b in zip(soft.curve, soft.curve[1:]))
 
 
+@functools.cache
 def _script():
-    sys.path.insert(0, str(ROOT / "analyses"))
-    import token_vs_soft_token
+    spec = importlib.util.spec_from_file_location("analyses_token_vs_soft_token", ROOT / "analyses" / "token_vs_soft_token.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # (dataclasses look their module up while the class is made)
+    spec.loader.exec_module(module)
+    return module
 
-    return token_vs_soft_token
+
+def test_script_help_and_default_out(capsys):
+    """--help shows the docstring's whole first sentence, the profiles and the options; results go to runs/results."""
+    from prefixlens.experiment import COMMITTED_RESULTS, DEFAULT_OUT
+
+    script = _script()
+    with pytest.raises(SystemExit) as exit_:
+        script.main(["--help"])
+    assert exit_.value.code == 0
+    text = " ".join(capsys.readouterr().out.split())
+    assert ("Paper §3: distinct greedy completions from a real first token vs a virtual one (soft / residual / KV)."
+            in text)
+    assert "prefixlens run token_vs_soft_token --model smollm2-135m" in text and "python analyses" not in text
+    assert "{auto,one-shot,quick,full}" in text and "(default: auto)" in text
+    assert f"(default: {DEFAULT_OUT})" in text and "--render-only" in text and "--render JSON" not in text
+    assert script.parse_args([]).out == DEFAULT_OUT != COMMITTED_RESULTS
 
 
 def test_script_on_a_local_llama_checkpoint(tmp_path):
@@ -117,9 +138,13 @@ def test_script_on_a_local_llama_checkpoint(tmp_path):
                                       bos_token_id=1, eos_token_id=2, pad_token_id=0))
     hf.save_pretrained(tmp_path / "llama")
     out = tmp_path / "results"
-    result = _script().main(["--model", str(tmp_path / "llama"), "--n", "24", "--length", "3", "--out", str(out),
-                             "--artifacts", str(tmp_path / "art")])
+    argv = ["--model", str(tmp_path / "llama"), "--n", "24", "--length", "3", "--out", str(out),
+            "--artifacts", str(tmp_path / "art")]
+    result = _script().main(argv)
     data = json.loads((out / "token_vs_soft_token.json").read_text())
+    assert data["command"] == "prefixlens run token_vs_soft_token " + " ".join(argv)
+    assert data["profile"] == "one-shot" and data["settings"] == {"n": 24, "fit_tokens": 4096}
+    assert data["experiment"] == "token_vs_soft_token" and data["wall_time_s"] >= 0 and data["environment"]["packages"]
     assert data["reference"]["token"]["distinct"] == 24426
     arms = {(p, row["arm"]): row for p, b in data["models"][0]["protocols"].items() for row in b["arms"]}
     assert set(arms) == {("reference", "token"), ("reference", "soft-gaussian"), ("reference", "soft-convex"),
@@ -133,6 +158,9 @@ def test_script_on_a_local_llama_checkpoint(tmp_path):
     assert "24,426" in md and "46,812" in md and "kv-gaussian" in md
     assert (out / "token_vs_soft_token.png").read_bytes()[:4] == b"\x89PNG"
     assert result["models"][0]["d_vocab"] == 19
+    (out / "token_vs_soft_token.md").unlink()  # the Markdown comes back from the JSON alone
+    _script().main(["--render-only", "--out", str(out)])
+    assert (out / "token_vs_soft_token.md").read_text() == md
 
 
 def test_script_trains_and_caches_the_toy_model(tmp_path):
@@ -158,18 +186,23 @@ def test_sample_prefixes_is_fit_then_draw(llama):
 
 
 def test_profile_defaults_and_file_names():
-    """smollm2-135m defaults to the quick profile; quick and full share their checkpoints; toy runs keep the
-    one-shot mode and the committed file names."""
+    """smollm2-135m defaults to the quick profile; quick and full share their checkpoints (in the folder the
+    earlier runs wrote); toy runs keep the one-shot mode and the committed file names."""
     script = _script()
     quick = script.parse_args(["--model", "smollm2-135m"])
-    assert quick.profile == "quick" and quick.fit_tokens == 1024 and quick.n is None
-    assert script.default_stem(quick) == "token_vs_soft_token_smollm2_quick"
+    assert quick.profile == "quick" and quick.fit_tokens == 1024 and quick.n == 256
+    assert script.default_stem(quick) == script.stem(quick) == "token_vs_soft_token_smollm2_quick"
     full = script.parse_args(["--model", "smollm2-135m", "--profile", "full", "--batch-size", "1024", "--n", "4096"])
     assert script.default_stem(full) == "token_vs_soft_token_smollm2"
-    assert script.checkpoint_dir("smollm2-135m", full) == script.checkpoint_dir("smollm2-135m", quick)
+    assert script.checkpoint_dir("smollm2-135m", full) == script.checkpoint_dir("smollm2-135m", quick) == (
+        ROOT / "artifacts" / "token_vs_soft_token" / "smollm2" / "L10-seed0-fit1024-k4-float32-block256")
+    assert script.parse_args(["--model", "smollm2-135m", "--profile", "full"]).n is None  # N = V
     toy = script.parse_args([])
-    assert toy.profile is None and toy.n == 512 and toy.fit_tokens == 4096
+    assert toy.profile == "one-shot" and toy.n == 512 and toy.fit_tokens == 4096 and toy.model == ["toy-trained"]
     assert script.default_stem(toy) == "token_vs_soft_token"
+    assert script.stem(script.parse_args(["--model", "smollm2-135m", "--profile", "one-shot"])) == "token_vs_soft_token"
+    assert script.stem(script.parse_args(["--profile", "full", "--stem", "mine"])) == "mine"
+    assert script.resolve(script.resolve(quick)) is quick and quick.settings.n == 256  # idempotent
     with pytest.raises(SystemExit):
         script.parse_args(["--model", "smollm2-135m", "--block", "0"])
 
@@ -208,7 +241,8 @@ def test_profile_blocks_checkpoint_and_resume(tmp_path, monkeypatch):
     qrows = {(p, r["arm"]): r for p, b in quick["protocols"].items() for r in b["arms"]}
     assert all(rows[a]["examples"] == qrows[a]["examples"] for a in rows)  # quick = the first block of full
     data = json.loads((tmp_path / "results" / f"{stem[:-len('_quick')]}.json").read_text())
-    assert data["profile"] == "full" and data["environment"]["packages"] and data["wall_s"] > 0
+    assert data["profile"] == "full" and data["environment"]["packages"] and data["wall_time_s"] > 0
+    assert data["command"].startswith("prefixlens run token_vs_soft_token --model ")
 
     def refuse(*a, **k):
         raise AssertionError("a checkpointed block was regenerated")
@@ -221,7 +255,7 @@ def test_profile_blocks_checkpoint_and_resume(tmp_path, monkeypatch):
     md = (tmp_path / "results" / f"{stem[:-len('_quick')]}.md").read_text()
     assert "24,426" in md and "46,812" in md and "complete" in md and "Projected wall time" in md
     (tmp_path / "results" / f"{stem[:-len('_quick')]}.md").unlink()
-    script.main(["--render", str(tmp_path / "results" / f"{stem[:-len('_quick')]}.json")])  # no model, no run
+    script.main(common + ["--profile", "full", "--render-only"])  # no model, no run
     assert (tmp_path / "results" / f"{stem[:-len('_quick')]}.md").read_text() == md
 
 
