@@ -64,7 +64,13 @@ def kept_notes(path: Path) -> str:
 
 
 class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
-    """The docstring as written (paragraphs and command examples kept), and every option's default."""
+    """The docstring as written (paragraphs and command examples kept), and every option's default
+    (not for flags and options without one: their help says what leaving them out means)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        if action.default is None or action.default is False:
+            return action.help
+        return super()._get_help_string(action)
 
 
 def summary(doc: str | None) -> str:

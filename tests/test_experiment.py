@@ -40,6 +40,7 @@ def _analysis(figure=False, **over) -> Analysis:
 
     def add_arguments(parser):
         parser.add_argument("--extra", type=int, default=0, help="added to n")
+        parser.add_argument("--model", help="a checkpoint (none: a toy model)")
 
     def plot(result):
         import matplotlib
@@ -74,6 +75,7 @@ def test_help_shows_the_docstring_defaults_and_common_options(capsys):
     assert "(default: small)" in text and "small: Few steps, for a laptop; large: Many steps" in text
     assert f"(default: {DEFAULT_OUT})" in text and f"'--out {COMMITTED_RESULTS}'" in text
     assert "added to n (default: 0)" in text
+    assert "(none: a toy model)" in text and "default: None" not in text and "default: False" not in text
 
 
 def test_default_out_is_not_the_committed_results():
