@@ -22,46 +22,70 @@ Writes ``OUT/longer_prefixes.{json,md,png}``.
 **A real model on a real task** (``--model smollm2-135m``, or ``--task nrc-emotion`` /
 ``afinn-sentiment`` with any checkpoint that has a tokenizer): the frozen word-classification tasks of
 :mod:`prefixlens.lexicons` (labels from the NRC Emotion Lexicon / AFINN-165, shipped by the pip
-packages ``nrclex`` / ``afinn``), prompt ``"Word: {w}\nEmotion:"`` → one label token. For each seed a
+packages ``nrclex`` / ``afinn``), prompt ``"Word: {w}\\nEmotion:"`` → one label token. For each seed a
 P = 10 residual prefix is trained on class-balanced batches of the train words, by cross-entropy over
 the whole vocabulary at the last prompt token (Adam, grad-norm clip 1). It starts from the residual
 stream of a real 10-token instruction (``--init prompt``, the default; ``--init random``: the
-reference's N(0, 0.02), which did not train in a CPU budget of steps); test accuracy is the argmax over
-the label tokens (zero-shot, without a prefix, is the baseline), with 95% Wilson intervals per seed
-and a t interval across seeds. The slot statistics are taken at the last prompt token (the
-reference's query, and here the answer position) over the test words, for all heads, with each
-seed's initial prefix as the control, next to the reference's GPT-2/Emotion per-layer spreads. It
-writes ``OUT/longer_prefixes_<model>.{json,md,png}`` (``--stem`` overrides). ``--profile quick`` is a
-tiny run for tests.
+reference's N(0, 0.02)); test accuracy is the argmax over the label tokens (zero-shot, without a
+prefix, is the baseline), with 95% Wilson intervals per seed and a t interval across seeds. The slot
+statistics are taken at the last prompt token (the reference's query, and here the answer position)
+over the test words, for all heads, with each seed's initial prefix as the control, next to the
+reference's GPT-2/Emotion per-layer spreads. It writes ``OUT/longer_prefixes_<model>.{json,md,png}``
+(``--stem`` overrides). ``--profile`` sets the seeds, steps, batch and test words of the real tasks
+(``quick``: a tiny run for tests); the toy task ignores it.
 
-    python analyses/longer_prefixes.py            # a few minutes on CPU
-    prefixlens run longer_prefixes --model smollm2-135m            # ~30 min on one CPU thread
+    prefixlens run longer_prefixes                                   # a few minutes on CPU
+    prefixlens run longer_prefixes --model smollm2-135m --progress   # ~30 min on one CPU thread
     prefixlens run longer_prefixes --model smollm2-135m --profile quick --out /tmp/lp
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
-import shlex
-import sys
 import time
 from pathlib import Path
 
 import torch
 
 import prefixlens as pl
-from prefixlens import analysis, lexicons, models, tasks, train
-from prefixlens.environment import environment
-from prefixlens.serialization import atomic_write_text
+from prefixlens import lexicons, models, tasks, train
+from prefixlens.analysis import slot_statistics
+from prefixlens.experiment import Analysis
 
 # Appendix B, GPT-2 on Emotion, mean p99 − p1 gap per layer (head ℓ of layer ℓ only).
 REFERENCE_SPREAD = [0.016, 0.102, 0.174, 0.088, 0.076, 0.069, 0.080, 0.106, 0.163, 0.147, 0.156, 0.102]
-# --profile for the real tasks (the toy task ignores it): seeds, steps, batch, test words per label.
-PROFILES = {
-    "full": {"seeds": "0,1,2", "steps": 40, "batch_size": 16, "n_test_per_class": 30},
-    "quick": {"seeds": "0", "steps": 2, "batch_size": 2, "n_test_per_class": 2},
-}
+
+
+@dataclasses.dataclass(frozen=True)
+class RealTaskProfile:
+    """Settings of a real-task run (the toy task ignores them); --seeds, --steps, --batch-size and
+    --n-test-per-class override them one by one."""
+
+    seeds: tuple[int, ...] = (0, 1, 2)
+    steps: int = 40
+    batch_size: int = 16
+    n_test_per_class: int = 30
+
+
+@dataclasses.dataclass(frozen=True)
+class Full(RealTaskProfile):
+    """The committed run: 3 seeds × 40 steps of 16 words, 30 test words per label."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Quick(RealTaskProfile):
+    """A tiny run for tests: 1 seed, 2 steps of 2 words, 2 test words per label."""
+
+    seeds: tuple[int, ...] = (0,)
+    steps: int = 2
+    batch_size: int = 2
+    n_test_per_class: int = 2
+
+
+PROFILES = {"full": Full(), "quick": Quick()}
+TOY_SEEDS = (0, 1, 2, 3, 4)
 TOY_GPT2 = dict(n_layers=2, d_model=64, n_heads=4, d_vocab=tasks.VOCAB, n_ctx=32)
 STATS = [
     ("spread_p1_p99", "mean p99−p1"),
@@ -79,70 +103,102 @@ STATS = [
 ]
 
 
-def parse_args(argv=None) -> argparse.Namespace:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--model", help="local checkpoint directory (default: a toy GPT-2 pretrained here)")
-    ap.add_argument("--prefixes", nargs="+", help="saved prefix files to analyse instead of training new ones")
-    ap.add_argument("--length", type=int, default=10, help="prefix length P")
-    ap.add_argument("--task", choices=list(tasks.TASKS) + list(lexicons.TASKS),
-                    help="task the prefixes are trained on (default: nrc-emotion for a built-in model, else ascending)")
-    ap.add_argument("--seeds", help="prefix-training seeds (comma-separated; default 0,1,2,3,4, or the profile's)")
-    ap.add_argument("--profile", choices=list(PROFILES), default="full",
-                    help="real tasks only: 'full' (the committed run) or 'quick' (a tiny run for tests)")
-    ap.add_argument("--steps", type=int, help="real tasks: training steps per seed (default: the profile's)")
-    ap.add_argument("--batch-size", type=int, help="real tasks: words per training step (default: the profile's)")
-    ap.add_argument("--lr", type=float, default=5e-3, help="real tasks: Adam learning rate, relative to each initial vector's RMS")
-    ap.add_argument("--init", choices=["prompt", "random"], default="prompt",
-                    help="real tasks: initial prefix: the residual stream of the task's instruction (INIT_TEXT), "
-                         "or random N(0, --init-scale) vectors (the reference's)")
-    ap.add_argument("--init-text", help="real tasks, --init prompt: the instruction text (default: INIT_TEXT[task])")
-    ap.add_argument("--init-scale", type=float, default=0.02, help="real tasks, --init random: std of the initial prefix (the reference's 0.02)")
-    ap.add_argument("--n-test-per-class", type=int, help="real tasks: test words per label (default: the profile's)")
-    ap.add_argument("--split-seed", type=int, default=0, help="real tasks: seed of the frozen train/test split")
-    ap.add_argument("--stem", help="output file stem (default: longer_prefixes, or longer_prefixes_<name> for a built-in model)")
-    ap.add_argument("--seed", type=int, default=0, help="seed of the base model and its pretraining")
-    ap.add_argument("--pretrain-task", default=tasks.MIXTURE)
-    ap.add_argument("--pretrain-iters", type=int, default=1500)
-    ap.add_argument("--pretrain-lr", type=float, default=3e-3)
-    ap.add_argument("--prefix-iters", type=int, default=300)
-    ap.add_argument("--prefix-lr", type=float, default=1e-2)
-    ap.add_argument("--n-inputs", type=int, default=512, help="test inputs the statistics are taken over")
-    ap.add_argument("--n-eval", type=int, default=500, help="test inputs for the accuracies")
-    ap.add_argument("--threads", type=int, default=1, help="torch CPU threads (0: torch's default)")
-    ap.add_argument("--save-prefixes", help="directory to save the trained prefixes in")
-    ap.add_argument("--out", default="results")
-    ap.add_argument("--progress", action="store_true")
-    args = ap.parse_args(argv)
+# what a run's settings ("config") hold when an older result lacks them
+CONFIG_DEFAULTS = {"stem": None, "real": False}
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", help="local checkpoint directory or a built-in model such as smollm2-135m "
+                                        "(default: a toy GPT-2 pretrained here)")
+    parser.add_argument("--prefixes", nargs="+", help="saved prefix files to analyse instead of training new ones (toy tasks)")
+    parser.add_argument("--length", type=int, default=10, help="prefix length P")
+    parser.add_argument("--task", choices=list(tasks.TASKS) + list(lexicons.TASKS),
+                        help="task the prefixes are trained on (default: nrc-emotion for a built-in model, else ascending)")
+    parser.add_argument("--seeds", help="prefix-training seeds, comma-separated (default: 0,1,2,3,4 for a toy task, "
+                                        "the profile's for a real one)")
+    parser.add_argument("--steps", type=int, help="real tasks: training steps per seed (default: the profile's)")
+    parser.add_argument("--batch-size", type=int, help="real tasks: words per training step (default: the profile's)")
+    parser.add_argument("--lr", type=float, default=5e-3,
+                        help="real tasks: Adam learning rate, relative to each initial vector's RMS")
+    parser.add_argument("--init", choices=["prompt", "random"], default="prompt",
+                        help="real tasks: initial prefix: the residual stream of the task's instruction (INIT_TEXT), "
+                             "or random N(0, --init-scale) vectors (the reference's)")
+    parser.add_argument("--init-text", help="real tasks, --init prompt: the instruction text (default: INIT_TEXT[task])")
+    parser.add_argument("--init-scale", type=float, default=0.02,
+                        help="real tasks, --init random: std of the initial prefix (the reference's 0.02)")
+    parser.add_argument("--n-test-per-class", type=int, help="real tasks: test words per label (default: the profile's)")
+    parser.add_argument("--split-seed", type=int, default=0, help="real tasks: seed of the frozen train/test split")
+    parser.add_argument("--stem", help="output file stem (default: longer_prefixes, or longer_prefixes_<name> "
+                                       "for a built-in model)")
+    parser.add_argument("--seed", type=int, default=0, help="toy tasks: seed of the base model and its pretraining")
+    parser.add_argument("--pretrain-task", default=tasks.MIXTURE, help="toy tasks: the base model's pretraining task")
+    parser.add_argument("--pretrain-iters", type=int, default=1500, help="toy tasks: pretraining iterations")
+    parser.add_argument("--pretrain-lr", type=float, default=3e-3, help="toy tasks: pretraining learning rate")
+    parser.add_argument("--prefix-iters", type=int, default=300, help="toy tasks: prefix-tuning iterations per seed")
+    parser.add_argument("--prefix-lr", type=float, default=1e-2, help="toy tasks: prefix-tuning learning rate")
+    parser.add_argument("--n-inputs", type=int, default=512, help="toy tasks: test inputs the statistics are taken over")
+    parser.add_argument("--n-eval", type=int, default=500, help="toy tasks: test inputs for the accuracies")
+    parser.add_argument("--save-prefixes", help="directory to save the trained prefixes in")
+    parser.add_argument("--progress", action="store_true", help="print the training progress")
+
+
+def settle(args: argparse.Namespace) -> argparse.Namespace:
+    """Check the options and fill in what depends on others (the task, the seeds, the profile's
+    settings for a real task, the stem); idempotent."""
+    if getattr(args, "settled", False):
+        return args
+    error = analysis.parser().error
     builtin = args.model in models.BUILTIN_MODELS
     if args.task is None:
         args.task = "nrc-emotion" if builtin and not args.prefixes else "ascending"
     args.real = args.task in lexicons.TASKS
     if args.real:
         if not args.model:
-            ap.error(f"--task {args.task} needs --model (a checkpoint with a tokenizer, e.g. smollm2-135m)")
+            error(f"--task {args.task} needs --model (a checkpoint with a tokenizer, e.g. smollm2-135m)")
         if args.prefixes:
-            ap.error("--prefixes is for the toy tasks; a real task trains its prefixes")
-        for key, value in PROFILES[args.profile].items():
+            error("--prefixes is for the toy tasks; a real task trains its prefixes")
+        for key, value in dataclasses.asdict(args.settings).items():
             if getattr(args, key) is None:
-                setattr(args, key, value)
+                setattr(args, key, ",".join(map(str, value)) if key == "seeds" else value)
     elif args.seeds is None:
-        args.seeds = "0,1,2,3,4"
+        args.seeds = ",".join(map(str, TOY_SEEDS))
     args.seeds = [int(s) for s in args.seeds.split(",") if s]
     if args.stem is None:
         args.stem = "longer_prefixes" + (f"_{args.model.split('-')[0]}" if builtin else "")
     if args.real and (args.steps < 0 or args.batch_size < 1 or args.n_test_per_class < 1):
-        ap.error("--steps must be >= 0, --batch-size and --n-test-per-class >= 1")
+        error("--steps must be >= 0, --batch-size and --n-test-per-class >= 1")
     if args.length < 1:
-        ap.error("--length must be >= 1")
+        error("--length must be >= 1")
     if not args.prefixes and not args.seeds:
-        ap.error("give --seeds to train prefixes, or --prefixes to load some")
+        error("give --seeds to train prefixes, or --prefixes to load some")
+    args.settled = True
     return args
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """The command line, checked and completed (:func:`settle`)."""
+    return settle(analysis.parse_args(argv))
+
+
+def config_of(args: argparse.Namespace) -> dict:
+    """The run's settings as recorded in the result (``config``)."""
+    return {k: v for k, v in vars(args).items() if k not in ("settings", "settled", "render_only")}
+
+
+def settings_of(result: dict) -> argparse.Namespace:
+    """The settings a result was run with (its ``config``), for what renders it."""
+    return argparse.Namespace(**{**CONFIG_DEFAULTS, **result["config"]})
+
+
+def load_model(name: str):
+    """The checkpoint or built-in model ``--model`` names (tests replace this to reuse a loaded one)."""
+    return models.load(name)
 
 
 def base_model(args) -> tuple[object, dict]:
     """The frozen model the prefixes act on, and how it was made (with its per-task accuracy)."""
     if args.model:
-        model = models.load(args.model)
+        model = load_model(args.model)
         info = {"model": f"checkpoint {args.model}"}
     else:
         model = models.toy_gpt2(seed=args.seed, **TOY_GPT2)
@@ -207,7 +263,7 @@ def statistics(args, model, items: list[dict]) -> dict:
             if p is None:
                 continue
             for qname, positions in queries.items():
-                s = analysis.slot_statistics(model, content, p, positions=positions)
+                s = slot_statistics(model, content, p, positions=positions)
                 stats.setdefault(qname, {}).setdefault(kind, []).append((item["name"], s))
     return stats
 
@@ -232,12 +288,14 @@ def slot_ranges(per_prefix: list) -> list[dict]:
     return rows
 
 
-def markdown(args, info, items, tables, ranges, command) -> str:
+def toy_markdown(result: dict) -> str:
+    args, info, items, tables, ranges = (settings_of(result), result["base"], result["prefixes"], result["per_layer"],
+                                         result["slot_ranges"])
     L = len(next(iter(tables["last_input"]["prefix"].values())))
     lines = [
         f"# Appendix B on every head: attention over the slots of a P = {args.length} prefix",
         "",
-        f"Command: `{command}`",
+        f"Command: `{result['command']}`",
         "",
         f"Model: {info['model']}.",
     ]
@@ -287,11 +345,11 @@ def markdown(args, info, items, tables, ranges, command) -> str:
             best[key] = r
     for r in best.values():
         lines.append(f"| {r['prefix']} | {r['layer']} | {r['head']} | {r['slot']} | {r['p1']:.3f} | {r['median']:.3f} | {r['p99']:.3f} |")
-    lines += ["", "Every (prefix, layer, head, slot) range is in `longer_prefixes.json` (`slot_ranges`).", ""]
+    lines += ["", f"Every (prefix, layer, head, slot) range is in `{args.stem or 'longer_prefixes'}.json` (`slot_ranges`).", ""]
     return "\n".join(lines)
 
 
-def figure(stats: dict, path: Path, task: str) -> None:
+def toy_figure(result: dict):
     """Row 1: [p1, p99] interval of every slot for the first prefix, one panel per layer × head.
     Row 2: spread per slot, trained vs init; effective ranks per layer."""
     import matplotlib
@@ -299,10 +357,13 @@ def figure(stats: dict, path: Path, task: str) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    name, s = stats["last_input"]["prefix"][0]
-    L, H = s.shape
-    P = s.n_slots
-    q = s.quantiles((0.01, 0.5, 0.99))
+    per_head = result["per_head"]["last_input"]
+    name = per_head["prefix"][0]["prefix"]
+    L, H, P = torch.tensor(per_head["prefix"][0]["spread_p1_p99"]).shape
+    q = torch.zeros(L, H, P, 3, dtype=torch.float64)  # the first prefix's [p1, median, p99] per layer, head, slot
+    for r in result["slot_ranges"]:
+        if r["prefix"] == name:
+            q[r["layer"], r["head"], r["slot"]] = torch.tensor([r["p1"], r["median"], r["p99"]], dtype=torch.float64)
     fig = plt.figure(figsize=(3 * L * H / 2 + 2, 9))
     grid = fig.add_gridspec(2, L * H)
     for l in range(L):
@@ -323,8 +384,8 @@ def figure(stats: dict, path: Path, task: str) -> None:
     half = (L * H) // 2
     ax = fig.add_subplot(grid[1, :half])
     for kind, colour in (("prefix", "C0"), ("init", "C1")):
-        if kind in stats["last_input"]:
-            spreads = torch.cat([st.spread().flatten() for _, st in stats["last_input"][kind]])
+        if kind in per_head:
+            spreads = torch.cat([torch.tensor(x["spread_p1_p99"], dtype=torch.float64).flatten() for x in per_head[kind]])
             ax.hist(spreads.numpy(), bins=30, range=(0, 1), alpha=0.6, color=colour, label="trained" if kind == "prefix" else "init")
     ax.set_xlabel("p99 − p1 of a slot's weight across inputs (every prefix, layer, head, slot)")
     ax.set_ylabel("count")
@@ -332,7 +393,7 @@ def figure(stats: dict, path: Path, task: str) -> None:
     ax = fig.add_subplot(grid[1, half:])
     keys = [("value_rank", "rank of values"), ("value_erank", "erank values"), ("bias_erank", "erank biases"),
             ("bias_erank_centered", "erank bias variation"), ("weight_erank", "erank slot weights")]
-    table = layer_table(stats["answer"]["prefix"])
+    table = result["per_layer"]["answer"]["prefix"]
     width = 0.8 / len(keys)
     for i, (k, label) in enumerate(keys):
         ax.bar([l + i * width for l in range(L)], table[k], width=width, label=label)
@@ -342,13 +403,10 @@ def figure(stats: dict, path: Path, task: str) -> None:
     ax.set_ylabel("rank (mean over heads and prefixes)")
     ax.set_title("span used by the realised biases (queries: answer positions)", fontsize=9)
     ax.legend(fontsize=7)
-    fig.suptitle(f"Appendix B on every head: attention over the {P} slots ({name}, task {task}, query = last input token)")
+    fig.suptitle(f"Appendix B on every head: attention over the {P} slots ({name}, task {result['config']['task']}, "
+                 "query = last input token)")
     fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp.png")
-    fig.savefig(tmp, dpi=70)
-    plt.close(fig)
-    tmp.replace(path)
+    return fig
 
 
 # ------------------------------------------------------------------- a real model on a real labelled task
@@ -509,7 +567,8 @@ def real_per_layer(per_prefix: list) -> dict[str, list[float]]:
     return table
 
 
-def real_markdown(args, info, items, tables, command) -> str:
+def real_markdown(result: dict) -> str:
+    args, info, items, tables = settings_of(result), result["base"], result["prefixes"], result["per_layer"]
     t = info["task"]
     trained, init = tables["prefix"], tables["init"]
     L = len(trained["spread_p1_p99"])
@@ -519,7 +578,7 @@ def real_markdown(args, info, items, tables, command) -> str:
     lines = [
         f"# Appendix B on a real task: {info['model_name']}, P = {args.length} residual prefixes on {t['name']}",
         "",
-        f"Command: `{command}`",
+        f"Command: `{result['command']}`",
         "",
         f"Model: {info['model']} ({L} layers × {info['n_heads']} query heads, {info['n_kv_heads']} key/value heads), frozen, eval mode, float32.",
         "",
@@ -596,13 +655,16 @@ def real_markdown(args, info, items, tables, command) -> str:
     return "\n".join(lines)
 
 
-def real_figure(args, stats, tables, path: Path, title: str) -> None:
+
+def real_figure(result: dict):
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    args, tables = settings_of(result), result["per_layer"]
     trained, init = tables["prefix"], tables["init"]
+    accs = [it["test"]["accuracy"] for it in result["prefixes"]]
     L = len(trained["spread_p1_p99"])
     depth = [(l + 0.5) / L for l in range(L)]
     fig, axes = plt.subplots(2, 2, figsize=(14, 10))
@@ -617,9 +679,10 @@ def real_figure(args, stats, tables, path: Path, title: str) -> None:
     ax.set_ylabel("mean p99 − p1 of a slot's weight")
     ax.set_title("spread of the slot weights across inputs, per layer")
     ax.legend(fontsize=8)
-    for ax, fn, label in ((axes[0, 1], lambda s: s.spread().mean(-1), "mean p99 − p1 (trained, mean over seeds)"),
-                          (axes[1, 0], lambda s: s.top_slot_share(), "top-slot weight (trained, mean over seeds)")):
-        grid = head_table(stats["prefix"], fn)
+    for ax, key, label in ((axes[0, 1], "spread_p1_p99", "mean p99 − p1 (trained, mean over seeds)"),
+                           (axes[1, 0], "top_slot_share", "top-slot weight (trained, mean over seeds)")):
+        # [layer, head], mean over the seeds (the per-head spread is already a mean over the slots)
+        grid = torch.tensor([x[key] for x in result["per_head"]["prefix"]], dtype=torch.float64).mean(0)
         im = ax.imshow(grid.T.numpy(), aspect="auto", cmap="viridis", origin="lower")
         ax.set_xlabel("layer")
         ax.set_ylabel("head")
@@ -635,25 +698,19 @@ def real_figure(args, stats, tables, path: Path, title: str) -> None:
     ax.set_ylabel("effective rank (mean over heads and seeds)")
     ax.set_title("span used by the realised biases")
     ax.legend(fontsize=8)
-    fig.suptitle(title)
+    fig.suptitle(f"Appendix B on {args.model}: P = {args.length} residual prefixes on {result['task']['name']} "
+                 f"({len(accs)} seeds, mean test accuracy {sum(accs) / len(accs):.1%}), query = last prompt token")
     fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp.png")
-    fig.savefig(tmp, dpi=70)
-    plt.close(fig)
-    tmp.replace(path)
+    return fig
 
 
 def _r(t: torch.Tensor, decimals: int = 5) -> list:
     return torch.round(t.double(), decimals=decimals).tolist()
 
 
-def real_main(args, argv, model=None) -> dict:
-    command = shlex.join(["python", "analyses/longer_prefixes.py", *(sys.argv[1:] if argv is None else argv)])
-    out = Path(args.out)
+def real_run(args) -> dict:
     t0 = time.perf_counter()
-    if model is None:
-        model = models.load(args.model)
+    model = load_model(args.model)
     model.requires_grad_(False)
     model.eval()
     load_seconds = round(time.perf_counter() - t0, 1)
@@ -683,12 +740,12 @@ def real_main(args, argv, model=None) -> dict:
                 "final_loss": sum(losses[-10:]) / max(1, len(losses[-10:])) if losses else float("nan"),
                 "train_seconds": round(train_seconds, 1)}
         item["test"] = accuracy_of(last_logits(model, test_ids, test_mask, prefix), test_y, label_ids)
-        s = analysis.slot_statistics(model, test_ids, prefix, positions=-1, attention_mask=test_mask, batch_size=50)
+        s = slot_statistics(model, test_ids, prefix, positions=-1, attention_mask=test_mask, batch_size=50)
         stats["prefix"].append((item["name"], s))
         # the control: this seed's initial prefix (with --init prompt the same for every seed: computed once)
         if args.init == "random" or init_cache is None:
             init_cache = (accuracy_of(last_logits(model, test_ids, test_mask, init), test_y, label_ids),
-                          analysis.slot_statistics(model, test_ids, init, positions=-1, attention_mask=test_mask, batch_size=50))
+                          slot_statistics(model, test_ids, init, positions=-1, attention_mask=test_mask, batch_size=50))
         item["init_test"] = init_cache[0]
         stats["init"].append((item["name"], init_cache[1]))
         item["seconds"] = round(time.perf_counter() - t1, 1)
@@ -699,12 +756,9 @@ def real_main(args, argv, model=None) -> dict:
             prefix.save(Path(args.save_prefixes) / f"{task.name}_P{args.length}_seed{seed}.safetensors")
     tables = {k: real_per_layer(v) for k, v in stats.items()}
     accs = [it["test"]["accuracy"] for it in items]
-    real_figure(args, stats, tables, out / f"{args.stem}.png",
-                f"Appendix B on {args.model}: P = {args.length} residual prefixes on {task.name} "
-                f"({len(items)} seeds, mean test accuracy {sum(accs) / len(accs):.1%}), query = last prompt token")
-    result = {
-        "command": command,
-        "config": dict(vars(args)),
+    L = len(tables["prefix"]["spread_p1_p99"])
+    return {
+        "config": config_of(args),
         "base": info,
         "task": {**task.describe(), "test": [list(x) for x in task.test]},
         "prefixes": items,
@@ -721,44 +775,19 @@ def real_main(args, argv, model=None) -> dict:
             "values": [torch.round(s.quantiles((0.01, 0.5, 0.99)), decimals=4).tolist() for _, s in stats["prefix"]],
         },
         "reference_spread_per_layer": REFERENCE_SPREAD,
-        "reference_at_same_depth": [reference_at_depth(l, len(tables["prefix"]["spread_p1_p99"])) for l in range(len(tables["prefix"]["spread_p1_p99"]))],
-        "seconds": round(time.perf_counter() - t0, 1),
-        "environment": environment(),
+        "reference_at_same_depth": [reference_at_depth(l, L) for l in range(L)],
     }
-    atomic_write_text(out / f"{args.stem}.json", json.dumps(result, indent=1))
-    atomic_write_text(out / f"{args.stem}.md", real_markdown(args, info, items, tables, command))
-    print(f"wrote {out / (args.stem + '.json')}, .md and .png ({result['seconds']:.0f} s)")
-    result["_stats"] = stats  # in memory only (tests): the SlotStatistics of every prefix
-    return result
 
 
-def main(argv=None, model=None) -> dict:
-    """Run the analysis; ``model``: an already loaded model for ``--model`` (tests reuse one)."""
-    args = parse_args(argv)
-    threads = torch.get_num_threads()
-    if args.threads > 0:
-        torch.set_num_threads(args.threads)
-    try:
-        return real_main(args, argv, model) if args.real else _main(args, argv)
-    finally:
-        torch.set_num_threads(threads)
-
-
-def _main(args, argv) -> dict:
-    command = shlex.join(["python", "analyses/longer_prefixes.py", *(sys.argv[1:] if argv is None else argv)])
+def toy_run(args) -> dict:
     torch.manual_seed(args.seed)
-    out = Path(args.out)
-    t0 = time.perf_counter()
     model, info = base_model(args)
     args.n_heads = int(model.cfg.n_heads)
     items = prefixes(args, model)
     stats = statistics(args, model, items)
     tables = {q: {k: layer_table(v) for k, v in by_kind.items()} for q, by_kind in stats.items()}
-    ranges = slot_ranges(stats["last_input"]["prefix"])
-    figure(stats, out / f"{args.stem}.png", args.task)
-    result = {
-        "command": command,
-        "config": {k: v for k, v in vars(args).items()},
+    return {
+        "config": config_of(args),
         "base": info,
         "prefixes": [{k: v for k, v in it.items() if k not in ("prefix", "init")} for it in items],
         "per_layer": tables,
@@ -769,15 +798,35 @@ def _main(args, argv) -> dict:
                 for k, v in by_kind.items()}
             for q, by_kind in stats.items()
         },
-        "slot_ranges": ranges,
+        "slot_ranges": slot_ranges(stats["last_input"]["prefix"]),
         "reference_spread_per_layer": REFERENCE_SPREAD,
-        "seconds": round(time.perf_counter() - t0, 1),
-        "environment": environment(),
     }
-    atomic_write_text(out / f"{args.stem}.json", json.dumps(result, indent=1))
-    atomic_write_text(out / f"{args.stem}.md", markdown(args, info, items, tables, ranges, command))
-    print(f"wrote {out / (args.stem + '.json')}, .md and .png")
-    return result
+
+
+def run(args: argparse.Namespace) -> dict:
+    """Train (or load) the prefixes and take their slot statistics: on a real task, or on a toy one."""
+    settle(args)
+    return real_run(args) if args.real else toy_run(args)
+
+
+def is_real(result: dict) -> bool:
+    return bool(settings_of(result).real)
+
+
+def markdown(result: dict) -> str:
+    return real_markdown(result) if is_real(result) else toy_markdown(result)
+
+
+def figure(result: dict):
+    return real_figure(result) if is_real(result) else toy_figure(result)
+
+
+analysis = Analysis(name="longer_prefixes", doc=__doc__, run=run, markdown=markdown, figure=figure,
+                    add_arguments=add_arguments, profiles=PROFILES, stem=lambda args: settle(args).stem, threads=1, dpi=70)
+
+
+def main(argv: list[str] | None = None) -> dict:
+    return analysis.main(argv)
 
 
 if __name__ == "__main__":

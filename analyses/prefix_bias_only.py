@@ -1,33 +1,33 @@
 """Paper §4 at scale: a prefix only rescales content attention and adds a bias — every layer and head.
 
 For a model (default: a toy LLaMA with grouped-query attention; ``--model DIR``: a local LLaMA-family
-checkpoint; ``--model smollm2-135m``: the built-in real model) and prefixes of several lengths (random, or ``--prefix PATH`` written by
-``Prefix.save``), over a batch of inputs and in float32 and float64 (plus float16 at P = 1, the
-reference's setting), measure both identities for every layer and head with layer-input patching:
+checkpoint; ``--model smollm2-135m``: the built-in real model) and prefixes of several lengths
+(random, or ``--prefix PATH`` written by ``Prefix.save``), over a batch of inputs and in float32 and
+float64 (plus a low-precision dtype, float16 by default, at P = 1: the reference's setting), measure
+both identities for every layer and head with layer-input patching:
 
 1. relative attention  ``A^pt[i, P+j] = A^ref[i, j]·(1 − A_i)``
 2. bias only           ``z_i = Σ_p A^pt[i, p]·v_p + (1 − A_i)·t_i``
 
 and compare with the reference notebook's single-head fp16 numbers (LLaMA-7B, layer 0, head 12,
-P = 1, one sentence: 4.88e-4 and 9.16e-5). Writes ``OUT/prefix_bias_only.{json,md,png}`` (and an
-HTML attention report when :mod:`prefixlens.report` is available).
+P = 1, one sentence: 4.88e-4 and 9.16e-5). Writes ``OUT/prefix_bias_only.{json,md,png}`` and an HTML
+attention report, ``OUT/prefix_bias_only.html`` (``--no-report``: none).
 
 Inputs are random token ids, or with ``--text`` (the default for a built-in model) the frozen English
-``SENTENCES`` below, tokenized with the checkpoint's own tokenizer and right-padded with an attention
-mask (padded positions are left out of every error and mean). A built-in model writes
+``SENTENCES`` of the script, tokenized with the checkpoint's own tokenizer and right-padded with an
+attention mask (padded positions are left out of every error and mean). A built-in model writes
 ``OUT/prefix_bias_only_<name>.*`` (e.g. ``prefix_bias_only_smollm2``; ``--stem`` overrides).
 
-    python analyses/prefix_bias_only.py                 # toy LLaMA, P = 1, 4, 10, ~1-2 minutes on CPU
-    python analyses/prefix_bias_only.py --model /path/to/llama --lengths 1 --n-inputs 8 --seq-len 64
-    python analyses/prefix_bias_only.py --model smollm2-135m --lengths 1,4 \
-        --dtypes float32,float64,float16 --reference-dtype '' --no-report   # real sentences, ~1 min CPU
+    prefixlens run prefix_bias_only                 # toy LLaMA, P = 1, 4, 10, ~1-2 minutes on CPU
+    prefixlens run prefix_bias_only --model /path/to/llama --lengths 1 --n-inputs 8 --seq-len 64
+    prefixlens run prefix_bias_only --model smollm2-135m --lengths 1,4 --dtypes float32,float64,float16 \\
+        --low-precision-dtype '' --no-report --threads 2 --n-inputs 16   # real sentences, ~1 min CPU
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import shlex
 import sys
 import time
 from pathlib import Path
@@ -35,11 +35,11 @@ from pathlib import Path
 import torch
 
 import prefixlens as pl
-from prefixlens import analysis, models
+from prefixlens import models
+from prefixlens.analysis import check_identities
 from prefixlens.attention_math import identity_1_residual
-from prefixlens.environment import environment
+from prefixlens.experiment import Analysis
 from prefixlens.prefixes import FORMS, form_class
-from prefixlens.serialization import atomic_write_text
 
 REFERENCE = {
     "setting": "LLaMA-7B, fp16, one DART sentence, P = 1, layer 0, head 12 only (reference notebook prefix_bias_only.ipynb)",
@@ -67,43 +67,77 @@ SENTENCES = [
     "The river winds through green hills before it reaches the sea.",
 ]
 TOY_LLAMA = dict(n_layers=4, d_model=128, n_heads=8, n_kv_heads=4, d_vocab=101, n_ctx=128, init_range=0.1)
+# what a run's recorded settings ("config") holds when an older result lacks it
+CONFIG_DEFAULTS = {"model": None, "prefix": None, "form": "residual", "text": False, "n_inputs": 32, "seq_len": 32,
+                   "batch_size": 16, "seed": 0}
 
 
-def parse_args(argv=None) -> argparse.Namespace:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--model", help="local HuggingFace checkpoint directory (default: a toy LLaMA)")
-    ap.add_argument("--prefix", help="a prefix file written by Prefix.save (default: random prefixes)")
-    ap.add_argument("--form", choices=sorted(FORMS), default="residual", help="form of the random prefixes")
-    ap.add_argument("--lengths", default="1,4,10", help="prefix lengths P of the random prefixes (comma-separated)")
-    ap.add_argument("--dtypes", default="float32,float64", help="dtypes to check every length in")
-    ap.add_argument("--reference-dtype", default="float16", help="a low-precision dtype checked at P = 1 only ('' to skip)")
-    ap.add_argument("--text", action=argparse.BooleanOptionalAction, default=None,
-                    help="inputs: the frozen English SENTENCES with the checkpoint's own tokenizer "
-                         "(default: on for a built-in model such as smollm2-135m, off otherwise: random ids)")
-    ap.add_argument("--stem", help="output file stem (default: prefix_bias_only, or prefix_bias_only_<name> for a built-in model)")
-    ap.add_argument("--n-inputs", type=int, default=32, help="number of inputs (with --text: the first N sentences)")
-    ap.add_argument("--seq-len", type=int, default=32)
-    ap.add_argument("--batch-size", type=int, default=16)
-    ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--threads", type=int, default=1, help="torch CPU threads (0: torch's default)")
-    ap.add_argument("--out", default="results", help="output directory")
-    ap.add_argument("--no-report", action="store_true", help="skip the HTML attention report")
-    args = ap.parse_args(argv)
-    args.lengths = [int(x) for x in args.lengths.split(",") if x]
-    args.dtypes = [x for x in args.dtypes.split(",") if x]
-    for d in args.dtypes + ([args.reference_dtype] if args.reference_dtype else []):
+class _DeprecatedLowPrecisionDtype(argparse.Action):
+    """``--reference-dtype``: the old name of ``--low-precision-dtype`` (hidden; still works, with a warning)."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        print(f"{option_string} is deprecated: use --low-precision-dtype", file=sys.stderr)
+        setattr(namespace, self.dest, values)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", help="local HuggingFace checkpoint directory, or a built-in model such as "
+                                        "smollm2-135m; none: a toy LLaMA made here")
+    parser.add_argument("--prefix", help="a prefix file written by Prefix.save, checked instead of random prefixes")
+    parser.add_argument("--form", choices=sorted(FORMS), default="residual", help="form of the random prefixes")
+    parser.add_argument("--lengths", default="1,4,10", help="prefix lengths P of the random prefixes (comma-separated)")
+    parser.add_argument("--dtypes", default="float32,float64",
+                        help=f"dtypes every length is checked in (comma-separated, of {', '.join(DTYPES)})")
+    parser.add_argument("--low-precision-dtype", default="float16",
+                        help="a low-precision dtype checked at P = 1 only, as the reference notebook's fp16 run "
+                             "('' to skip; nothing extra when it is already in --dtypes)")
+    parser.add_argument("--reference-dtype", dest="low_precision_dtype", action=_DeprecatedLowPrecisionDtype,
+                        default=argparse.SUPPRESS, help=argparse.SUPPRESS)
+    parser.add_argument("--text", action=argparse.BooleanOptionalAction, default=None,
+                        help="inputs: the frozen English SENTENCES with the checkpoint's own tokenizer "
+                             "(default: on for a built-in model such as smollm2-135m, off otherwise: random ids)")
+    parser.add_argument("--stem", help="output file stem (default: prefix_bias_only, or prefix_bias_only_<name> "
+                                       "for a built-in model)")
+    parser.add_argument("--n-inputs", type=int, default=32, help="number of inputs (with --text: the first N sentences)")
+    parser.add_argument("--seq-len", type=int, default=32, help="length of the random token sequences (not with --text)")
+    parser.add_argument("--batch-size", type=int, default=16, help="inputs per forward pass of the checks")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the toy model, the random prefixes and the random inputs")
+    parser.add_argument("--no-report", action="store_true", help="skip the HTML attention report (OUT/<stem>.html)")
+
+
+def settle(args: argparse.Namespace) -> argparse.Namespace:
+    """Check the options and fill in what depends on others (lists, --text, --stem); idempotent."""
+    if getattr(args, "settled", False):
+        return args
+    error = analysis.parser().error
+    if isinstance(args.lengths, str):
+        args.lengths = [int(x) for x in args.lengths.split(",") if x]
+    if isinstance(args.dtypes, str):
+        args.dtypes = [x for x in args.dtypes.split(",") if x]
+    for d in args.dtypes + ([args.low_precision_dtype] if args.low_precision_dtype else []):
         if d not in DTYPES:
-            ap.error(f"unknown dtype {d!r}; choose from {', '.join(DTYPES)}")
+            error(f"unknown dtype {d!r}; choose from {', '.join(DTYPES)}")
     if not args.lengths or min(args.lengths) < 1:
-        ap.error("--lengths needs at least one P >= 1")
+        error("--lengths needs at least one P >= 1")
     builtin = args.model in models.BUILTIN_MODELS
     if args.text is None:
         args.text = builtin
     if args.text and not args.model:
-        ap.error("--text needs --model (a checkpoint with a real tokenizer)")
+        error("--text needs --model (a checkpoint with a real tokenizer)")
     if args.stem is None:
         args.stem = "prefix_bias_only" + (f"_{args.model.split('-')[0]}" if builtin else "")
+    args.settled = True
     return args
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """The command line, checked and completed (:func:`settle`)."""
+    return settle(analysis.parse_args(argv))
+
+
+def settings_of(result: dict) -> argparse.Namespace:
+    """The settings a result was run with (its ``config``), for what re-renders it."""
+    return argparse.Namespace(**{**CONFIG_DEFAULTS, **result.get("config", {})})
 
 
 def build_model(args, dtype: torch.dtype):
@@ -145,8 +179,8 @@ def input_tokens(args, model) -> tuple[torch.Tensor, torch.Tensor | None]:
 def run_checks(args) -> list[dict]:
     runs = []
     plan = [(d, None) for d in args.dtypes]
-    if args.reference_dtype and args.reference_dtype not in args.dtypes:
-        plan.append((args.reference_dtype, 1))
+    if args.low_precision_dtype and args.low_precision_dtype not in args.dtypes:
+        plan.append((args.low_precision_dtype, 1))
     for name, only_P in plan:
         model = build_model(args, DTYPES[name])
         tokens, mask = input_tokens(args, model)
@@ -154,8 +188,8 @@ def run_checks(args) -> list[dict]:
             if only_P is not None and prefix.length != only_P:
                 continue
             t0 = time.perf_counter()
-            check = analysis.check_identities(model, tokens, prefix, batch_size=args.batch_size, progress=True,
-                                              attention_mask=mask)
+            check = check_identities(model, tokens, prefix, batch_size=args.batch_size, progress=True,
+                                     attention_mask=mask)
             res = check.to_json()
             res.update(prefix=desc, seconds=round(time.perf_counter() - t0, 2))
             runs.append(res)
@@ -165,31 +199,90 @@ def run_checks(args) -> list[dict]:
     return runs
 
 
+def model_description(args) -> str:
+    if args.model in models.BUILTIN_MODELS:
+        return f"built-in {args.model} (checkpoint {models.builtin_checkpoint(args.model)})"
+    return f"checkpoint {args.model}" if args.model else "toy LLaMA " + json.dumps(TOY_LLAMA) + f", seed {args.seed}"
+
+
+def inputs_record(args) -> dict:
+    """What the inputs were: the sentences and their token counts (with --text), or the random ids' shape."""
+    if not args.text:
+        return {"random_ids": [args.n_inputs, args.seq_len]}
+    n = text_tokens(args)[1].sum(-1)
+    return {"text": SENTENCES[: args.n_inputs], "n_tokens": [int(n.min()), int(n.max())]}
+
+
+def html_report(args, path: Path) -> str:
+    """The Figure-5 report of :mod:`prefixlens.report` (CircuitsVis, self-contained HTML, written
+    atomically): the error table, and for the first prefix and input every layer's attention with the
+    prefix, renormalised, and without it, plus the prefix mass per head and position."""
+    from prefixlens import report
+
+    model = build_model(args, torch.float32)
+    tokens, mask = input_tokens(args, model)
+    tokens = tokens[:1, : int(mask[0].sum())][:, :16] if mask is not None else tokens[:1, :16]
+    desc, prefix = build_prefixes(args, model)[0]
+    d = pl.decompose(model, tokens, prefix, reference=True)
+    figures = [
+        report.summary_figure({f"{desc} (P = {prefix.length}, float32)": d}),
+        *report.attention_figure(model, tokens, prefix, layer=None, decomposition=d),
+        report.prefix_mass_figure(d, model=model, tokens=tokens),
+    ]
+    report.html(path, figures, title="prefix_bias_only: a prefix rescales content attention and adds a bias")
+    return str(path)
+
+
+def run(args: argparse.Namespace) -> dict:
+    """Both identities for every dtype and prefix; the HTML report (unless --no-report) next to the results."""
+    settle(args)
+    torch.manual_seed(args.seed)
+    out = Path(args.out)
+    runs = run_checks(args)
+    report = "skipped (--no-report)" if args.no_report else html_report(args, out / f"{args.stem}.html")
+    return {
+        "config": {k: v for k, v in vars(args).items() if k not in ("settings", "settled", "render_only")},
+        "model": model_description(args),
+        "reference": REFERENCE,
+        "runs": runs,
+        "report": report,
+        "figure": str(out / f"{args.stem}.png"),
+        "inputs": inputs_record(args),
+    }
+
+
 def _fmt(x: float | None) -> str:
     return "—" if x is None else f"{x:.2e}"
 
 
-def inputs_desc(args) -> str:
+def inputs_description(result: dict) -> str:
+    args = settings_of(result)
     if args.text:
-        tokens, mask = text_tokens(args)
-        n = mask.sum(-1)
-        return (f"{tokens.shape[0]} real English sentences (the script's frozen `SENTENCES`), tokenized with the "
-                f"checkpoint's own tokenizer (no BOS), {int(n.min())}–{int(n.max())} tokens, right-padded with an "
+        n_tokens = result.get("inputs", {}).get("n_tokens")
+        if n_tokens is None:  # a result from before the token counts were recorded
+            n = text_tokens(args)[1].sum(-1)
+            n_tokens = [int(n.min()), int(n.max())]
+        return (f"{args.n_inputs} real English sentences (the script's frozen `SENTENCES`), tokenized with the "
+                f"checkpoint's own tokenizer (no BOS), {n_tokens[0]}–{n_tokens[1]} tokens, right-padded with an "
                 "attention mask (padded positions left out)")
     return f"{args.n_inputs} random token sequences of length {args.seq_len} (seed {args.seed})"
 
 
-def markdown(args, runs: list[dict], command: str, model_desc: str, wall_s: float | None = None, env: dict | None = None) -> str:
+def markdown(result: dict) -> str:
     from prefixlens.environment import describe
 
+    args, runs = settings_of(result), result["runs"]
+    env, wall_s = result.get("environment"), result.get("wall_time_s", result.get("wall_s"))
     lines = [
         "# Paper §4 at scale: prefix = attention rescaling + bias, every layer and head",
         "",
-        f"Command: `{command}`",
+        f"Command: `{result['command']}`",
         "",
-        f"Environment: {describe(env)}" + (f". Wall time: {wall_s:.1f} s." if wall_s is not None else ""),
-        "",
-        f"Model: {model_desc}. Inputs: {inputs_desc(args)}. Prefixes: {', '.join(sorted({r['prefix'] for r in runs}))} "
+    ]
+    if env is not None:
+        lines += [f"Environment: {describe(env)}" + (f". Wall time: {wall_s:.1f} s." if wall_s is not None else ""), ""]
+    lines += [
+        f"Model: {result['model']}. Inputs: {inputs_description(result)}. Prefixes: {', '.join(sorted({r['prefix'] for r in runs}))} "
         f"(seed {args.seed}). Every layer and head is checked against the same layer's attention to the "
         "*same layer input* without the prefix (layer-input patching), so deeper layers are checked too.",
         "",
@@ -264,13 +357,15 @@ def markdown(args, runs: list[dict], command: str, model_desc: str, wall_s: floa
     return "\n".join(lines)
 
 
-def figure(args, path: Path) -> None:
-    """Figure-5 style heatmaps (float64, P = 1, layer 0 and the last layer, the head with most prefix attention)."""
+def figure(result: dict):
+    """Figure-5 style heatmaps (float64, P = 1, layer 0 and the last layer, the head with most prefix
+    attention), recomputed from the run's settings (the model, prefix and first input)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    args = settings_of(result)
     model = build_model(args, torch.float64)
     tokens, mask = input_tokens(args, model)
     tokens = tokens[:1, : int(mask[0].sum())] if mask is not None else tokens[:1]
@@ -301,75 +396,15 @@ def figure(args, path: Path) -> None:
             fig.colorbar(im, ax=ax, fraction=0.046)
     fig.suptitle("Paper Figure 5 style, first and last layer: relative attention and bias only (float64; differences ~1e-16)")
     fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp.png")
-    fig.savefig(tmp, dpi=80)
-    plt.close(fig)
-    tmp.replace(path)
+    return fig
 
 
-def html_report(args, path: Path) -> str:
-    """The Figure-5 report of :mod:`prefixlens.report` (CircuitsVis, self-contained HTML): the error
-    table, and for the first prefix and input every layer's attention with the prefix, renormalised,
-    and without it, plus the prefix mass per head and position."""
-    from prefixlens import report
-
-    model = build_model(args, torch.float32)
-    tokens, mask = input_tokens(args, model)
-    tokens = tokens[:1, : int(mask[0].sum())][:, :16] if mask is not None else tokens[:1, :16]
-    desc, prefix = build_prefixes(args, model)[0]
-    d = pl.decompose(model, tokens, prefix, reference=True)
-    figures = [
-        report.summary_figure({f"{desc} (P = {prefix.length}, float32)": d}),
-        *report.attention_figure(model, tokens, prefix, layer=None, decomposition=d),
-        report.prefix_mass_figure(d, model=model, tokens=tokens),
-    ]
-    report.html(path, figures, title="prefix_bias_only: a prefix rescales content attention and adds a bias")
-    return str(path)
+analysis = Analysis(name="prefix_bias_only", doc=__doc__, run=run, markdown=markdown, figure=figure,
+                    add_arguments=add_arguments, stem=lambda args: settle(args).stem, threads=1, dpi=80)
 
 
-def main(argv=None) -> dict:
-    args = parse_args(argv)
-    threads = torch.get_num_threads()
-    if args.threads > 0:
-        torch.set_num_threads(args.threads)
-    try:
-        return _main(args, argv)
-    finally:
-        torch.set_num_threads(threads)
-
-
-def _main(args, argv) -> dict:
-    command = shlex.join(["python", "analyses/prefix_bias_only.py", *(sys.argv[1:] if argv is None else argv)])
-    torch.manual_seed(args.seed)
-    t0 = time.perf_counter()
-    out = Path(args.out)
-    stem = args.stem
-    if args.model in models.BUILTIN_MODELS:
-        model_desc = f"built-in {args.model} (checkpoint {models.builtin_checkpoint(args.model)})"
-    else:
-        model_desc = f"checkpoint {args.model}" if args.model else "toy LLaMA " + json.dumps(TOY_LLAMA) + f", seed {args.seed}"
-    runs = run_checks(args)
-    figure(args, out / f"{stem}.png")
-    report = "skipped (--no-report)" if args.no_report else html_report(args, out / f"{stem}.html")
-    wall_s = round(time.perf_counter() - t0, 1)
-    env = environment()
-    result = {
-        "command": command,
-        "config": {k: v for k, v in vars(args).items()},
-        "model": model_desc,
-        "reference": REFERENCE,
-        "runs": runs,
-        "report": report,
-        "figure": str(out / f"{stem}.png"),
-        "inputs": {"text": SENTENCES[: args.n_inputs]} if args.text else {"random_ids": [args.n_inputs, args.seq_len]},
-        "wall_s": wall_s,
-        "environment": env,
-    }
-    atomic_write_text(out / f"{stem}.json", json.dumps(result, indent=1))
-    atomic_write_text(out / f"{stem}.md", markdown(args, runs, command, model_desc, wall_s, env))
-    print(f"wrote {out / f'{stem}.json'} and .md ({wall_s} s)")
-    return result
+def main(argv: list[str] | None = None) -> dict:
+    return analysis.main(argv)
 
 
 if __name__ == "__main__":

@@ -25,7 +25,9 @@ def test_trains_and_reports(script, tmp_path):
     for ext in ("json", "md", "png"):
         assert (tmp_path / f"longer_prefixes.{ext}").stat().st_size > 500
     on_disk = json.loads((tmp_path / "longer_prefixes.json").read_text())
-    assert on_disk["command"].startswith("python analyses/longer_prefixes.py --pretrain-iters 3")
+    assert on_disk["command"].startswith("prefixlens run longer_prefixes --pretrain-iters 3")
+    assert on_disk["experiment"] == "longer_prefixes" and on_disk["wall_time_s"] >= 0 and "environment" in on_disk
+    assert on_disk["config"]["seeds"] == [0, 1] and on_disk["config"]["stem"] == "longer_prefixes"
     assert [p["seed"] for p in on_disk["prefixes"]] == [0, 1]
     L, H = script.TOY_GPT2["n_layers"], script.TOY_GPT2["n_heads"]
     # every head of every layer, for both queries, trained and init
@@ -49,6 +51,36 @@ def test_trains_and_reports(script, tmp_path):
     assert 0 < float((trained.resid - init.resid).detach().abs().max()) < 1.0
     md = (tmp_path / "longer_prefixes.md").read_text()
     assert "0.016" in md and "| mean p99−p1 |" in md
+    assert "Command: `prefixlens run longer_prefixes --pretrain-iters 3" in md
+    # the Markdown and the figure come back from the JSON alone
+    png = (tmp_path / "longer_prefixes.png").read_bytes()
+    (tmp_path / "longer_prefixes.md").unlink()
+    (tmp_path / "longer_prefixes.png").unlink()
+    script.main(["--render-only", "--out", str(tmp_path)])
+    assert (tmp_path / "longer_prefixes.md").read_text() == md and (tmp_path / "longer_prefixes.png").read_bytes() == png
+
+
+def test_help_and_default_out(script, capsys):
+    """--help shows the docstring's whole first sentence, the profiles and every option; results go to runs/results by default."""
+    from prefixlens.experiment import COMMITTED_RESULTS, DEFAULT_OUT
+
+    with pytest.raises(SystemExit) as exit_:
+        script.main(["--help"])
+    assert exit_.value.code == 0
+    text = " ".join(capsys.readouterr().out.split())
+    assert ("Appendix B on every head: attention over the slots of a longer prefix, and the span its biases use."
+            in text)
+    assert "prefixlens run longer_prefixes --model smollm2-135m --profile quick" in text and "python analyses" not in text
+    assert "full: The committed run: 3 seeds × 40 steps of 16 words, 30 test words per label" in text
+    assert "quick: A tiny run for tests" in text and "(default: full)" in text and f"(default: {DEFAULT_OUT})" in text
+    args = script.parse_args([])
+    assert args.out == DEFAULT_OUT != COMMITTED_RESULTS and args.stem == "longer_prefixes" and not args.real
+    assert args.seeds == [0, 1, 2, 3, 4]
+    real = script.parse_args(["--model", "smollm2-135m"])
+    assert real.stem == "longer_prefixes_smollm2" and real.task == "nrc-emotion" and real.real
+    assert (real.seeds, real.steps, real.batch_size, real.n_test_per_class) == ([0, 1, 2], 40, 16, 30)
+    quick = script.parse_args(["--model", "smollm2-135m", "--profile", "quick", "--steps", "5"])
+    assert (quick.seeds, quick.steps, quick.batch_size, quick.n_test_per_class) == ([0], 5, 2, 2)
 
 
 def test_saved_prefixes_on_a_checkpoint(script, tmp_path):
@@ -140,14 +172,19 @@ def smollm2():
 
 
 @pytest.mark.slow
-def test_quick_profile_on_smollm2(script, smollm2, tmp_path):
+def test_quick_profile_on_smollm2(script, smollm2, tmp_path, monkeypatch):
     """--profile quick on SmolLM2: the outputs, and the slot statistics checked against hook_pattern."""
     model = smollm2
+    monkeypatch.setattr(script, "load_model", lambda name: model)  # reuse the loaded model
     result = script.main(["--model", "smollm2-135m", "--profile", "quick", "--out", str(tmp_path),
-                          "--save-prefixes", str(tmp_path / "p")], model=model)
+                          "--save-prefixes", str(tmp_path / "p")])
     for ext in ("json", "md", "png"):
         assert (tmp_path / f"longer_prefixes_smollm2.{ext}").stat().st_size > 500
     on_disk = json.loads((tmp_path / "longer_prefixes_smollm2.json").read_text())
+    assert on_disk == json.loads(json.dumps(result))
+    assert on_disk["command"] == f"prefixlens run longer_prefixes --model smollm2-135m --profile quick --out {tmp_path} --save-prefixes {tmp_path / 'p'}"
+    assert on_disk["profile"] == "quick" and on_disk["settings"] == {"seeds": [0], "steps": 2, "batch_size": 2, "n_test_per_class": 2}
+    assert on_disk["config"]["real"] and on_disk["config"]["steps"] == 2
     L, H, P = 30, 9, 10
     assert on_disk["task"]["name"] == "nrc-emotion" and on_disk["task"]["n_test"] == 10
     assert on_disk["base"]["label_token_ids"] == [9846, 3696, 7697, 18824, 8731]  # ' anger' ' fear' ' joy' ' sadness' ' surprise'
@@ -166,10 +203,8 @@ def test_quick_profile_on_smollm2(script, smollm2, tmp_path):
     assert "0.016" in (tmp_path / "longer_prefixes_smollm2.md").read_text()
 
     # the statistics, independently: the attention pattern of the prefixed run (hook_pattern), at the
-    # last prompt token, over the slots, renormalised; the script's weights sum to 1 over the slots
-    stats = result["_stats"]["prefix"][0][1]
-    assert stats.weights.shape == (L, H, 10, P)
-    assert torch.allclose(stats.weights.double().sum(-1), torch.ones(L, H, 10, dtype=torch.float64), atol=1e-5)
+    # last prompt token, over the slots, renormalised, gives the recorded slot quantiles, top-slot weights
+    # and prefix mass (the JSON's are rounded to 4 / 5 decimals)
     args = script.parse_args(["--model", "smollm2-135m", "--profile", "quick"])
     task = script.real_task(args)
     ids, mask = script.left_pad(script.encode_prompts(model, task, task.test), script.pad_id_of(model))
@@ -179,14 +214,19 @@ def test_quick_profile_on_smollm2(script, smollm2, tmp_path):
     assert len(words) == P and torch.equal(init.resid, pl.ResidualPrefix.from_prompt(model, torch.tensor(words)).resid)
     assert float((trained.resid - init.resid).detach().abs().max()) > 1e-3
     for kind, prefix in (("prefix", trained), ("init", init)):
-        s = result["_stats"][kind][0][1]
+        heads = on_disk["per_head"][kind][0]
         for layer, head in ((0, 0), (17, 5), (29, 8)):
             name = f"blocks.{layer}.attn.hook_pattern"
             with torch.no_grad():
                 _, cache = pl.run_with_cache(model, ids, prefix, names_filter=name, attention_mask=mask)
             row = cache[name][:, head, -1, :P].double()  # [words, slots]: the last prompt token's attention on the slots
-            assert torch.allclose(row / row.sum(-1, keepdim=True), s.weights[layer, head].double(), atol=1e-4)
-            assert torch.allclose(row.sum(-1), s.prefix_mass[layer, head].double(), atol=1e-4)
+            weights = row / row.sum(-1, keepdim=True)
+            assert row.shape == (10, P)
+            assert abs(float(row.sum(-1).mean()) - heads["prefix_mass"][layer][head]) < 1e-4
+            assert abs(float(weights.amax(-1).mean()) - heads["top_slot_share"][layer][head]) < 1e-4
+            if kind == "prefix":  # the quantiles are recorded for the trained prefixes
+                expected = torch.quantile(weights, torch.tensor([0.01, 0.5, 0.99], dtype=torch.float64), dim=0).T  # [slot, 3]
+                assert torch.allclose(q[0, layer, head].double(), expected, atol=2e-4)
 
     # the zero-shot path (left padding, a mask, positions from the mask) gives what each prompt gives alone
     two = script.last_logits(model, ids[:2], mask[:2])
