@@ -38,6 +38,7 @@ except ImportError:  # run from a checkout without installing
     import prefixlens as pl
 
 import torch
+from _timing import interleaved  # this folder's own helper
 
 from prefixlens import models
 from prefixlens.environment import describe
@@ -94,27 +95,12 @@ class Row:
         return None if not self.baseline_mem or self.ours_mem is None else self.ours_mem / self.baseline_mem
 
 
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-
-
 def paired_medians(
-    baseline: Callable, ours: Callable, warmup: int, repeats: int, device, clock: Callable[[], float]
+    baseline: Callable, ours: Callable, warmup: int, repeats: int, clock: Callable[[], float]
 ) -> tuple[float, float]:
     """Median seconds of ``baseline`` and ``ours``, timed alternately after ``warmup`` calls of each."""
-    for _ in range(warmup):
-        baseline()
-        ours()
-    times_b, times_o = [], []
-    for _ in range(repeats):
-        for fn, store in ((baseline, times_b), (ours, times_o)):
-            _sync(device)
-            t0 = clock()
-            fn()
-            _sync(device)
-            store.append(clock() - t0)
-    return statistics.median(times_b), statistics.median(times_o)
+    times = interleaved({"baseline": baseline, "ours": ours}, warmup, repeats, clock)
+    return statistics.median(times["baseline"]), statistics.median(times["ours"])
 
 
 def peak_memory(fn: Callable, device: torch.device) -> int | None:
@@ -141,7 +127,7 @@ def run(sizes: Sizes, device: torch.device, clock: Callable[[], float] = time.pe
     full = torch.cat([prompt, tokens], dim=1)  # the baseline sees P + T real tokens
     prefix = pl.KVPrefix.random(model, sizes.P, seed=seed)
     rows = []
-    tm = lambda b, o: paired_medians(b, o, sizes.warmup, sizes.repeats, device, clock)  # noqa: E731
+    tm = lambda b, o: paired_medians(b, o, sizes.warmup, sizes.repeats, clock)  # noqa: E731
 
     with torch.no_grad():
         row = Row("run_with_prefix", "`pl.run_with_prefix(model, x, prefix)` vs `model(P+T tokens)`", 1.10)
@@ -159,7 +145,7 @@ def run(sizes: Sizes, device: torch.device, clock: Callable[[], float] = time.pe
         rows.append(row)
         # With the checks against the run without the prefix (one more forward pass on 2·B rows).
         row = Row(
-            "decompose + reference checks",
+            "decompose + baseline checks",
             "as above, then `relative_attention_error()` and `cross_layer_shift()` (no target: informative)",
             None,
         )

@@ -13,10 +13,10 @@ Rows (the baseline always sees the prompt as ``P`` real tokens, the prefix is ``
 of the same prompt, so both compute the same thing):
 
 - ``decompose``: ``pl.decompose(model, x, prefix)`` (every layer and head: A, t, b, z and the content
-  pattern at the T content positions; the no-prefix reference is deferred) vs
+  pattern at the T content positions; the run without the prefix, ``baseline=True``, is deferred) vs
   ``model.run_with_cache(prompt + x)`` (every activation, scores, patterns and z included, at P + T
   positions). Target <= 1.0.
-- ``decompose + reference checks`` (informative): then ``relative_attention_error()`` and
+- ``decompose + baseline checks`` (informative): then ``relative_attention_error()`` and
   ``cross_layer_shift()`` (one more forward pass on 2·B rows).
 - ``generate``: ``pl.generate(model, x, prefix, max_new_tokens=N)`` greedy vs HuggingFace's
   ``model.original_model.generate(prompt + x, do_sample=False, max_new_tokens=N)`` (the same EOS for
@@ -47,7 +47,6 @@ import sys
 import tempfile
 import time
 import warnings
-from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -60,6 +59,7 @@ except ImportError:  # run from a checkout without installing
     import prefixlens as pl
 
 import torch  # noqa: E402
+from _timing import interleaved  # noqa: E402 (this folder's own helper)
 
 from prefixlens import models  # noqa: E402
 from prefixlens.decomposition import attention_sources  # noqa: E402
@@ -108,27 +108,6 @@ class Row:
             "ratio": None if ratio is None else round(ratio, 4),
             "within_target": None if ratio is None or self.target is None else ratio <= self.target,
         }
-
-
-def interleaved(fns: dict[str, Callable], warmup: int, repeats: int, clock: Callable[[], float]) -> dict[str, list[float]]:
-    """Milliseconds of every call of each function, timed round-robin after ``warmup`` rounds."""
-    for _ in range(warmup):
-        for fn in fns.values():
-            fn()
-    times: dict[str, list[float]] = {k: [] for k in fns}
-    for _ in range(repeats):
-        for name, fn in fns.items():
-            _sync()
-            t0 = clock()
-            fn()
-            _sync()
-            times[name].append((clock() - t0) * 1e3)
-    return times
-
-
-def _sync() -> None:
-    if torch.cuda.is_available() and torch.cuda.is_initialized():
-        torch.cuda.synchronize()
 
 
 def _median(values: list[float]) -> float:
@@ -194,12 +173,12 @@ def time_rows(model, sizes: Sizes, clock, plain_hf=None) -> list[Row]:
         err = d.reconstruction_error()
         row.note = f"reconstruction error {err:.1e}"
         t = interleaved({"base": lambda: model.run_with_cache(full), "ours": lambda: pl.decompose(model, x, prefix)},
-                        warm, reps, clock)
+                        warm, reps, clock, unit=1e3)
         row.baseline_ms_all, row.prefixlens_ms_all = t["base"], t["ours"]
         rows.append(row)
 
         row = Row(
-            "decompose + reference checks",
+            "decompose + baseline checks",
             "as above, then `relative_attention_error()` and `cross_layer_shift()` (one more forward pass on 2·B "
             "rows; informative)",
             None,
@@ -209,7 +188,7 @@ def time_rows(model, sizes: Sizes, clock, plain_hf=None) -> list[Row]:
             dd = pl.decompose(model, x, prefix)
             dd.relative_attention_error(), dd.cross_layer_shift()
 
-        t = interleaved({"base": lambda: model.run_with_cache(full), "ours": decompose_checked}, warm, reps, clock)
+        t = interleaved({"base": lambda: model.run_with_cache(full), "ours": decompose_checked}, warm, reps, clock, unit=1e3)
         row.baseline_ms_all, row.prefixlens_ms_all = t["base"], t["ours"]
         rows.append(row)
 
@@ -230,7 +209,7 @@ def time_rows(model, sizes: Sizes, clock, plain_hf=None) -> list[Row]:
     if plain_hf is not None:
         same_plain = bool(torch.equal(theirs, fns["plain"]()))
         check += f"; unwrapped HF gives the same tokens: {'yes' if same_plain else 'NO'}"
-    t = interleaved(fns, warm, reps, clock)
+    t = interleaved(fns, warm, reps, clock, unit=1e3)
     row = Row(
         "generate",
         f"`pl.generate(model, x, prefix, max_new_tokens={N})` greedy vs "

@@ -16,7 +16,6 @@ import argparse
 import json
 import statistics
 import sys
-import time
 from pathlib import Path
 
 import torch
@@ -24,9 +23,9 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from prefixlens import models  # noqa: E402
-from prefixlens import tasks as T
-from prefixlens import train as TR
+from _timing import interleaved  # noqa: E402 (this folder's own helper)
+
+from prefixlens import models, tasks, train  # noqa: E402
 from prefixlens.environment import environment  # noqa: E402
 from prefixlens.lora import add_lora  # noqa: E402
 from prefixlens.serialization import atomic_write_text  # noqa: E402
@@ -46,11 +45,11 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     P = args.n_pad
     model = models.toy_gpt2(n_layers=args.n_layers, d_model=args.d_model, n_heads=args.n_heads,
-                            d_vocab=T.VOCAB, n_ctx=P + 20, seed=0)
-    batch = T.make_batch("ascending", args.batch, P, "train", torch.Generator().manual_seed(0))
+                            d_vocab=tasks.VOCAB, n_ctx=P + 20, seed=0)
+    batch = tasks.make_batch("ascending", args.batch, P, "train", torch.Generator().manual_seed(0))
     full_params = [p for n, p in model.named_parameters() if ".qkv." not in n]
     full_opt = torch.optim.AdamW(full_params, lr=1e-4)
-    prefixes = {f: TR.PREFIX_FORMS[f].random(model, P, seed=0) for f in ("residual", "kv")}
+    prefixes = {f: train.PREFIX_FORMS[f].random(model, P, seed=0) for f in ("residual", "kv")}
     popt = {f: torch.optim.AdamW(p.parameters(), lr=1e-4) for f, p in prefixes.items()}
     lora = add_lora(model, rank=1, targets="reference")
     lopt = torch.optim.AdamW(lora.parameters(), lr=1e-4)
@@ -59,13 +58,13 @@ def main() -> None:
     def plain():
         model.requires_grad_(True)
         model.zero_grad(set_to_none=True)
-        TR.batch_loss(model, batch, share_pads=False).backward()
+        train.batch_loss(model, batch, share_pads=False).backward()
 
     def full(share):
         def step():
             model.requires_grad_(True)
             full_opt.zero_grad(set_to_none=True)
-            TR.batch_loss(model, batch, share_pads=share).backward()
+            train.batch_loss(model, batch, share_pads=share).backward()
             full_opt.step()
         return step
 
@@ -73,7 +72,7 @@ def main() -> None:
         def step():
             model.requires_grad_(False)
             popt[form].zero_grad(set_to_none=True)
-            TR.batch_loss(model, batch, prefixes[form], share_pads=share).backward()
+            train.batch_loss(model, batch, prefixes[form], share_pads=share).backward()
             popt[form].step()
         return step
 
@@ -82,7 +81,7 @@ def main() -> None:
             model.requires_grad_(False)
             with lora:
                 lopt.zero_grad(set_to_none=True)
-                TR.batch_loss(model, batch, share_pads=share).backward()
+                train.batch_loss(model, batch, share_pads=share).backward()
                 lopt.step()
         return step
 
@@ -90,17 +89,9 @@ def main() -> None:
     for suffix, share in (("", False), ("_shared_pads", True)):
         methods |= {f"full_finetune{suffix}": full(share), f"prefix_residual{suffix}": prefix_step("residual", share),
                     f"prefix_kv{suffix}": prefix_step("kv", share), f"lora_r1{suffix}": lora_step(share)}
-    times = {k: [] for k in methods}
     with torch.no_grad():
         snapshot = {k: v.clone() for k, v in model.state_dict().items()}
-    for _ in range(3):  # warm-up
-        for fn in methods.values():
-            fn()
-    for _ in range(args.repeats):
-        for k, fn in methods.items():
-            t0 = time.perf_counter()
-            fn()
-            times[k].append(time.perf_counter() - t0)
+    times = interleaved(methods, warmup=3, repeats=args.repeats)
     model.load_state_dict(snapshot)
     med = {k: statistics.median(v) for k, v in times.items()}
     base = med["forward_backward"]

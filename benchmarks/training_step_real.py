@@ -22,7 +22,6 @@ import argparse
 import json
 import statistics
 import sys
-import time
 import warnings
 from pathlib import Path
 
@@ -30,6 +29,8 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+
+from _timing import interleaved  # noqa: E402 (this folder's own helper)
 
 from prefixlens import KVPrefix, models  # noqa: E402
 from prefixlens.environment import environment  # noqa: E402
@@ -98,17 +99,9 @@ def main(argv=None) -> dict:
         "prefixlens_kv_slots": ours("slots"),
         "peft_prefix_tuning": lambda: train_step(peft_loss, batch, peft_opt, peft_params, config, 0),
     }
-    times = {k: [] for k in methods}
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        for _ in range(2):  # warm-up
-            for fn in methods.values():
-                fn()
-        for _ in range(args.repeats):
-            for k, fn in methods.items():
-                t0 = time.perf_counter()
-                fn()
-                times[k].append(time.perf_counter() - t0)
+        times = interleaved(methods, warmup=2, repeats=args.repeats)
     med = {k: statistics.median(v) for k, v in times.items()}
     peft = med["peft_prefix_tuning"]
     result = {
