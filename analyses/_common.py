@@ -218,6 +218,14 @@ def mixture_then_prefixes(args: argparse.Namespace, seed: int, prefix_tasks: lis
     return model, prefixes, {"rows": rows, "logs": logs}
 
 
+def mixture_result(args, run_seed) -> dict:
+    """Run ``run_seed`` (a :func:`mixture_seed`) for every seed and aggregate: the result of tables 2 and 3."""
+    out = run_seeds(run_seed, args)
+    return {"seeds": args.seeds, "rows": aggregate([o["rows"] for o in out]),
+            "per_seed_logs": [o["logs"] for o in out],
+            "mechanism": next((o["mechanism"] for o in out if "mechanism" in o), None)}
+
+
 def mixture_seed(args: argparse.Namespace, seed: int, experiment: str, prefix_tasks: list[str]) -> dict:
     """One seed of table 2 or 3: :func:`mixture_then_prefixes` on every prefix task (the columns are
     the prefix tasks), and on seed 0 the :func:`mechanism` check and Figure 3."""

@@ -223,7 +223,7 @@ def html_report(args, path: Path) -> str:
     tokens, mask = input_tokens(args, model)
     tokens = tokens[:1, : int(mask[0].sum())][:, :16] if mask is not None else tokens[:1, :16]
     desc, prefix = build_prefixes(args, model)[0]
-    d = pl.decompose(model, tokens, prefix, reference=True)
+    d = pl.decompose(model, tokens, prefix, baseline=True)
     figures = [
         report.summary_figure({f"{desc} (P = {prefix.length}, float32)": d}),
         *report.attention_figure(model, tokens, prefix, layer=None, decomposition=d),
@@ -370,7 +370,7 @@ def figure(result: dict):
     tokens, mask = input_tokens(args, model)
     tokens = tokens[:1, : int(mask[0].sum())] if mask is not None else tokens[:1]
     prefix = build_prefixes(args, model)[0][1]
-    d = pl.decompose(model, tokens, prefix, reference=True)
+    d = pl.decompose(model, tokens, prefix, baseline=True)
     P = prefix.length
     _, cache = pl.run_with_cache(model, tokens, prefix, names_filter=lambda n: n.endswith("hook_pattern"))
     layers = [0, d.n_layers - 1]
@@ -378,7 +378,7 @@ def figure(result: dict):
     for row, l in enumerate(layers):
         h = int(d.prefix_attention[l, 0].mean(-1).argmax())
         pattern = cache[f"blocks.{l}.attn.hook_pattern"][0, h]
-        ref = torch.nan_to_num(d.reference_pattern[l, 0, h])
+        ref = torch.nan_to_num(d.baseline_pattern[l, 0, h])
         z, rec = d.z[l, 0, :, h], d.reconstruction()[l, 0, :, h]
         panels = [
             (pattern, f"L{l}H{h}: with prefix (P={P}, slots first)"),

@@ -75,10 +75,7 @@ def run_seed(args, seed: int) -> dict:
 
 
 def run(args) -> dict:
-    out = _common.run_seeds(run_seed, args)
-    return {"seeds": args.seeds, "rows": _common.aggregate([o["rows"] for o in out]),
-            "per_seed_logs": [o["logs"] for o in out],
-            "mechanism": next((o["mechanism"] for o in out if "mechanism" in o), None)}
+    return _common.mixture_result(args, run_seed)
 
 
 def notes(result: dict) -> list[str]:
