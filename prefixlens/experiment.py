@@ -42,7 +42,10 @@ import torch
 from prefixlens.environment import environment
 from prefixlens.serialization import atomic_write_bytes, atomic_write_text
 
-__all__ = ["Analysis", "DEFAULT_OUT", "COMMITTED_RESULTS", "NOTES_MARKER", "save_figure", "summary", "cpu_seconds", "restored_state"]
+__all__ = [
+    "Analysis", "HelpFormatter", "DEFAULT_OUT", "COMMITTED_RESULTS", "NOTES_MARKER",
+    "summary", "cpu_seconds", "restored_state", "save_figure", "write_json", "kept_notes",
+]
 
 DEFAULT_OUT = "runs/results"
 """Where results go unless ``--out`` says otherwise (git-ignored)."""
