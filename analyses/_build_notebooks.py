@@ -82,13 +82,13 @@ tokens = torch.randint(3, 101, (8, 16), generator=torch.Generator().manual_seed(
 d = pl.decompose(model64, tokens, prefix64)  # A, t, b and hook_z for every layer and head
 {k: v for k, v in d.summary().items() if k != "reconstruction_error"}
 '''),
-        md("### The identities by hand, for one head of a deeper layer\n\nThe prefixed run's own pattern, against the attention the same layer gives the same input without the prefix (`d.reference_pattern`, from layer-input patching):"),
+        md("### The identities by hand, for one head of a deeper layer\n\nThe prefixed run's own pattern, against the attention the same layer gives the same input without the prefix (`d.baseline_pattern`, from layer-input patching):"),
         code('''
 layer, head, P = 2, 1, prefix64.length
 _, cache = pl.run_with_cache(model64, tokens, prefix64, names_filter=lambda n: n.endswith(("hook_pattern", "hook_v")))
 A_pt = cache[f"blocks.{layer}.attn.hook_pattern"][:, head, P:]          # [batch, query, P + T]
 A = A_pt[..., :P].sum(-1, keepdim=True)                                   # mass on the prefix
-A_ref = d.reference_pattern[layer, :, head]                               # [batch, query, T]
+A_ref = d.baseline_pattern[layer, :, head]                                # [batch, query, T]
 print("identity 1, max error:", float((A_pt[..., P:] - A_ref * (1 - A)).abs().max()))
 
 v = cache[f"blocks.{layer}.attn.hook_v"][:, :, head // 2]                  # GQA: 2 query heads per key/value head

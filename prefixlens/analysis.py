@@ -27,7 +27,7 @@ import math
 from dataclasses import dataclass, field
 
 import torch
-from jaxtyping import Float, Int
+from jaxtyping import Float, Integer, Shaped
 from torch import Tensor
 from tqdm.auto import tqdm
 
@@ -162,15 +162,15 @@ def _prefixed_patterns(model, tokens: Tensor, prefix: Prefix, mask: Tensor | Non
 
 def _chunk_errors(model, tokens: Tensor, prefix: Prefix, mask: Tensor | None = None) -> dict[str, Tensor]:
     P = prefix.length
-    d = decompose(model, tokens, prefix, reference=True, attention_mask=mask)
+    d = decompose(model, tokens, prefix, baseline=True, attention_mask=mask)
     patterns, values = _prefixed_patterns(model, tokens, prefix, mask)
-    ref = d.reference_pattern  # [l, b, h, q, k]; non-finite values propagate into the errors
+    baseline = d.baseline_pattern  # [l, b, h, q, k]; non-finite values propagate into the errors
     rel, bias = [], []
     for l, (pattern, v) in enumerate(zip(patterns, values)):
         content_rows = pattern[:, :, P:]  # [b, h, q, P + k]
-        rel.append(identity_1_residual(content_rows, ref[l], P).abs().amax(dim=(0, 2, 3)))
-        bias.append(identity_2_residual(d.z[l], content_rows, ref[l], v, P).abs().amax(dim=(0, 1, 3)))
-    renorm = (d.content_pattern - ref).abs()
+        rel.append(identity_1_residual(content_rows, baseline[l], P).abs().amax(dim=(0, 2, 3)))
+        bias.append(identity_2_residual(d.z[l], content_rows, baseline[l], v, P).abs().amax(dim=(0, 1, 3)))
+    renorm = (d.content_pattern - baseline).abs()
     out = {
         "relative_attention": torch.stack(rel),
         "renormalised_attention": renorm.amax(dim=(1, 3, 4)),
@@ -189,11 +189,11 @@ def _chunk_errors(model, tokens: Tensor, prefix: Prefix, mask: Tensor | None = N
 
 def check_identities(
     model,
-    tokens: "Int[Tensor, 'batch pos'] | str | list[str]",
+    tokens: "Integer[Tensor, 'batch pos'] | Integer[Tensor, ' pos'] | str | list[str]",
     prefix: Prefix,
     batch_size: int = 16,
     progress: bool = False,
-    attention_mask: Int[Tensor, "batch pos"] | None = None,
+    attention_mask: Shaped[Tensor, "batch mask_pos"] | None = None,
     prepend_bos: bool | None = None,
 ) -> IdentityCheck:
     """Measure both §4 identities for every layer and head of ``model`` over ``tokens`` with ``prefix``.
@@ -206,6 +206,19 @@ def check_identities(
     ``attention_mask`` (``[B, T]`` or ``[B, P + T]``): padded positions are left out of every error and mean.
     ``tokens`` may be text (a string or a list of strings, left-padded with a mask when ragged); after
     the prefix it gets no BOS unless ``prepend_bos=True`` (:mod:`prefixlens.text`).
+
+    Args:
+        model (TransformerBridge): the model to check.
+        tokens: the content after the prefix: token ids ``[batch, pos]`` (or ``[pos]``), a string, or a
+            list of strings.
+        prefix: the prefix (any form) the content runs after.
+        batch_size: how many inputs to run at a time.
+        progress: show a progress bar over the batches.
+        attention_mask: 1 for real tokens, 0 for padding: ``[batch, pos]`` or ``[batch, P + pos]``.
+        prepend_bos: give text content a BOS token after the prefix (default: no).
+
+    Returns:
+        The errors of both identities (and of the decomposition) per layer and head.
     """
     tokens, attention_mask = tokens_and_mask(model, tokens, attention_mask, prepend_bos, continuation=True)
     tokens = check_tokens(model, tokens, prefix)
@@ -391,12 +404,12 @@ class SlotStatistics:
 
 def slot_statistics(
     model,
-    tokens: "Int[Tensor, 'batch pos'] | str | list[str]",
+    tokens: "Integer[Tensor, 'batch pos'] | Integer[Tensor, ' pos'] | str | list[str]",
     prefix: Prefix,
     positions: int | list[int] | None = -1,
     batch_size: int = 64,
     progress: bool = False,
-    attention_mask: Int[Tensor, "batch pos"] | None = None,
+    attention_mask: Shaped[Tensor, "batch mask_pos"] | None = None,
     prepend_bos: bool | None = None,
 ) -> SlotStatistics:
     """Attention over the slots of ``prefix`` from the content ``positions`` of every input, every head.
@@ -409,6 +422,20 @@ def slot_statistics(
     every row (e.g. ``-1`` with left padding); a padded one is refused.
     ``tokens`` may be text (a string or a list of strings, left-padded with a mask when ragged, so
     ``-1`` is every row's last real token); after the prefix it gets no BOS unless ``prepend_bos=True``.
+
+    Args:
+        model (TransformerBridge): the model to run.
+        tokens: the content after the prefix: token ids ``[batch, pos]`` (or ``[pos]``), a string, or a
+            list of strings.
+        prefix: the prefix whose slots are studied.
+        positions: the content positions of the queries: one index, a list of them, or ``None`` for all.
+        batch_size: how many inputs to run at a time.
+        progress: show a progress bar over the batches.
+        attention_mask: 1 for real tokens, 0 for padding: ``[batch, pos]`` or ``[batch, P + pos]``.
+        prepend_bos: give text content a BOS token after the prefix (default: no).
+
+    Returns:
+        The per-slot weights, realised biases and prefix values of every head, with their summaries.
     """
     tokens, attention_mask = tokens_and_mask(model, tokens, attention_mask, prepend_bos, continuation=True)
     tokens = check_tokens(model, tokens, prefix)

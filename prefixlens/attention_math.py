@@ -129,34 +129,45 @@ def head_residual(
 
 
 def identity_1_residual(
-    pattern: Float[Tensor, "*lead q k"], reference: Float[Tensor, "*lead q k_content"], n_slots: int
+    pattern: Float[Tensor, "*lead q k"], baseline: Float[Tensor, "*lead q k_content"], n_slots: int
 ) -> Float[Tensor, "*lead q k_content"]:
     """Identity 1 (relative attention) from post-softmax patterns: ``A^pt[i, P+j] − A^ref[i, j]·(1 − A_i)``.
 
     ``pattern``: the prefixed run's attention of the content queries over all ``k = P + k_content``
-    keys (slots first); ``reference``: the attention the same queries give the content without the
-    prefix; ``A_i = Σ_p A^pt[i, p]``. Zero where the identity holds.
+    keys (slots first); ``baseline``: the attention the same queries give the content without the
+    prefix (``A^ref``); ``A_i = Σ_p A^pt[i, p]``. Zero where the identity holds.
     """
     A = pattern[..., :n_slots].sum(-1, keepdim=True)
-    return pattern[..., n_slots:] - reference * (1 - A)
+    return pattern[..., n_slots:] - baseline * (1 - A)
 
 
 def identity_2_residual(
     z: Float[Tensor, "batch q head d_head"],
     pattern: Float[Tensor, "batch head q k"],
-    reference: Float[Tensor, "batch head q k_content"],
+    baseline: Float[Tensor, "batch head q k_content"],
     values: Float[Tensor, "batch k head d_head"],
     n_slots: int,
 ) -> Float[Tensor, "batch q head d_head"]:
     """Identity 2 (bias only) from post-softmax patterns: ``z_i − (Σ_p A^pt[i, p]·v_p + (1 − A_i)·t_i)``
     with ``t_i = Σ_j A^ref[i, j]·v_j`` and ``A_i = Σ_p A^pt[i, p]``.
 
-    ``z``: the head outputs of the content queries (``hook_z``); ``pattern`` and ``reference`` as in
+    ``z``: the head outputs of the content queries (``hook_z``); ``pattern`` and ``baseline`` as in
     :func:`identity_1_residual`; ``values`` over all ``k`` keys, one head per query head.
     Zero where the identity holds.
+
+    Args:
+        z: the head outputs at the content queries, ``[batch, q, head, d_head]``.
+        pattern: the prefixed run's attention of the content queries over all keys, ``[batch, head, q, k]``.
+        baseline: the attention of the same queries over the content without the prefix (``A^ref``),
+            ``[batch, head, q, k_content]``.
+        values: the values of all ``k`` keys, one head per query head, ``[batch, k, head, d_head]``.
+        n_slots: the number of prefix slots ``P`` (the first keys).
+
+    Returns:
+        The residual ``[batch, q, head, d_head]``: zero where the identity holds.
     """
     on_slots = pattern[..., :n_slots]
-    t = attend(reference, values[:, n_slots:])
+    t = attend(baseline, values[:, n_slots:])
     return z - (attend(on_slots, values[:, :n_slots]) + content_term(on_slots.sum(-1), t))
 
 

@@ -126,7 +126,18 @@ def fit_real_tokens(model, form: str, seed: int = 0, fit_tokens: int | None = 40
 def draw_prefixes(fit: RealTokenFit, n: int, sampler: str, generator: torch.Generator, k: int = 4) -> Prefix:
     """``n`` one-slot prefixes drawn by ``sampler`` from a fitted :class:`RealTokenFit` with ``generator``
     (see the module docstring). Drawing many samples in several calls, each with its own seeded
-    generator, needs only one fit and memory for one call's samples."""
+    generator, needs only one fit and memory for one call's samples.
+
+    Args:
+        fit: the sampler's fit to the real tokens (:func:`fit_real_tokens`).
+        n: how many prefixes to draw.
+        sampler: ``"gaussian"`` or ``"convex"``.
+        generator: the random generator the samples are drawn with.
+        k: the number of real tokens in each convex combination (``"convex"`` only).
+
+    Returns:
+        A batched one-slot prefix of ``n`` samples, of the fit's form.
+    """
     if sampler not in SAMPLERS:
         raise ValueError(f"sampler must be one of {SAMPLERS}, got {sampler!r}.")
     if n < 1:
@@ -169,6 +180,18 @@ def sample_prefixes(
     ``None``: all of them). ``k`` is the number of tokens in a convex combination. One generator
     seeded with ``seed`` picks the fit subset and then draws the samples (:func:`fit_real_tokens`
     followed by :func:`draw_prefixes`).
+
+    Args:
+        model (TransformerBridge): the model the prefixes are for.
+        form: the prefix form: ``"soft"``, ``"residual"`` or ``"kv"``.
+        n: how many prefixes to draw.
+        sampler: ``"gaussian"`` or ``"convex"``.
+        seed: the seed of the one generator used for the fit subset and the draws.
+        fit_tokens: at most this many real tokens to fit the sampler to (``None``: all).
+        k: the number of real tokens in each convex combination (``"convex"`` only).
+
+    Returns:
+        A batched one-slot prefix of ``n`` samples.
     """
     _form(form)
     if sampler not in SAMPLERS:
@@ -197,6 +220,18 @@ def greedy_completions(
     Later tokens come from the model's key/value cache where it has one: without a content token the
     slot's own forward pass fills the cache (the slot is not run twice), otherwise
     :func:`prefixlens.generate`. Greedy ids stay tensors throughout (no per-row Python).
+
+    Args:
+        model (TransformerBridge): the model to generate with.
+        first: the first positions: ``[n]`` real token ids, or a batched one-slot prefix of ``n``.
+        length: the number of tokens per completion.
+        content_token: a token after the first position (``None``: the first position is the whole prompt).
+        batch_size: how many completions to generate at a time.
+        use_cache: take later tokens from the key/value cache where the model has one.
+        progress: show a progress bar over the batches.
+
+    Returns:
+        The completions, ``[n, length]`` token ids.
     """
     if length < 1:
         raise ValueError(f"length must be >= 1, got {length}.")
@@ -291,7 +326,23 @@ def run_arm(
     progress: bool = False,
 ) -> ArmResult:
     """Run one arm: ``"token"`` (``min(n, d_vocab)`` real tokens, a seeded random order) or
-    ``"<form>-<sampler>"`` (e.g. ``"soft-gaussian"``, ``"kv-convex"``) with ``n`` samples."""
+    ``"<form>-<sampler>"`` (e.g. ``"soft-gaussian"``, ``"kv-convex"``) with ``n`` samples.
+
+    Args:
+        model (TransformerBridge): the model to generate with.
+        arm: ``"token"``, or ``"<form>-<sampler>"`` such as ``"soft-gaussian"``.
+        n: the number of samples (the token arm takes at most ``d_vocab``).
+        length: the number of tokens per completion.
+        content_token: a token after the first position (``None``: the first position is the whole prompt).
+        seed: the seed of the token order or of the sampler.
+        batch_size: how many completions to generate at a time.
+        fit_tokens: at most this many real tokens to fit the sampler to (``None``: all).
+        k: the number of real tokens in each convex combination (``"convex"`` only).
+        progress: show progress bars.
+
+    Returns:
+        The arm's completions and their count of distinct ones.
+    """
     V = int(model.cfg.d_vocab)
     if arm == "token":
         order = torch.randperm(V, generator=torch.Generator().manual_seed(seed))[: min(n, V)]

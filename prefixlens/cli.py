@@ -176,6 +176,15 @@ def demo(
     ``model_kind="smollm2-135m"`` (the default): a real instruction on the built-in real model
     (:func:`_demo_real`); ``"toy-gpt2"`` / ``"toy-llama"``: three prefixes on a random toy model
     (:func:`_demo_toy`).
+
+    Args:
+        out: where to write the HTML report.
+        model_kind: ``"smollm2-135m"``, ``"toy-gpt2"`` or ``"toy-llama"``.
+        seed: the seed of the toy model and its inputs (toy demos).
+        n_samples: how many inputs (questions on the real model) to run.
+        quiet: print nothing.
+        instruction: the real demo's instruction (``None``: the built-in one).
+        max_new_tokens: how many tokens to generate per question (real demo).
     """
     kind = _DEMO_ALIASES.get(model_kind, model_kind)
     if kind not in DEMO_MODELS:

@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+import functools
+import inspect
 import math
+import warnings
 import weakref
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, no_type_check
 
 import torch
-from jaxtyping import Float, Int
+from jaxtyping import Float, Int, Integer, Shaped
 from torch import Tensor
 
 from prefixlens.attention_math import (
@@ -43,14 +46,47 @@ __all__ = [
 ]
 
 
+@no_type_check  # counts stack frames (stacklevel): not to be wrapped by the test-time type checker
+def _warn_renamed(old: str, new: str) -> None:
+    """The one deprecation message of a renamed name ("reference" meant the run without the prefix)."""
+    warnings.warn(
+        f"{old} is deprecated: it is now {new} (the run without the prefix is the baseline).",
+        DeprecationWarning,
+        stacklevel=3,
+    )
+
+
+def _accepts_reference(func: Callable) -> Callable:
+    """Let ``func`` take ``reference=``, the deprecated spelling of its ``baseline=``: warn and pass
+    it on as ``baseline``; giving both is a ``TypeError``."""
+    signature = inspect.signature(func)
+
+    @functools.wraps(func)
+    @no_type_check  # the caller's frame must be stacklevel=3 of _warn_renamed (see there)
+    def wrapper(*args, **kwargs):
+        if "reference" in kwargs:
+            value = kwargs.pop("reference")
+            if "baseline" in signature.bind_partial(*args, **kwargs).arguments:
+                raise TypeError(
+                    f"{func.__name__}() got both baseline and reference; reference is the deprecated "
+                    "spelling of baseline, give baseline only."
+                )
+            _warn_renamed(f"{func.__name__}(..., reference=...)", f"{func.__name__}(..., baseline=...)")
+            kwargs["baseline"] = value
+        return func(*args, **kwargs)
+
+    return wrapper
+
+
 @dataclass
 class HeadDecomposition:
     """The decomposition of every layer and head at the content positions of a prefixed run.
 
-    ``reference_pattern`` and ``layer_input_shift`` need one more forward pass, run on first use
-    (and kept), with the model as it is then. ``reference_pattern`` is the attention the same
-    layer gives to the *same layer input* without the prefix (the prefixed run's content residual is patched into a run without slots), so
-    ``content_pattern == reference_pattern`` is the theorem's "relative attention is unchanged".
+    ``baseline_pattern`` and ``layer_input_shift`` come from the *baseline*, the run without the
+    prefix; they need one more forward pass, run on first use (and kept), with the model as it is
+    then. ``baseline_pattern`` is the attention the same layer gives to the *same layer input*
+    without the prefix (the prefixed run's content residual is patched into a run without slots), so
+    ``content_pattern == baseline_pattern`` is the theorem's "relative attention is unchanged".
     ``layer_input_shift`` is the cross-layer effect: ``‖x_prefixed − x_plain‖ / ‖x_plain‖`` of each
     layer's input at each content position, against the run without the prefix with the content at
     the same positions ``P..P+T-1`` (``position_ids``), so absolute-position models are compared
@@ -64,32 +100,45 @@ class HeadDecomposition:
     z: Float[Tensor, "layer batch pos head d_head"]
     content_pattern: Float[Tensor, "layer batch head pos pos"]
     W_O: Float[Tensor, "layer head d_head d_model"] | None = None
-    _reference_run: Callable[[], tuple[Tensor, Tensor]] | None = field(default=None, repr=False)
-    _reference: tuple[Tensor, Tensor] | None = field(default=None, repr=False)
+    _baseline_run: Callable[[], tuple[Tensor, Tensor]] | None = field(default=None, repr=False)
+    _baseline: tuple[Tensor, Tensor] | None = field(default=None, repr=False)
+
+    @property
+    def has_baseline(self) -> bool:
+        """Whether the checks against the baseline (the run without the prefix: relative attention,
+        cross-layer shift) are available."""
+        return self._baseline is not None or self._baseline_run is not None
+
+    def _baseline_results(self) -> tuple[Tensor, Tensor]:
+        if self._baseline is None:
+            if self._baseline_run is None:
+                raise ValueError(
+                    "this decomposition was made with baseline=False; call decompose(..., baseline=True)."
+                )
+            self._baseline, self._baseline_run = self._baseline_run(), None
+        return self._baseline
+
+    @property
+    def baseline_pattern(self) -> Float[Tensor, "layer batch head pos pos"]:
+        """The attention each layer gives to the prefixed run's content input, without the prefix."""
+        return self._baseline_results()[0]
 
     @property
     def has_reference(self) -> bool:
-        """Whether the no-prefix reference (relative attention, cross-layer shift) is available."""
-        return self._reference is not None or self._reference_run is not None
-
-    def _reference_results(self) -> tuple[Tensor, Tensor]:
-        if self._reference is None:
-            if self._reference_run is None:
-                raise ValueError(
-                    "this decomposition was made with reference=False; call decompose(..., reference=True)."
-                )
-            self._reference, self._reference_run = self._reference_run(), None
-        return self._reference
+        """Deprecated spelling of :attr:`has_baseline` (warns, then returns it)."""
+        _warn_renamed("HeadDecomposition.has_reference", "HeadDecomposition.has_baseline")
+        return self.has_baseline
 
     @property
     def reference_pattern(self) -> Float[Tensor, "layer batch head pos pos"]:
-        """The attention each layer gives to the prefixed run's content input, without the prefix."""
-        return self._reference_results()[0]
+        """Deprecated spelling of :attr:`baseline_pattern` (warns, then returns it)."""
+        _warn_renamed("HeadDecomposition.reference_pattern", "HeadDecomposition.baseline_pattern")
+        return self.baseline_pattern
 
     @property
     def layer_input_shift(self) -> Float[Tensor, "layer batch pos"]:
         """``‖x_prefixed − x_plain‖ / ‖x_plain‖`` of each layer's input at each content position."""
-        return self._reference_results()[1]
+        return self._baseline_results()[1]
 
     @property
     def n_layers(self) -> int:
@@ -125,7 +174,7 @@ class HeadDecomposition:
 
         Non-finite entries are not masked: a layer with a NaN or infinite pattern reports NaN.
         """
-        return (self.content_pattern - self.reference_pattern).abs().amax(dim=(1, 2, 3, 4))
+        return (self.content_pattern - self.baseline_pattern).abs().amax(dim=(1, 2, 3, 4))
 
     def cross_layer_shift(self) -> Float[Tensor, " layer"]:
         """Mean relative change of each layer's input caused by the prefix (0 for layer 0)."""
@@ -140,7 +189,7 @@ class HeadDecomposition:
         }
         if self.W_O is not None:
             out["residual_reconstruction_error_per_layer"] = self.residual_reconstruction_error().amax(-1).tolist()
-        if self.has_reference:
+        if self.has_baseline:
             out["relative_attention_error_per_layer"] = self.relative_attention_error().tolist()
             out["cross_layer_shift_per_layer"] = self.cross_layer_shift().tolist()
         return out
@@ -154,9 +203,9 @@ class HeadDecomposition:
             f"reconstruction_error={self.reconstruction_error():.3g}",
             f"mean_prefix_attention={float(self.prefix_attention.mean()):.3g}",
         ]
-        if self._reference is not None:
+        if self._baseline is not None:
             parts.append(f"relative_attention_error={float(self.relative_attention_error().max()):.3g}")
-        elif self._reference_run is not None:
+        elif self._baseline_run is not None:
             parts.append("relative_attention_error=<not computed yet>")
         return f"HeadDecomposition({', '.join(parts)})"
 
@@ -254,34 +303,48 @@ def attention_scale(model) -> float:
     return scale if scale > 0 else math.sqrt(model.cfg.d_head)
 
 
+@_accepts_reference
 def decompose(
     model,
-    tokens: "Int[Tensor, 'batch pos'] | str | list[str]",
+    tokens: "Integer[Tensor, 'batch pos'] | Integer[Tensor, ' pos'] | str | list[str]",
     prefix: Prefix,
-    reference: bool = True,
-    attention_mask: Int[Tensor, "batch pos"] | None = None,
+    baseline: bool = True,
+    attention_mask: Shaped[Tensor, "batch mask_pos"] | None = None,
     prepend_bos: bool | None = None,
 ) -> HeadDecomposition:
     """Decompose every head of every layer of ``model`` run on ``tokens`` with ``prefix``.
 
     One prefixed forward pass gives ``A``, ``t``, ``b`` and ``hook_z`` from the pre-softmax scores.
-    With ``reference=True`` the checks against the run without the prefix (attention for the same
-    layer inputs, shift of each layer's input) are available; their one extra forward pass (the
-    plain run and the patched run batched together) runs when first asked for.
+    With ``baseline=True`` the checks against the baseline, the run without the prefix (attention
+    for the same layer inputs, shift of each layer's input), are available; their one extra forward
+    pass (the plain run and the patched run batched together) runs when first asked for.
+    ``reference=`` is the deprecated spelling of ``baseline=`` (it warns; giving both is an error).
 
-    The model runs in eval mode (dropout off) for every pass, the deferred reference pass included,
+    The model runs in eval mode (dropout off) for every pass, the deferred baseline pass included,
     and each submodule's own train/eval mode is restored afterwards (:func:`evaluation_mode`).
     Which hook carries the pre-softmax scores is found per model by :func:`attention_sources`.
     ``attention_mask`` (``[B, T]`` or ``[B, P + T]``, see :mod:`prefixlens.injection`): padded keys get
     no attention, and every quantity at a padded query position is set to 0 (undefined there).
     ``tokens`` may be text (a string or a list of strings, left-padded with a mask when ragged;
     :mod:`prefixlens.text`); after the prefix it gets no BOS unless ``prepend_bos=True``.
+
+    Args:
+        model (TransformerBridge): the model to decompose.
+        tokens: the content after the prefix: token ids ``[batch, pos]`` (or ``[pos]``), a string, or
+            a list of strings.
+        prefix: the prefix (any form) the content runs after.
+        baseline: make the checks against the run without the prefix available (run when first used).
+        attention_mask: 1 for real tokens, 0 for padding: ``[batch, pos]`` or ``[batch, P + pos]``.
+        prepend_bos: give text content a BOS token after the prefix (default: no).
+
+    Returns:
+        The decomposition of every layer and head at the content positions.
     """
     tokens, attention_mask = tokens_and_mask(model, tokens, attention_mask, prepend_bos, continuation=True)
     tokens = check_tokens(model, tokens, prefix)
     P, n_layers = prefix.length, int(model.cfg.n_layers)
     mask = full_attention_mask(attention_mask, tokens, P)
-    extra = {f"blocks.{l}.hook_resid_pre" for l in range(n_layers)} if reference else set()
+    extra = {f"blocks.{l}.hook_resid_pre" for l in range(n_layers)} if baseline else set()
     scores, values, cache = prefixed_scores(model, tokens, prefix, extra_names=extra, attention_mask=mask)
 
     A, t, b, z, pattern = [], [], [], [], []
@@ -300,9 +363,9 @@ def decompose(
         content_pattern=torch.stack(pattern),
         W_O=_stacked_W_O(model),
     )
-    if reference:
+    if baseline:
         inputs = [cache[f"blocks.{l}.hook_resid_pre"][:, P:] for l in range(n_layers)]
-        result._reference_run = lambda: _reference_run(model, tokens, inputs, P, mask)
+        result._baseline_run = lambda: _baseline_run(model, tokens, inputs, P, mask)
     return result
 
 
@@ -328,7 +391,15 @@ def prefixed_cache(
     attention mask (:func:`prefixlens.injection.full_attention_mask`) or ``None``.
 
     The one prefixed run of :func:`prefixed_scores` (so of :func:`decompose`) and of
-    :mod:`prefixlens.analysis`."""
+    :mod:`prefixlens.analysis`.
+
+    Args:
+        model (TransformerBridge): the model to run.
+        tokens: the content, ``[batch, pos]`` token ids.
+        prefix: the prefix the content runs after.
+        names: the names of the hooks to cache.
+        mask: the full ``[batch, P + pos]`` attention mask, or ``None``.
+    """
     masked = {} if mask is None else {"attention_mask": mask}
     # the logits are not used: compute the unembedding at the last position only (when no unembed hook is asked for)
     keep = {} if any("unembed" in n for n in names) else _last_logits_only(model)
@@ -342,7 +413,7 @@ def prefixed_scores(
     tokens: Int[Tensor, "batch pos"],
     prefix: Prefix,
     extra_names: set[str] = frozenset(),
-    attention_mask: Int[Tensor, "batch pos"] | None = None,
+    attention_mask: Shaped[Tensor, "batch mask_pos"] | None = None,
 ) -> tuple[list[Float[Tensor, "batch head n_pos n_pos"]], list[Float[Tensor, "batch n_pos head d_head"]], "ActivationCache"]:
     """One prefixed forward pass: each layer's pre-softmax scores over all ``P + T`` positions
     (causal mask as ``-inf`` or the model's own large negative), its values with one head per query
@@ -352,7 +423,19 @@ def prefixed_scores(
     (TL-native), or ``log(hook_pattern)`` on bridges that fire only the post-softmax pattern (equal
     to the scores up to a per-row constant, which nothing here depends on). The model runs in eval
     mode (:func:`evaluation_mode`). With ``attention_mask`` (``[B, T]`` or ``[B, P + T]``) padded keys
-    score ``-inf``."""
+    score ``-inf``.
+
+    Args:
+        model (TransformerBridge): the model to run.
+        tokens: the content, ``[batch, pos]`` token ids.
+        prefix: the prefix the content runs after.
+        extra_names: further hooks to cache.
+        attention_mask: 1 for real tokens, 0 for padding: ``[batch, pos]`` or ``[batch, P + pos]``.
+
+    Returns:
+        ``(scores, values, cache)``: per layer the scores ``[batch, head, P + pos, P + pos]`` and the
+        values ``[batch, P + pos, head, d_head]``, and the activation cache.
+    """
     mask = full_attention_mask(attention_mask, tokens, prefix.length)
     n_layers, n_heads = int(model.cfg.n_layers), int(model.cfg.n_heads)
     sources = attention_sources(model)
@@ -400,7 +483,7 @@ def _stacked_W_O(model) -> Tensor | None:
 
 
 @torch.no_grad()
-def _reference_run(model, tokens, prefixed_inputs: list[Tensor], P: int, mask: Tensor | None = None):
+def _baseline_run(model, tokens, prefixed_inputs: list[Tensor], P: int, mask: Tensor | None = None):
     """One forward pass on ``[tokens; tokens]`` at positions ``P..P+T-1`` and without slots: rows
     ``:B`` are the plain run, rows ``B:`` have each layer's input replaced by the prefixed run's.
     With a (full) ``mask``, the content mask applies, positions are those of the prefixed run, and

@@ -6,7 +6,7 @@ import inspect
 from collections.abc import Sequence
 
 import torch
-from jaxtyping import Float, Int
+from jaxtyping import Float, Int, Integer, Shaped
 from torch import Tensor
 from tqdm.auto import tqdm
 
@@ -30,6 +30,17 @@ def sample_next(
 
     ``generator``: one ``torch.Generator`` for the whole batch, or a sequence of one per row (row ``i``
     is then drawn from ``generator[i]`` alone, so it does not depend on the other rows).
+
+    Args:
+        logits: the next-token logits, ``[batch, d_vocab]``.
+        do_sample: sample instead of taking the argmax.
+        temperature: the softmax temperature when sampling (> 0).
+        top_k: keep only the ``top_k`` most likely tokens (``None``: all).
+        top_p: keep the smallest set of tokens whose probability reaches ``top_p`` (``None``: all).
+        generator: one generator, or one per row.
+
+    Returns:
+        The next token of each row, ``[batch]``.
     """
     check_sampling(temperature if do_sample else 1.0, top_k, top_p)
     if not do_sample:
@@ -68,7 +79,7 @@ def row_seed(seed: int, row: int) -> int:
 
 def generate(
     model,
-    tokens: "Int[Tensor, 'batch pos'] | str | list[str]",
+    tokens: "Integer[Tensor, 'batch pos'] | Integer[Tensor, ' pos'] | str | list[str]",
     prefix: Prefix | None = None,
     max_new_tokens: int = 10,
     do_sample: bool = False,
@@ -80,7 +91,7 @@ def generate(
     use_cache: bool = True,
     batch_size: int | None = None,
     progress: bool = False,
-    attention_mask: Int[Tensor, "batch pos"] | None = None,
+    attention_mask: Shaped[Tensor, "batch mask_pos"] | None = None,
     prepend_bos: bool | None = None,
     return_text: bool = False,
     skip_special_tokens: bool = False,
@@ -120,6 +131,31 @@ def generate(
     ``eos_token_id`` pads a finished row with EOS and stops once every row of a chunk has finished
     (every row is padded with EOS to ``T + max_new_tokens``).
     Refused inside a :func:`prefixlens.attached` block (prefixes do not nest).
+
+    Args:
+        model (TransformerBridge): the model to generate with.
+        tokens: the input after the prefix: token ids ``[batch, pos]`` (or ``[pos]``), a string, or a
+            list of strings.
+        prefix: the prefix in place during generation, or ``None`` for none.
+        max_new_tokens: how many tokens to generate (at least 1).
+        do_sample: sample instead of greedy argmax decoding.
+        temperature: the softmax temperature when sampling (> 0).
+        top_k: keep only the ``top_k`` most likely tokens when sampling (``None``: all).
+        top_p: nucleus sampling: keep the smallest set of tokens whose probability reaches ``top_p``.
+        seed: the seed of the per-row generators when sampling (``None``: drawn from torch's global RNG).
+        eos_token_id: the token that ends a row; finished rows are padded with it.
+        use_cache: feed one token per step through the key/value cache (``False``: rerun the sequence).
+        batch_size: generate in chunks of this many rows (``None``: the whole batch at once).
+        progress: show a progress bar over the chunks.
+        attention_mask: 1 for real tokens, 0 for (left) padding: ``[batch, pos]`` or ``[batch, P + pos]``.
+        prepend_bos: give text input a BOS token (``None``: none after a prefix, the model's default
+            without one).
+        return_text: return the decoded new tokens, one string per row, instead of ids.
+        skip_special_tokens: with ``return_text``, drop special tokens from the text.
+
+    Returns:
+        The ids ``[batch, pos + new]`` (content then new tokens, no prefix slots), or with
+        ``return_text=True`` one string per row.
     """
     check_not_attached(model, "prefixlens.generate")
     tokens, attention_mask = tokens_and_mask(model, tokens, attention_mask, prepend_bos, continuation=prefix is not None)

@@ -34,7 +34,7 @@ from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import dataclass
 
 import torch
-from jaxtyping import Float, Int
+from jaxtyping import Float, Int, Integer, Shaped
 from torch import Tensor
 from transformer_lens import ActivationCache
 
@@ -250,15 +250,21 @@ def _finish(model, logits, tokens, content_mask, return_type, loss_per_token: bo
 
 def run_with_prefix(
     model,
-    tokens: "Int[Tensor, 'batch pos'] | str | list[str]",
+    tokens: "Integer[Tensor, 'batch pos'] | Integer[Tensor, ' pos'] | str | list[str]",
     prefix: Prefix,
-    attention_mask: Int[Tensor, "batch pos"] | None = None,
-    position_ids: Int[Tensor, "batch pos"] | None = None,
+    attention_mask: Shaped[Tensor, "batch mask_pos"] | None = None,
+    position_ids: Integer[Tensor, "batch position_pos"] | Integer[Tensor, " position_pos"] | None = None,
     return_type: str | None = "logits",
     loss_per_token: bool = False,
     prepend_bos: bool | None = None,
     **kwargs,
-) -> Float[Tensor, "batch pos d_vocab"]:
+) -> (
+    Float[Tensor, "batch pos d_vocab"]
+    | Float[Tensor, ""]
+    | Float[Tensor, "batch loss_pos"]
+    | tuple[Float[Tensor, "batch pos d_vocab"], Float[Tensor, ""] | Float[Tensor, "batch loss_pos"]]
+    | None
+):
     """Logits at the content positions of ``model`` run with ``prefix`` before ``tokens``.
 
     Equals ``model(prompt + tokens)[:, P:]`` when ``prefix`` comes from ``from_prompt(model, prompt)``.
@@ -272,6 +278,23 @@ def run_with_prefix(
     content positions only: content token ``t`` predicting ``t + 1``, padding excluded, i.e. what
     ``model(prompt + tokens, loss_per_token=True)[:, P:]`` averages to), ``"both"`` or ``None``.
     Extra keyword arguments go to the model's forward.
+
+    Args:
+        model (TransformerBridge): the model to run.
+        tokens: the content after the prefix: token ids ``[batch, pos]`` (or ``[pos]``), a string, or a
+            list of strings.
+        prefix: the prefix (any form) to run the content after.
+        attention_mask: 1 for real tokens, 0 for padding: ``[batch, pos]`` or ``[batch, P + pos]``.
+        position_ids: content positions ``[batch, pos]`` counted from the first content token, or full
+            positions ``[batch, P + pos]`` (default: ``arange(pos)`` after the slots).
+        return_type: ``"logits"``, ``"loss"``, ``"both"`` or ``None``.
+        loss_per_token: with a loss, return it per token ``[batch, pos - 1]`` instead of the mean.
+        prepend_bos: give text content a BOS token after the prefix (default: no).
+        **kwargs (Any): passed on to the model's forward.
+
+    Returns:
+        The content logits ``[batch, pos, d_vocab]``, the loss, ``(logits, loss)`` or ``None``, as
+        ``return_type`` asks.
     """
     tokens, attention_mask = tokens_and_mask(model, tokens, attention_mask, prepend_bos, continuation=True)
     tokens = check_tokens(model, tokens, prefix)
@@ -284,16 +307,23 @@ def run_with_prefix(
 
 def run_with_cache(
     model,
-    tokens: "Int[Tensor, 'batch pos'] | str | list[str]",
+    tokens: "Integer[Tensor, 'batch pos'] | Integer[Tensor, ' pos'] | str | list[str]",
     prefix: Prefix,
     names_filter: Callable[[str], bool] | str | list[str] | None = None,
-    attention_mask: Int[Tensor, "batch pos"] | None = None,
-    position_ids: Int[Tensor, "batch pos"] | None = None,
+    attention_mask: Shaped[Tensor, "batch mask_pos"] | None = None,
+    position_ids: Integer[Tensor, "batch position_pos"] | Integer[Tensor, " position_pos"] | None = None,
     return_type: str | None = "logits",
     loss_per_token: bool = False,
     prepend_bos: bool | None = None,
     **kwargs,
-) -> tuple[Float[Tensor, "batch pos d_vocab"], ActivationCache]:
+) -> tuple[
+    Float[Tensor, "batch pos d_vocab"]
+    | Float[Tensor, ""]
+    | Float[Tensor, "batch loss_pos"]
+    | tuple[Float[Tensor, "batch pos d_vocab"], Float[Tensor, ""] | Float[Tensor, "batch loss_pos"]]
+    | None,
+    ActivationCache | dict[str, Tensor],
+]:
     """Content logits (or what ``return_type`` asks for, as in :func:`run_with_prefix`) and the
     ``ActivationCache`` of the prefixed run.
 
@@ -301,6 +331,25 @@ def run_with_cache(
     prefix columns; use ``cache[name][:, P:]`` for the content positions. With padding, the
     activations of padded positions are undefined. ``tokens`` and ``prepend_bos``: as in
     :func:`run_with_prefix` (text, no BOS by default).
+
+    Args:
+        model (TransformerBridge): the model to run.
+        tokens: the content after the prefix: token ids ``[batch, pos]`` (or ``[pos]``), a string, or a
+            list of strings.
+        prefix: the prefix (any form) to run the content after.
+        names_filter: which hooks to cache: a predicate on the hook name, a name or a list of names
+            (``None``: all).
+        attention_mask: 1 for real tokens, 0 for padding: ``[batch, pos]`` or ``[batch, P + pos]``.
+        position_ids: content positions ``[batch, pos]`` or full positions ``[batch, P + pos]``, as in
+            :func:`run_with_prefix`.
+        return_type: ``"logits"``, ``"loss"``, ``"both"`` or ``None``.
+        loss_per_token: with a loss, return it per token ``[batch, pos - 1]`` instead of the mean.
+        prepend_bos: give text content a BOS token after the prefix (default: no).
+        **kwargs (Any): passed on to the model's ``run_with_cache``.
+
+    Returns:
+        ``(output, cache)``: what ``return_type`` asks for, as in :func:`run_with_prefix`, and the
+        activation cache over all ``P + pos`` positions.
     """
     tokens, attention_mask = tokens_and_mask(model, tokens, attention_mask, prepend_bos, continuation=True)
     tokens = check_tokens(model, tokens, prefix)

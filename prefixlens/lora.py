@@ -271,6 +271,17 @@ def add_lora(
     ``scaling = alpha / rank`` (the reference: alpha 1). ``A`` is initialised from ``seed`` (the
     caller's global RNG is left as it was). A role or layer named twice is refused (one adapter per
     weight). On an error nothing is attached.
+
+    Args:
+        model (TransformerBridge): the model to adapt (its weights are not changed).
+        rank: the rank of each adapter.
+        targets: the roles to adapt, or ``"reference"`` / ``"mlp"``.
+        layers: the layers to adapt (``None``: all).
+        alpha: the scale numerator: ``scaling = alpha / rank``.
+        seed: the seed of ``A``'s initialisation.
+
+    Returns:
+        The attached adapters (``.remove()`` detaches them).
     """
     targets = _resolve_targets(targets)
     if isinstance(rank, bool) or not isinstance(rank, int) or rank < 1:

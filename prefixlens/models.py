@@ -169,6 +169,20 @@ def toy_gpt2(
     ``dropout`` is applied by the HuggingFace modules in train mode only (the reference's minGPT
     pretraining uses 0.1); the bridge is returned in eval mode. ``tie_embeddings=False`` gives the
     unembedding its own matrix, as minGPT's ``lm_head`` (HF GPT-2 ties it to the embedding).
+
+    Args:
+        n_layers: the number of layers.
+        d_model: the residual stream width.
+        n_heads: the number of attention heads.
+        d_vocab: the vocabulary size.
+        n_ctx: the context length (number of learned positions).
+        d_mlp: the MLP width (``None``: ``4 * d_model``).
+        init_range: the standard deviation of the random initial weights.
+        dropout: the dropout probability (applied in train mode only).
+        tie_embeddings: share the unembedding with the embedding (HF GPT-2's default).
+        seed: the seed of the random weights.
+        dtype: the weights' dtype.
+        device: the device to put the model on (``None``: CPU).
     """
     from transformers import GPT2Config, GPT2LMHeadModel
 
@@ -209,7 +223,22 @@ def toy_llama(
     dtype: torch.dtype = torch.float32,
     device: str | torch.device | None = None,
 ) -> TransformerBridge:
-    """A random LLaMA (RMSNorm, rotary, gated SiLU MLP, grouped-query attention) as a bridge."""
+    """A random LLaMA (RMSNorm, rotary, gated SiLU MLP, grouped-query attention) as a bridge.
+
+    Args:
+        n_layers: the number of layers.
+        d_model: the residual stream width.
+        n_heads: the number of attention heads.
+        n_kv_heads: the number of key/value heads (grouped-query attention).
+        d_vocab: the vocabulary size.
+        n_ctx: the context length.
+        d_mlp: the MLP width (``None``: ``2 * d_model``).
+        init_range: the standard deviation of the random initial weights.
+        rope_theta: the rotary embedding's base.
+        seed: the seed of the random weights.
+        dtype: the weights' dtype.
+        device: the device to put the model on (``None``: CPU).
+    """
     from transformers import LlamaConfig, LlamaForCausalLM
 
     if n_heads % n_kv_heads:
@@ -252,6 +281,21 @@ def native(
 
     Native bridges have no key/value cache, so ``prefixlens.generate`` recomputes the sequence at
     every step on them.
+
+    Args:
+        n_layers: the number of layers.
+        d_model: the residual stream width.
+        n_heads: the number of attention heads.
+        d_head: the width of each head (``None``: ``d_model // n_heads``).
+        d_vocab: the vocabulary size.
+        n_ctx: the context length.
+        attn_only: build attention-only blocks (no MLP).
+        normalization: TransformerLens's normalisation type (``"LN"``, ``"RMS"``, ... or ``None``).
+        act_fn: the MLP's activation function.
+        init_range: the standard deviation of the random initial weights.
+        seed: the seed of the random weights.
+        dtype: the weights' dtype.
+        device: the device to put the model on (``None``: CPU).
     """
     cfg = TransformerBridgeConfig(
         d_model=d_model,
@@ -293,6 +337,14 @@ def load(
     string always means the built-in model; pass ``"./smollm2-135m"`` or a ``Path`` for a directory of
     that name. A local directory without tokenizer files gets :func:`toy_tokenizer` sized to its
     vocabulary. Extra keyword arguments go to ``TransformerBridge.boot_transformers``.
+
+    Args:
+        name_or_path: a built-in name, a local checkpoint directory, or a hub name.
+        device: the device to load onto (``None``: CPU).
+        dtype: the weights' dtype.
+        cache_dir: where built-in models are converted to and kept.
+        device_map: HuggingFace/accelerate's device map, instead of ``device``.
+        **kwargs: passed on to ``TransformerBridge.boot_transformers``.
     """
     if isinstance(name_or_path, str) and name_or_path in BUILTIN_MODELS:
         path = builtin_checkpoint(name_or_path, cache_dir=cache_dir)

@@ -30,7 +30,7 @@ from collections.abc import Callable
 from typing import ClassVar
 
 import torch
-from jaxtyping import Float, Int
+from jaxtyping import Float, Integer
 from torch import Tensor, nn
 
 from prefixlens.runtime import check_not_attached, check_token_ids, evaluation_mode
@@ -219,7 +219,13 @@ class Prefix(nn.Module):
     def from_chat(cls, model, system) -> "Prefix":
         """This form of prefix holding a system prompt (a string) or leading chat turns (a list of
         ``{"role", "content"}`` messages) as the tokenizer's chat template renders them; follow it with
-        :func:`prefixlens.text.chat_continuation`. See :func:`prefixlens.text.chat_prefix`."""
+        :func:`prefixlens.text.chat_continuation`. See :func:`prefixlens.text.chat_prefix`.
+
+        Args:
+            model (TransformerBridge): a model with a tokenizer that has a chat template.
+            system (str | list[dict]): a system prompt, or the leading chat turns as ``{"role", "content"}``
+                messages.
+        """
         if getattr(cls, "name", None) is None:  # Prefix itself, or an intermediate base
             raise TypeError(f"call from_chat on a prefix form: {', '.join(c.form for c in FORMS.values())}.")
         ids = chat_ids(model, system, add_generation_prompt=False)
@@ -466,13 +472,20 @@ class KVPrefix(Prefix):
         return cls(torch.zeros(shape, dtype=dtype, device=device), torch.zeros(shape, dtype=dtype, device=device), s)
 
     @classmethod
-    def from_prompt(cls, model, tokens: "Int[Tensor, '*batch P'] | str | list[str]", prepend_bos: bool | None = None) -> "KVPrefix":
+    def from_prompt(cls, model, tokens: "Integer[Tensor, '*batch P'] | str | list[str] | list[int] | list[list[int]]", prepend_bos: bool | None = None) -> "KVPrefix":
         """The keys and values a real-token prompt writes in every layer: the exact equivalent prefix.
 
         ``tokens``: ids ``[P]`` / ``[batch, P]``, a string, or a list of strings of equal token length
         (a batched prefix). Text is the start of the sequence: ``prepend_bos=None`` uses the model's
         default (BOS iff the checkpoint's tokenizer adds one; :mod:`prefixlens.text`).
-        The prompt runs in eval mode (dropout off; each submodule's mode restored afterwards)."""
+        The prompt runs in eval mode (dropout off; each submodule's mode restored afterwards).
+
+        Args:
+            model (TransformerBridge): the model the prompt runs through.
+            tokens: the prompt: ids ``[P]`` or ``[batch, P]`` (a list of ints, or of equal-length lists,
+                works too), a string, or a list of strings of equal token length.
+            prepend_bos: give a text prompt a BOS token (``None``: the model's default).
+        """
         tokens, batched = _prompt_tokens(model, tokens, f"{cls.__name__}.from_prompt", prepend_bos)
         s = _check_length(model, tokens.shape[-1])
         names = [f"blocks.{l}.attn.hook_{kv}" for l in range(s.n_layers) for kv in "kv"]
@@ -570,9 +583,16 @@ class ResidualPrefix(_ConvertibleToKV):
         return cls(torch.zeros((s.n_layers, length, s.d_model), dtype=dtype, device=device), s)
 
     @classmethod
-    def from_prompt(cls, model, tokens: "Int[Tensor, '*batch P'] | str | list[str]", prepend_bos: bool | None = None) -> "ResidualPrefix":
+    def from_prompt(cls, model, tokens: "Integer[Tensor, '*batch P'] | str | list[str] | list[int] | list[list[int]]", prepend_bos: bool | None = None) -> "ResidualPrefix":
         """The residual stream a real-token prompt has at every layer's input (run in eval mode, dropout off).
-        ``tokens``: ids, a string or a list of strings, as for :meth:`KVPrefix.from_prompt`."""
+        ``tokens``: ids, a string or a list of strings, as for :meth:`KVPrefix.from_prompt`.
+
+        Args:
+            model (TransformerBridge): the model the prompt runs through.
+            tokens: the prompt: ids ``[P]`` or ``[batch, P]`` (a list of ints, or of equal-length lists,
+                works too), a string, or a list of strings of equal token length.
+            prepend_bos: give a text prompt a BOS token (``None``: the model's default).
+        """
         tokens, batched = _prompt_tokens(model, tokens, f"{cls.__name__}.from_prompt", prepend_bos)
         s = _check_length(model, tokens.shape[-1])
         names = [f"blocks.{l}.hook_resid_pre" for l in range(s.n_layers)]
@@ -626,9 +646,16 @@ class SoftPrompt(_ConvertibleToKV):
         return cls(torch.zeros((length, s.d_model), dtype=dtype, device=device), s)
 
     @classmethod
-    def from_prompt(cls, model, tokens: "Int[Tensor, '*batch P'] | str | list[str]", prepend_bos: bool | None = None) -> "SoftPrompt":
+    def from_prompt(cls, model, tokens: "Integer[Tensor, '*batch P'] | str | list[str] | list[int] | list[list[int]]", prepend_bos: bool | None = None) -> "SoftPrompt":
         """The token embeddings of a real prompt (``W_E[tokens]``; run in eval mode, dropout off).
-        ``tokens``: ids, a string or a list of strings, as for :meth:`KVPrefix.from_prompt`."""
+        ``tokens``: ids, a string or a list of strings, as for :meth:`KVPrefix.from_prompt`.
+
+        Args:
+            model (TransformerBridge): the model the prompt runs through.
+            tokens: the prompt: ids ``[P]`` or ``[batch, P]`` (a list of ints, or of equal-length lists,
+                works too), a string, or a list of strings of equal token length.
+            prepend_bos: give a text prompt a BOS token (``None``: the model's default).
+        """
         tokens, batched = _prompt_tokens(model, tokens, f"{cls.__name__}.from_prompt", prepend_bos)
         s = _check_length(model, tokens.shape[-1])
         with torch.no_grad(), evaluation_mode(model):

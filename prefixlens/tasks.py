@@ -200,7 +200,15 @@ def layout(inputs: Tensor, answers: Tensor, n_pad: int) -> tuple[Tensor, Tensor]
 
 
 def make_batch(task: str, n: int, n_pad: int, split: str, generator: torch.Generator) -> TaskBatch:
-    """``n`` examples of ``task`` (or of the ``mixture``) from ``split``."""
+    """``n`` examples of ``task`` (or of the ``mixture``) from ``split``.
+
+    Args:
+        task: the task's name, or ``"mixture"``.
+        n: the number of examples.
+        n_pad: the number of pad tokens before each input (where a prefix goes).
+        split: ``"train"`` or ``"test"``.
+        generator: the random generator the inputs are drawn with.
+    """
     _check_task(task)
     inputs = sample_inputs(n, split, generator)
     if task == MIXTURE:
@@ -221,6 +229,13 @@ def batches(task: str, batch_size: int, n_pad: int, seed: int, generator: torch.
     """An endless stream of training batches of ``task`` (train split), reproducible from ``seed``.
 
     Pass ``generator`` to continue a stream whose state was saved (checkpoint resume).
+
+    Args:
+        task: the task's name, or ``"mixture"``.
+        batch_size: the number of examples per batch.
+        n_pad: the number of pad tokens before each input.
+        seed: the seed of the stream.
+        generator: a saved generator to continue from (overrides ``seed``).
     """
     g = generator if generator is not None else torch.Generator().manual_seed(seed)
     while True:

@@ -35,7 +35,7 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 
 import torch
-from jaxtyping import Int
+from jaxtyping import Int, Integer, Shaped
 from torch import Tensor
 
 __all__ = [
@@ -112,10 +112,10 @@ def encode(model, text: str, prepend_bos: bool | None = None) -> list[int]:
 def tokens_and_mask(
     model,
     inputs: TextOrTokens,
-    attention_mask: Int[Tensor, "batch pos"] | None = None,
+    attention_mask: Shaped[Tensor, "batch mask_pos"] | None = None,
     prepend_bos: bool | None = None,
     continuation: bool = False,
-) -> tuple[Tensor, Int[Tensor, "batch pos"] | None]:
+) -> tuple[Tensor | Sequence[int] | Sequence[Sequence[int]], Shaped[Tensor, "batch mask_pos"] | None]:
     """``inputs`` as ids, with the attention mask to use.
 
     ``prepend_bos=None`` means :func:`default_prepend_bos` for text that starts a sequence, and no BOS
@@ -126,6 +126,16 @@ def tokens_and_mask(
     with text (it is built from the text). Ids (a tensor or nested lists of ints) are returned as given,
     with the given mask; ``prepend_bos`` is refused for ids, since they are used exactly as they are.
     The ids are on the model's device.
+
+    Args:
+        model (TransformerBridge): the model whose tokenizer encodes the text.
+        inputs: a string, a list of strings, or ids (a tensor or nested lists of ints).
+        attention_mask: the mask that goes with ids (refused with text).
+        prepend_bos: give text a BOS token (``None``: see above; refused with ids).
+        continuation: the text continues a prefix (no BOS by default).
+
+    Returns:
+        ``(ids, mask)``: the ids on the model's device and the mask (``None`` without padding).
     """
     if isinstance(inputs, (list, tuple)) and any(isinstance(x, str) for x in inputs) and not is_text(inputs):
         raise TypeError(
@@ -167,8 +177,8 @@ def _padded(model, rows: list[list[int]]) -> tuple[Tensor, Tensor | None]:
 
 def decode(
     model,
-    tokens: Int[Tensor, "batch pos"],
-    attention_mask: Int[Tensor, "batch pos"] | None = None,
+    tokens: Integer[Tensor, "batch pos"] | Integer[Tensor, " pos"],
+    attention_mask: Shaped[Tensor, "batch pos"] | None = None,
     skip_special_tokens: bool = False,
 ) -> list[str]:
     """One string per row of ``tokens``, padding (``attention_mask == 0``) left out."""

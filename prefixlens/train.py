@@ -11,7 +11,6 @@ earlier code and tests reach for.
 
 from __future__ import annotations
 
-from prefixlens import tasks as T  # noqa: F401  (was importable from here)
 from prefixlens.lora import LoRA, add_lora  # noqa: F401
 from prefixlens.prefixes import KVPrefix, Prefix, ResidualPrefix, SoftPrompt  # noqa: F401
 from prefixlens.training import *  # noqa: F401,F403

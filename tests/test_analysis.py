@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import prefixlens as pl
-from prefixlens import analysis as an
+from prefixlens import analysis
 from tests.conftest import DECOMPOSITION_TOL, build, n_attached_hooks, random_tokens
 
 
@@ -16,7 +16,7 @@ def test_identities_hold_every_layer_and_head(family, dtype, P):
     model = build(family, dtype)
     prefix = pl.ResidualPrefix.random(model, P, seed=1)
     tokens = random_tokens((5, 9), seed=2)
-    check = an.check_identities(model, tokens, prefix, batch_size=2)
+    check = analysis.check_identities(model, tokens, prefix, batch_size=2)
     L, H = int(model.cfg.n_layers), int(model.cfg.n_heads)
     assert check.relative_attention.shape == (L, H) and check.bias_only.shape == (L, H)
     tol = DECOMPOSITION_TOL[dtype]
@@ -35,14 +35,14 @@ def test_chunking_does_not_change_the_result():
     model = build("llama_gqa", torch.float64)
     prefix = pl.KVPrefix.random(model, 2, seed=3)
     tokens = random_tokens((6, 7), seed=4)
-    whole = an.check_identities(model, tokens, prefix, batch_size=6)
-    chunks = an.check_identities(model, tokens, prefix, batch_size=4)
+    whole = analysis.check_identities(model, tokens, prefix, batch_size=6)
+    chunks = analysis.check_identities(model, tokens, prefix, batch_size=4)
     torch.testing.assert_close(whole.mean_prefix_attention, chunks.mean_prefix_attention)
     torch.testing.assert_close(whole.max_prefix_attention, chunks.max_prefix_attention)
     torch.testing.assert_close(whole.cross_layer_shift, chunks.cross_layer_shift)
     torch.testing.assert_close(whole.z_scale, chunks.z_scale)
     # mean prefix attention equals decompose's directly
-    d = pl.decompose(model, tokens, prefix, reference=False)
+    d = pl.decompose(model, tokens, prefix, baseline=False)
     torch.testing.assert_close(whole.mean_prefix_attention, d.prefix_attention.mean(dim=(1, 3)))
 
 
@@ -58,7 +58,7 @@ def test_a_broken_identity_is_detected():
         return z
 
     with model.hooks(fwd_hooks=[("blocks.0.attn.hook_z", nudge)]):
-        check = an.check_identities(model, tokens, prefix)
+        check = analysis.check_identities(model, tokens, prefix)
     assert float(check.bias_only[0, 1]) == pytest.approx(1e-3, rel=1e-6)
     assert float(check.bias_only[0, 0]) < 1e-12
     assert float(check.bias_only_scores[0, 1]) == pytest.approx(1e-3, rel=1e-6)
@@ -68,7 +68,7 @@ def test_a_broken_identity_is_detected():
 
 def test_json_and_table():
     model = build("gpt2", torch.float32)
-    check = an.check_identities(model, random_tokens((2, 5)), pl.KVPrefix.random(model, 1))
+    check = analysis.check_identities(model, random_tokens((2, 5)), pl.KVPrefix.random(model, 1))
     js = check.to_json()
     assert js["dtype"] == "float32" and js["n_slots"] == 1 and len(js["per_layer"]) == model.cfg.n_layers
     assert js["max"]["bias_only"] == pytest.approx(max(r["bias_only"] for r in js["per_layer"]))
@@ -79,18 +79,18 @@ def test_bad_input():
     model = build("gpt2", torch.float32)
     prefix = pl.KVPrefix.random(model, 2)
     with pytest.raises(ValueError, match="batch_size"):
-        an.check_identities(model, random_tokens((2, 5)), prefix, batch_size=0)
+        analysis.check_identities(model, random_tokens((2, 5)), prefix, batch_size=0)
     batched = pl.SoftPrompt(torch.zeros(2, 2, model.cfg.d_model), prefix.signature)
     with pytest.raises(ValueError, match="unbatched"):
-        an.check_identities(model, random_tokens((2, 5)), batched)
+        analysis.check_identities(model, random_tokens((2, 5)), batched)
     with pytest.raises(ValueError, match="unbatched"):
-        an.slot_statistics(model, random_tokens((2, 5)), batched)
+        analysis.slot_statistics(model, random_tokens((2, 5)), batched)
     with pytest.raises(ValueError, match="out of range"):
-        an.slot_statistics(model, random_tokens((2, 5)), prefix, positions=5)
+        analysis.slot_statistics(model, random_tokens((2, 5)), prefix, positions=5)
     with pytest.raises(ValueError, match="empty"):
-        an.slot_statistics(model, random_tokens((2, 5)), prefix, positions=[])
+        analysis.slot_statistics(model, random_tokens((2, 5)), prefix, positions=[])
     with pytest.raises(TypeError):
-        an.check_identities(model, random_tokens((2, 5)).float(), prefix)
+        analysis.check_identities(model, random_tokens((2, 5)).float(), prefix)
     assert n_attached_hooks(model) == 0
 
 
@@ -102,18 +102,22 @@ def test_bad_input():
 def test_effective_rank():
     g = torch.Generator().manual_seed(0)
     u, v = torch.randn(20, 1, generator=g, dtype=torch.float64), torch.randn(1, 7, generator=g, dtype=torch.float64)
-    assert an.effective_rank(u @ v) == pytest.approx(1.0, abs=1e-9)
-    assert an.effective_rank(torch.eye(5)) == pytest.approx(5.0)
-    assert an.effective_rank(torch.zeros(4, 3)) == 0.0
+    assert analysis.effective_rank(u @ v) == pytest.approx(1.0, abs=1e-9)
+    assert analysis.effective_rank(torch.eye(5)) == pytest.approx(5.0)
+    assert analysis.effective_rank(torch.zeros(4, 3)) == 0.0
     # a constant row plus noise: rank ~1 uncentred is not what the centred rank sees
     rows = torch.ones(50, 4) * 10 + 1e-3 * torch.randn(50, 4, generator=g)
-    assert an.effective_rank(rows) < 1.01
-    assert an.effective_rank(rows, center=True) > 3.0
+    assert analysis.effective_rank(rows) < 1.01
+    assert analysis.effective_rank(rows, center=True) > 3.0
     x = torch.randn(30, 6, generator=g) * torch.tensor([1.0, 1, 1, 0, 0, 0])
-    assert an.numerical_rank(x) == 3
-    assert 1.0 < an.effective_rank(x) <= 3.0
+    assert analysis.numerical_rank(x) == 3
+    assert 1.0 < analysis.effective_rank(x) <= 3.0
+
+
+@pytest.mark.wrong_types_on_purpose  # a 1-D tensor where Float[Tensor, "n d"] is annotated
+def test_effective_rank_refuses_a_vector():
     with pytest.raises(ValueError):
-        an.effective_rank(torch.zeros(3))
+        analysis.effective_rank(torch.zeros(3))
 
 
 # --------------------------------------------------------------------------------------------------
@@ -126,11 +130,11 @@ def test_slot_statistics_agree_with_decompose(fam):
     model = build(fam, torch.float64)
     prefix = pl.ResidualPrefix.random(model, 4, seed=5)
     tokens = random_tokens((7, 6), seed=6)
-    stats = an.slot_statistics(model, tokens, prefix, positions=[-1, 2], batch_size=3)
+    stats = analysis.slot_statistics(model, tokens, prefix, positions=[-1, 2], batch_size=3)
     L, H = int(model.cfg.n_layers), int(model.cfg.n_heads)
     assert stats.weights.shape == (L, H, 14, 4) and stats.positions == [5, 2]
     torch.testing.assert_close(stats.weights.sum(-1), torch.ones(L, H, 14, dtype=torch.float64))
-    d = pl.decompose(model, tokens, prefix, reference=False)
+    d = pl.decompose(model, tokens, prefix, baseline=False)
     # queries are ordered (input, position): input 0 pos 5, input 0 pos 2, input 1 pos 5, ...
     b = d.prefix_bias[:, :, [5, 2]].permute(0, 3, 1, 2, 4).flatten(2, 3)  # [l, h, n, d]
     torch.testing.assert_close(stats.biases, b)
@@ -147,13 +151,13 @@ def test_slot_statistics_agree_with_decompose(fam):
 def test_slot_statistics_summaries():
     model = build("gpt2", torch.float64)
     tokens = random_tokens((40, 5), seed=7)
-    one = an.slot_statistics(model, tokens, pl.KVPrefix.random(model, 1, seed=1))
+    one = analysis.slot_statistics(model, tokens, pl.KVPrefix.random(model, 1, seed=1))
     assert float(one.spread().abs().max()) == 0.0  # one slot always gets weight 1
     assert float(one.top_slot_share().min()) == pytest.approx(1.0)
     # identical values in every slot: the bias is one fixed vector whatever the weights
     kv = pl.KVPrefix.random(model, 5, seed=2)
     same = pl.KVPrefix(kv.keys.detach(), kv.values.detach()[:, :1].expand_as(kv.values).clone(), kv.signature)
-    st = an.slot_statistics(model, tokens, same, positions=None)
+    st = analysis.slot_statistics(model, tokens, same, positions=None)
     assert float(st.value_rank().max()) == 1.0
     assert float(st.bias_erank().max()) == pytest.approx(1.0, abs=1e-6)
     assert float(st.bias_variation().max()) < 1e-10
@@ -187,7 +191,7 @@ def test_slot_statistics_match_the_models_own_pattern_on_every_family(builder, f
     model = (build if builder == "build" else build_hf)(fam)
     P, tokens = 3, random_tokens((3, 6), seed=8)
     prefix = pl.KVPrefix.random(model, P, seed=5)
-    stats = an.slot_statistics(model, tokens, prefix, positions=None)
+    stats = analysis.slot_statistics(model, tokens, prefix, positions=None)
     _, cache = pl.run_with_cache(model, tokens, prefix, names_filter=lambda n: n.endswith("hook_pattern"))
     L = int(model.cfg.n_layers)
     on_slots = torch.stack([cache[f"blocks.{l}.attn.hook_pattern"] for l in range(L)])[:, :, :, P:, :P]
@@ -195,7 +199,7 @@ def test_slot_statistics_match_the_models_own_pattern_on_every_family(builder, f
     own_weights = (on_slots / mass.unsqueeze(-1)).permute(0, 2, 1, 3, 4).flatten(2, 3)
     assert (stats.weights - own_weights).abs().max() <= 1e-5, fam
     assert (stats.prefix_mass - mass.permute(0, 2, 1, 3).flatten(2, 3)).abs().max() <= 1e-5, fam
-    check = an.check_identities(model, tokens, prefix)
+    check = analysis.check_identities(model, tokens, prefix)
     assert check.max_error() <= 1e-5, (fam, check.max_error())
 
 
@@ -204,21 +208,21 @@ def test_non_finite_values_surface_in_check_identities_and_slot_statistics():
     prefix = pl.KVPrefix.random(model, 2, seed=1)
     prefix.keys.data[0, 0, 0, 0] = float("nan")  # layer 0, slot 0, head 0: layer 1 sees a NaN input
     tokens = random_tokens((2, 5))
-    check = an.check_identities(model, tokens, prefix)
+    check = analysis.check_identities(model, tokens, prefix)
     for name in check.ERRORS:
         err = getattr(check, name)
         if err is not None:
             assert torch.isnan(err[1]).all(), name  # every pattern of layer 1 is NaN
     assert math.isnan(check.max_error()) and math.isnan(check.max_error("renormalised_attention"))
     assert math.isnan(check.per_layer()[1]["relative_attention"]) and math.isnan(check.to_json()["max"]["bias_only"])
-    stats = an.slot_statistics(model, tokens, prefix)
+    stats = analysis.slot_statistics(model, tokens, prefix)
     assert torch.isnan(stats.weights[1]).all() and torch.isnan(stats.prefix_mass[1]).all()
     assert torch.isnan(stats.bias_erank()[1]).all() and torch.isfinite(stats.value_rank()).all()  # values are finite
     stats.values[1, 0, 0, 0] = float("nan")
     assert torch.isnan(stats.value_rank()[1, 0]) and torch.isnan(stats.value_erank()[1, 0])
-    assert math.isnan(an.effective_rank(torch.full((3, 2), float("nan"))))
+    assert math.isnan(analysis.effective_rank(torch.full((3, 2), float("nan"))))
     with pytest.raises(ValueError, match="NaN or infinite"):
-        an.numerical_rank(torch.full((3, 2), float("inf")))
+        analysis.numerical_rank(torch.full((3, 2), float("inf")))
     summary = stats.summary()
     assert math.isnan(summary["prefix_mass"][1]) and math.isnan(summary["bias_erank"][1])
 
@@ -228,12 +232,12 @@ def test_analysis_runs_in_eval_mode_and_restores_the_mode():
 
     model = models.toy_gpt2(n_layers=2, d_model=32, n_heads=4, d_vocab=61, n_ctx=64, dropout=0.1, seed=3)
     prefix, tokens = pl.KVPrefix.random(model, 2, seed=1), random_tokens((3, 5), seed=2)
-    expected_check = an.check_identities(model, tokens, prefix)
-    expected_stats = an.slot_statistics(model, tokens, prefix, positions=None)
+    expected_check = analysis.check_identities(model, tokens, prefix)
+    expected_stats = analysis.slot_statistics(model, tokens, prefix, positions=None)
     model.train()
     torch.manual_seed(0)
-    check = an.check_identities(model, tokens, prefix)
-    stats = an.slot_statistics(model, tokens, prefix, positions=None)
+    check = analysis.check_identities(model, tokens, prefix)
+    stats = analysis.slot_statistics(model, tokens, prefix, positions=None)
     assert model.training and model.original_model.transformer.h[0].attn.attn_dropout.training
     assert check.max_error() <= 1e-5
     for name in check.ERRORS:
@@ -245,8 +249,8 @@ def test_analysis_runs_in_eval_mode_and_restores_the_mode():
 def test_reprs_are_short():
     model = build("llama_gqa", torch.float32)
     prefix, tokens = pl.KVPrefix.random(model, 3), random_tokens((4, 6))
-    check = an.check_identities(model, tokens, prefix)
-    stats = an.slot_statistics(model, tokens, prefix, positions=None)
+    check = analysis.check_identities(model, tokens, prefix)
+    stats = analysis.slot_statistics(model, tokens, prefix, positions=None)
     for r in (repr(check), repr(stats)):
         assert len(r) < 500 and "\n" not in r and "tensor" not in r
     assert "IdentityCheck(dtype=float32, layers=2, heads=4, n_slots=3" in repr(check)

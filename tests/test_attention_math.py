@@ -47,8 +47,7 @@ def test_expand_kv_heads_groups_consecutive_query_heads():
 import collections  # noqa: E402
 
 import prefixlens as pl  # noqa: E402
-from prefixlens import analysis, decomposition  # noqa: E402
-from prefixlens import attention_math as am  # noqa: E402
+from prefixlens import analysis, attention_math, decomposition  # noqa: E402
 from prefixlens.attention_math import (  # noqa: E402
     attend,
     bias_term,
@@ -84,13 +83,13 @@ def test_the_pieces_compose_into_split_attention_and_combine():
 def test_both_identities_vanish_on_exact_attention_and_detect_a_wrong_one():
     scores, v, P = _random_head(seed=1)
     full = scores.softmax(-1)  # [b, h, q, P + T]: the "model's" prefixed pattern at the content queries
-    reference = content_pattern(scores, P)  # the content attention without the prefix (same scores)
+    baseline = content_pattern(scores, P)  # the content attention without the prefix (same scores)
     z = attend(full, v)
-    assert identity_1_residual(full, reference, P).abs().max() < 1e-15
-    assert identity_2_residual(z, full, reference, v, P).abs().max() < 1e-14
-    wrong = reference.roll(1, dims=-1)
+    assert identity_1_residual(full, baseline, P).abs().max() < 1e-15
+    assert identity_2_residual(z, full, baseline, v, P).abs().max() < 1e-14
+    wrong = baseline.roll(1, dims=-1)
     assert identity_1_residual(full, wrong, P).abs().max() > 1e-3
-    assert identity_2_residual(z + 1e-3, full, reference, v, P).abs().min() > 0.9e-3
+    assert identity_2_residual(z + 1e-3, full, baseline, v, P).abs().min() > 0.9e-3
 
 
 def test_decompose_and_slot_statistics_agree_with_attention_math_on_the_models_own_pattern():
@@ -102,7 +101,7 @@ def test_decompose_and_slot_statistics_agree_with_attention_math_on_the_models_o
     prefix = pl.KVPrefix.random(model, P, seed=4)
     L, H = int(model.cfg.n_layers), int(model.cfg.n_heads)
     _, cache = pl.run_with_cache(model, tokens, prefix, names_filter=lambda n: n.split(".")[-1] in ("hook_pattern", "hook_v", "hook_z"))
-    d = pl.decompose(model, tokens, prefix, reference=True)
+    d = pl.decompose(model, tokens, prefix, baseline=True)
     stats = analysis.slot_statistics(model, tokens, prefix, positions=None)
     for l in range(L):
         pattern = cache[f"blocks.{l}.attn.hook_pattern"][:, :, P:]  # content queries, all keys
@@ -114,8 +113,8 @@ def test_decompose_and_slot_statistics_agree_with_attention_math_on_the_models_o
         torch.testing.assert_close(d.content_pattern[l], content, rtol=0, atol=1e-12)
         z = cache[f"blocks.{l}.attn.hook_z"][:, P:]
         torch.testing.assert_close(combine(A, t, b), z, rtol=0, atol=1e-12)
-        assert identity_1_residual(pattern, d.reference_pattern[l], P).abs().max() < 1e-12
-        assert identity_2_residual(z, pattern, d.reference_pattern[l], v, P).abs().max() < 1e-12
+        assert identity_1_residual(pattern, d.baseline_pattern[l], P).abs().max() < 1e-12
+        assert identity_2_residual(z, pattern, d.baseline_pattern[l], v, P).abs().max() < 1e-12
         w = prefix_pattern(pattern.log(), P)  # [b, h, q, p]
         torch.testing.assert_close(stats.weights[l], w.transpose(0, 1).flatten(1, 2), rtol=0, atol=1e-12)
         biases = attend(w, v[:, :P]).permute(2, 0, 1, 3).flatten(1, 2)  # [h, b·q, d]
@@ -129,7 +128,7 @@ def spied(monkeypatch):
     """Count every call of attention_math's functions and of the one prefixed forward
     (``decomposition.prefixed_cache``), wherever the modules that use them bound them."""
     calls = collections.Counter()
-    targets = [(am, name) for name in am.__all__] + [(decomposition, "prefixed_cache")]
+    targets = [(attention_math, name) for name in attention_math.__all__] + [(decomposition, "prefixed_cache")]
     for home, name in targets:
         fn = getattr(home, name)
 
@@ -137,7 +136,7 @@ def spied(monkeypatch):
             calls[_name] += 1
             return _fn(*args, **kwargs)
 
-        for module in (am, analysis, decomposition):
+        for module in (attention_math, analysis, decomposition):
             if getattr(module, name, None) is fn:
                 monkeypatch.setattr(module, name, wrapper)
     return calls
@@ -153,7 +152,7 @@ def test_the_formulas_are_not_written_again(spied):
     decomposition.attention_sources(model)  # the cached probe pass is not a prefixed run
 
     spied.clear()
-    d = pl.decompose(model, tokens, prefix, reference=False)
+    d = pl.decompose(model, tokens, prefix, baseline=False)
     assert spied["prefixed_cache"] == 1 and spied["split_attention"] == L
     assert spied["attend"] == 2 * L and spied["prefix_pattern"] == L and spied["content_pattern"] == L
     assert spied["prefix_mass"] == L

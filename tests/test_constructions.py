@@ -4,7 +4,7 @@ import pytest
 import torch
 
 import prefixlens as pl
-from prefixlens import constructions as C
+from prefixlens import constructions
 from prefixlens.decomposition import decompose
 from prefixlens.generation import generate
 
@@ -27,7 +27,7 @@ def _no_hooks(model):
 
 
 def test_theorem1_reference_demo():
-    model, vt = C.theorem1(_ids("I love transformers!"), V=94)
+    model, vt = constructions.theorem1(_ids("I love transformers!"), V=94)
     out = generate(model, torch.tensor([[0]]), vt, max_new_tokens=20)
     assert _text(out[0, 1:]) == "I love transformers!"
     assert model.cfg.n_layers == 1 and vt.length == 1 and isinstance(vt, pl.SoftPrompt)
@@ -35,20 +35,20 @@ def test_theorem1_reference_demo():
 
 
 def test_theorem1_exact_on_1000_random_sequences():
-    builder = C.Theorem1(N=20, V=94)
+    builder = constructions.Theorem1(N=20, V=94)
     targets = torch.randint(0, 94, (1000, 20), generator=torch.Generator().manual_seed(1))
     out = builder.generate(builder.virtual_token(targets))
     assert torch.equal(out, targets)
     # one model, 1000 virtual tokens, (almost surely) 1000 distinct outputs: far more than V
-    assert C.count_distinct(out) == C.count_distinct(targets) > 94
-    b64 = C.Theorem1(N=20, V=94, dtype=torch.float64)
+    assert constructions.count_distinct(out) == constructions.count_distinct(targets) > 94
+    b64 = constructions.Theorem1(N=20, V=94, dtype=torch.float64)
     assert torch.equal(_teacher_forced_theorem1(b64, targets), targets)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_theorem1_exact_by_design(dtype):
     """No tolerance anywhere: attention exactly one-hot on the slot, z exactly the code, logits integers."""
-    builder = C.Theorem1(N=12, V=50, dtype=dtype)
+    builder = constructions.Theorem1(N=12, V=50, dtype=dtype)
     target = torch.randint(0, 50, (12,), generator=torch.Generator().manual_seed(2))
     tokens = torch.cat([torch.tensor([7]), target[:-1]])[None]
     logits, cache = pl.run_with_cache(builder.model, tokens, builder.virtual_token(target))
@@ -70,47 +70,47 @@ def _teacher_forced_theorem1(builder, targets):
 
 def test_theorem1_float32_limit_V():
     """Largest V in float32: 4097 (every code decodes); at 4098 code 4097 decodes as 4096."""
-    V = C.decoder_limit(torch.float32)
+    V = constructions.decoder_limit(torch.float32)
     assert V == 4097
     N = 256
-    builder = C.Theorem1(N=N, V=V)
+    builder = constructions.Theorem1(N=N, V=V)
     codes = torch.randperm(V, generator=torch.Generator().manual_seed(3))
     rows = -(-V // N)
     targets = torch.cat([codes, codes[: rows * N - V]]).reshape(rows, N)  # every code at least once
     assert torch.equal(_teacher_forced_theorem1(builder, targets), targets)
 
     with pytest.raises(ValueError, match="exact-decoder limit"):
-        C.Theorem1(N=4, V=V + 1)
-    over = C.Theorem1(N=4, V=V + 1, strict=False)
+        constructions.Theorem1(N=4, V=V + 1)
+    over = constructions.Theorem1(N=4, V=V + 1, strict=False)
     bad = torch.tensor([[4097, 4096, 5, 4097]])
     assert _teacher_forced_theorem1(over, bad).tolist() == [[4096, 4096, 5, 4096]]
     # float64 has room: the same code decodes exactly there
-    assert torch.equal(_teacher_forced_theorem1(C.Theorem1(N=4, V=V + 1, dtype=torch.float64), bad), bad)
+    assert torch.equal(_teacher_forced_theorem1(constructions.Theorem1(N=4, V=V + 1, dtype=torch.float64), bad), bad)
 
 
 @pytest.mark.slow
 def test_theorem1_long_sequence_generation():
     """N is not limited by precision (attention stays exactly one-hot): N = 200 by real generation."""
-    builder = C.Theorem1(N=200, V=94)
+    builder = constructions.Theorem1(N=200, V=94)
     targets = torch.randint(0, 94, (4, 200), generator=torch.Generator().manual_seed(4))
     assert torch.equal(builder.generate(builder.virtual_token(targets)), targets)
 
 
 @pytest.mark.slow
 def test_theorem1_float32_limit_large_N_and_V():
-    builder = C.Theorem1(N=2048, V=4097)
+    builder = constructions.Theorem1(N=2048, V=4097)
     targets = torch.randint(0, 4097, (2, 2048), generator=torch.Generator().manual_seed(5))
     assert torch.equal(_teacher_forced_theorem1(builder, targets), targets)
 
 
 def test_theorem1_real_first_token_gives_at_most_V_outputs():
-    builder = C.Theorem1(N=20, V=94)
+    builder = constructions.Theorem1(N=20, V=94)
     real = builder.real_token_outputs()
     assert real.shape == (94, 20)
-    assert C.count_distinct(real) == 94  # the default table: token t counts up from t
+    assert constructions.count_distinct(real) == 94  # the default table: token t counts up from t
     assert torch.equal(real[5, :3], torch.tensor([5, 6, 7]))
-    zero = C.Theorem1(N=20, V=94, token_table=torch.zeros(94, 20, dtype=torch.long))
-    assert C.count_distinct(zero.real_token_outputs()) == 1
+    zero = constructions.Theorem1(N=20, V=94, token_table=torch.zeros(94, 20, dtype=torch.long))
+    assert constructions.count_distinct(zero.real_token_outputs()) == 1
 
 
 # ---- Theorem 2 --------------------------------------------------------------------------------
@@ -118,21 +118,21 @@ def test_theorem1_real_first_token_gives_at_most_V_outputs():
 
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_theorem2_exact_on_every_input_for_random_maps(dtype):
-    builder = C.Theorem2(V=94, dtype=dtype)
+    builder = constructions.Theorem2(V=94, dtype=dtype)
     maps = torch.randint(0, 94, (20, 94), generator=torch.Generator().manual_seed(6))
     assert torch.equal(builder.apply(builder.virtual_token(maps)), maps)
 
 
 def test_theorem2_case_flip_dict_and_real_tokens():
     flip = {ord(c) - 32: ord(c.swapcase()) - 32 for c in "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ"}
-    model, vt = C.theorem2(flip, V=94)
+    model, vt = constructions.theorem2(flip, V=94)
     assert _text(generate(model, _ids("f")[None], vt, 1)[0, 1:]) == "F"
-    builder = C.Theorem2(V=94)
+    builder = constructions.Theorem2(V=94)
     outputs = builder.apply(builder.virtual_token(flip))[0]
     expected = torch.tensor([flip.get(u, 0) for u in range(94)])
     assert torch.equal(outputs, expected)
     real = builder.real_token_outputs()
-    assert C.count_distinct(real) == 94
+    assert constructions.count_distinct(real) == 94
     assert torch.equal(real[3], (torch.arange(94) + 3) % 94)
 
 
@@ -150,7 +150,7 @@ def _teacher_forced_long(builder, maps):
 
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_long_response_exact_for_random_maps(dtype):
-    builder = C.LongResponse(V=94, N0=10, dtype=dtype)
+    builder = constructions.LongResponse(V=94, N0=10, dtype=dtype)
     maps = torch.randint(0, 94, (10, 94, 10), generator=torch.Generator().manual_seed(7))
     assert torch.equal(_teacher_forced_long(builder, maps), maps)
     prefix = builder.virtual_tokens(maps[:2])
@@ -161,13 +161,13 @@ def test_long_response_exact_for_random_maps(dtype):
 def test_long_response_reference_demo():
     words = {"b": "lueberries", "A": "lligator", "X": "ray tetra"}
     mapping = {ord(k) - 32: _ids(v.ljust(10)) for k, v in words.items()}
-    model, prefix = C.long_response(mapping, V=94, N0=10)
+    model, prefix = constructions.long_response(mapping, V=94, N0=10)
     out = generate(model, _ids("b")[None], prefix, 10)
     assert _text(out[0]) == "blueberries"
 
 
 def test_reference_two_token_map_matches_the_notebook():
-    m = C.reference_two_token_map(0)
+    m = constructions.reference_two_token_map(0)
     shown = {"AB": "A", "AA": "F", "BA": "H", "DE": "D", "BB": "G", "BG": "H"}
     for key, value in shown.items():
         assert chr(int(m[ord(key[0]) - 65, ord(key[1]) - 65]) + 65) == value
@@ -175,8 +175,8 @@ def test_reference_two_token_map_matches_the_notebook():
 
 @pytest.mark.parametrize("K", [None, 1, 3])
 def test_two_token_exact_for_reference_seeds_and_random_maps(K):
-    builder = C.TwoTokenInput(V=10, digits_per_coordinate=K)
-    reference = torch.stack([C.reference_two_token_map(s) for s in range(10)])  # seeds 2, 3, 9 included
+    builder = constructions.TwoTokenInput(V=10, digits_per_coordinate=K)
+    reference = torch.stack([constructions.reference_two_token_map(s) for s in range(10)])  # seeds 2, 3, 9 included
     random = torch.randint(0, 10, (10, 10, 10), generator=torch.Generator().manual_seed(8))
     # rows ending in zeros broke the reference's float unpacking; add the worst cases explicitly
     edge = torch.stack([torch.zeros(10, 10, dtype=torch.long), torch.full((10, 10), 9), torch.eye(10, dtype=torch.long)])
@@ -186,20 +186,20 @@ def test_two_token_exact_for_reference_seeds_and_random_maps(K):
 
 
 def test_two_token_packing_and_float64():
-    b32 = C.TwoTokenInput(V=10)
+    b32 = constructions.TwoTokenInput(V=10)
     assert b32.K == 6 and b32.C == 2  # float32 holds 6 base-10 digits exactly (with headroom)
-    b64 = C.TwoTokenInput(V=10, dtype=torch.float64)
+    b64 = constructions.TwoTokenInput(V=10, dtype=torch.float64)
     assert b64.K == 10 and b64.C == 1  # one number per row, as in the reference, exact in float64
-    maps = torch.stack([C.reference_two_token_map(s) for s in (2, 3, 9)])
+    maps = torch.stack([constructions.reference_two_token_map(s) for s in (2, 3, 9)])
     assert torch.equal(b64.apply(b64.virtual_token(maps)), maps)
     with pytest.raises(ValueError, match="digits_per_coordinate"):
-        C.TwoTokenInput(V=10, digits_per_coordinate=7)
+        constructions.TwoTokenInput(V=10, digits_per_coordinate=7)
 
 
 def test_two_token_unpacking_is_done_by_the_network():
     """The digits of row u0 appear in the residual stream (exactly), computed by the MLP blocks."""
-    builder = C.TwoTokenInput(V=10, digits_per_coordinate=3)
-    m = C.reference_two_token_map(3)
+    builder = constructions.TwoTokenInput(V=10, digits_per_coordinate=3)
+    m = constructions.reference_two_token_map(3)
     prefix = builder.virtual_token(m)
     _, cache = pl.run_with_cache(builder.model, torch.tensor([[4, 7]]), prefix)
     resid = cache[f"blocks.{builder.K - 1}.hook_resid_post"][0, -1]
@@ -214,19 +214,19 @@ def test_two_token_unpacking_is_done_by_the_network():
 
 
 def test_two_token_real_first_token_contrast():
-    builder = C.TwoTokenInput(V=6)
+    builder = constructions.TwoTokenInput(V=6)
     real = builder.real_token_outputs()
     assert real.shape == (6, 6, 6)
-    assert C.count_distinct(real) <= 6
+    assert constructions.count_distinct(real) <= 6
     maps = torch.randint(0, 6, (50, 6, 6), generator=torch.Generator().manual_seed(9))
-    assert C.count_distinct(builder.apply(builder.virtual_token(maps))) == C.count_distinct(maps) > 6
+    assert constructions.count_distinct(builder.apply(builder.virtual_token(maps))) == constructions.count_distinct(maps) > 6
 
 
 # ---- the library works on them unchanged ------------------------------------------------------
 
 
 def test_library_functions_on_a_construction():
-    builder = C.Theorem2(V=12)
+    builder = constructions.Theorem2(V=12)
     mapping = torch.randint(0, 12, (12,), generator=torch.Generator().manual_seed(10))
     vt = builder.virtual_token(mapping)
     tokens = torch.arange(12)[:, None]
@@ -248,7 +248,7 @@ def test_library_functions_on_a_construction():
 
 
 def test_no_hooks_left_after_an_error():
-    builder = C.Theorem2(V=5)
+    builder = constructions.Theorem2(V=5)
     vt = builder.virtual_token(torch.zeros(5, dtype=torch.long))
     with pytest.raises(ValueError):
         pl.run_with_prefix(builder.model, torch.tensor([[1, 2, 3]]), vt)  # longer than n_ctx
@@ -256,7 +256,7 @@ def test_no_hooks_left_after_an_error():
 
 
 def test_bad_inputs():
-    builder = C.Theorem1(N=5, V=10)
+    builder = constructions.Theorem1(N=5, V=10)
     with pytest.raises(ValueError, match="ids in"):
         builder.virtual_token(torch.tensor([1, 2, 3, 4, 10]))
     with pytest.raises(ValueError, match="shape"):
@@ -264,10 +264,10 @@ def test_bad_inputs():
     with pytest.raises(TypeError, match="integer"):
         builder.virtual_token(torch.tensor([1.0, 2, 3, 4, 5]))
     with pytest.raises(TypeError, match="float32 or float64"):
-        C.Theorem2(V=5, dtype=torch.float16)
+        constructions.Theorem2(V=5, dtype=torch.float16)
     with pytest.raises(ValueError):
-        C.LongResponse(V=5, N0=0)
-    other = C.Theorem1(N=6, V=10)
+        constructions.LongResponse(V=5, N0=0)
+    other = constructions.Theorem1(N=6, V=10)
     with pytest.raises(ValueError, match="different model"):
         pl.run_with_prefix(other.model, torch.tensor([[0]]), builder.virtual_token(torch.arange(5)))
 
@@ -275,7 +275,7 @@ def test_bad_inputs():
 def test_reports_render_a_construction(tmp_path):
     from prefixlens import report
 
-    builder = C.Theorem2(V=8)
+    builder = constructions.Theorem2(V=8)
     vt = builder.virtual_token(torch.randint(0, 8, (8,), generator=torch.Generator().manual_seed(11)))
     tokens = torch.arange(8)[:, None]
     d = decompose(builder.model, tokens, vt)

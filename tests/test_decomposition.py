@@ -16,7 +16,7 @@ def test_identities_hold_for_every_layer_and_head(family, dtype, P):
     L, H = model.cfg.n_layers, model.cfg.n_heads
     assert d.prefix_attention.shape == (L, 3, H, 7)
     assert d.content_output.shape == d.prefix_bias.shape == d.z.shape == (L, 3, 7, H, model.cfg.d_head)
-    assert d.content_pattern.shape == d.reference_pattern.shape == (L, 3, H, 7, 7)
+    assert d.content_pattern.shape == d.baseline_pattern.shape == (L, 3, H, 7, 7)
     tol = DECOMPOSITION_TOL[dtype]
     assert d.reconstruction_error() <= tol
     assert d.residual_reconstruction_error().max() <= 10 * tol
@@ -31,10 +31,10 @@ def test_z_is_the_models_own_hook_z(family):
     model = build(family)
     x = random_tokens((2, 5))
     prefix = pl.KVPrefix.random(model, 2, seed=3)
-    d = pl.decompose(model, x, prefix, reference=False)
+    d = pl.decompose(model, x, prefix, baseline=False)
     _, cache = pl.run_with_cache(model, x, prefix, names_filter=lambda n: n == "blocks.1.attn.hook_z")
     assert torch.equal(d.z[1], cache["blocks.1.attn.hook_z"][:, 2:])
-    with pytest.raises(ValueError, match="reference=False"):
+    with pytest.raises(ValueError, match="baseline=False"):
         d.relative_attention_error()
 
 
@@ -148,13 +148,13 @@ def test_pattern_only_bridges_refuse_an_underflowed_split():
     prefix.keys.data[..., 0, :, :] = 1e6 * u  # every query scores one slot ~1e6 above the content
     prefix.keys.data[..., 1, :, :] = -1e6 * u
     with pytest.raises(ValueError, match="OPTForCausalLM fires only the post-softmax .* content output t .* float64"):
-        pl.decompose(model, random_tokens((2, 5)), prefix, reference=False)
+        pl.decompose(model, random_tokens((2, 5)), prefix, baseline=False)
     # where the bridge fires the pre-softmax scores, the same prefix decomposes exactly
     llama = build("llama_gqa")
     p2 = pl.KVPrefix.random(llama, 2, seed=1)
     p2.keys.data[..., 0, :, :] = 1e6 * u[: p2.keys.shape[-1]]
     p2.keys.data[..., 1, :, :] = -1e6 * u[: p2.keys.shape[-1]]
-    assert pl.decompose(llama, random_tokens((2, 5)), p2, reference=False).reconstruction_error() <= 1e-5
+    assert pl.decompose(llama, random_tokens((2, 5)), p2, baseline=False).reconstruction_error() <= 1e-5
 
 
 # --- non-finite values surface (issue 14, item 5) ---------------------------------------------------
@@ -169,7 +169,7 @@ def test_nan_in_a_prefix_shows_in_every_error():
     prefix = pl.KVPrefix.random(model, 2, seed=1)
     prefix.keys.data[0, 0, 0, 0] = float("nan")
     d = pl.decompose(model, random_tokens((2, 5)), prefix)
-    assert torch.isnan(d.reference_pattern[1]).all()
+    assert torch.isnan(d.baseline_pattern[1]).all()
     rel = d.relative_attention_error()
     assert torch.isfinite(rel[0]) and torch.isnan(rel[1])  # layer 0's content scores never see the slots
     for per_head in (d.reconstruction_error_per_head(), d.residual_reconstruction_error()):
@@ -209,7 +209,7 @@ def test_decompose_and_from_prompt_use_eval_semantics_and_restore_the_mode():
     d = pl.decompose(model, x, kv)
     assert d.reconstruction_error() <= 1e-5
     assert torch.equal(d.z, eval_d.z) and torch.equal(d.prefix_attention, eval_d.prefix_attention)
-    assert torch.equal(d.reference_pattern, eval_d.reference_pattern)  # the deferred pass too
+    assert torch.equal(d.baseline_pattern, eval_d.baseline_pattern)  # the deferred pass too
     assert _modes(model) == before
 
 
@@ -223,3 +223,44 @@ def test_repr_is_a_short_summary():
     assert "not computed" in r
     d.relative_attention_error()
     assert "relative_attention_error=" in repr(d) and "not computed" not in repr(d)
+
+
+# --- "baseline" (the run without the prefix) was once called "reference": old spellings warn -------
+
+
+def test_reference_keyword_is_a_deprecated_spelling_of_baseline():
+    model = build("gpt2", torch.float64)
+    x, prefix = random_tokens((2, 5), seed=2), pl.KVPrefix.random(model, 2, seed=3).to(torch.float64)
+    new = pl.decompose(model, x, prefix, baseline=True)
+    with pytest.warns(DeprecationWarning, match=r"decompose\(\.\.\., baseline=\.\.\.\)") as caught:
+        old = pl.decompose(model, x, prefix, reference=True)
+    assert caught[0].filename == __file__  # points at the caller
+    assert old.has_baseline
+    assert torch.equal(old.z, new.z) and torch.equal(old.baseline_pattern, new.baseline_pattern)
+    assert torch.equal(old.layer_input_shift, new.layer_input_shift)
+    with pytest.warns(DeprecationWarning, match="baseline="):
+        off = pl.decompose(model, x, prefix, reference=False)
+    assert not off.has_baseline
+    with pytest.raises(ValueError, match="baseline=False"):
+        _ = off.baseline_pattern
+    for both in ({"baseline": True, "reference": True}, {"baseline": False, "reference": True}):
+        with pytest.raises(TypeError, match="both baseline and reference"):
+            pl.decompose(model, x, prefix, **both)
+    with pytest.raises(TypeError, match="both baseline and reference"):
+        pl.decompose(model, x, prefix, False, reference=False)  # baseline given by position
+
+
+def test_reference_attributes_are_deprecated_spellings_of_baseline():
+    model = build("llama_gqa")
+    x, prefix = random_tokens((2, 5), seed=4), pl.ResidualPrefix.random(model, 2, seed=5)
+    d = pl.decompose(model, x, prefix)
+    with pytest.warns(DeprecationWarning, match="HeadDecomposition.baseline_pattern"):
+        old = d.reference_pattern
+    assert old is d.baseline_pattern
+    with pytest.warns(DeprecationWarning, match="HeadDecomposition.has_baseline"):
+        assert d.has_reference is d.has_baseline is True
+    off = pl.decompose(model, x, prefix, baseline=False)
+    with pytest.warns(DeprecationWarning, match="has_baseline"):
+        assert off.has_reference is off.has_baseline is False
+    with pytest.warns(DeprecationWarning), pytest.raises(ValueError, match="baseline=False"):
+        _ = off.reference_pattern

@@ -111,6 +111,7 @@ def test_render_only_without_a_json_names_the_problem(tmp_path):
         _analysis().main(["--out", str(tmp_path), "--render-only"])
 
 
+@pytest.mark.python_random_state
 def test_threads_and_random_state_are_restored(tmp_path):
     threads = torch.get_num_threads()
     torch.manual_seed(7)

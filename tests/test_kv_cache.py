@@ -6,9 +6,7 @@ import torch
 from transformers import DynamicCache
 
 import prefixlens as pl
-from prefixlens import kv_cache, models
-from prefixlens import tasks as T
-from prefixlens import train as TR
+from prefixlens import kv_cache, models, tasks, train
 from prefixlens.kv_cache import KVCacheError, cached_forward
 from tests.conftest import HF_FAMILIES, build, build_hf, n_attached_hooks, random_tokens
 from tests.upstream import TL_CACHED_GENERATE_BROKEN, TL_CACHED_GENERATE_REASON
@@ -76,11 +74,11 @@ def test_generate_refuses_a_cache_that_does_not_grow(cache_that_does_not_grow):
 
 
 def test_shared_pads_training_refuses_a_cache_that_does_not_grow(cache_that_does_not_grow):
-    model = models.toy_gpt2(d_vocab=T.VOCAB, n_ctx=24, seed=0, n_layers=2, d_model=16, n_heads=2)
-    batch = T.make_batch("histogram", 8, 4, "train", torch.Generator().manual_seed(0))
+    model = models.toy_gpt2(d_vocab=tasks.VOCAB, n_ctx=24, seed=0, n_layers=2, d_model=16, n_heads=2)
+    batch = tasks.make_batch("histogram", 8, 4, "train", torch.Generator().manual_seed(0))
     with pytest.raises(KVCacheError, match="share_pads=False"):
-        TR.batch_loss(model, batch, pl.ResidualPrefix.random(model, 2, seed=0), share_pads=True)
-    TR.batch_loss(model, batch, pl.ResidualPrefix.random(model, 2, seed=0), share_pads=False)
+        train.batch_loss(model, batch, pl.ResidualPrefix.random(model, 2, seed=0), share_pads=True)
+    train.batch_loss(model, batch, pl.ResidualPrefix.random(model, 2, seed=0), share_pads=False)
 
 
 def test_bridge_generate_without_its_cache_agrees():

@@ -6,13 +6,12 @@ import pytest
 import torch
 from torch.nn.utils import parametrize
 
-from prefixlens import models
-from prefixlens import tasks as T
+from prefixlens import models, tasks
 from prefixlens.lora import add_lora, lora_parameter_count
 
 
 def tiny(seed=0):
-    return models.toy_gpt2(d_vocab=T.VOCAB, n_ctx=24, seed=seed, n_layers=2, d_model=16, n_heads=2)
+    return models.toy_gpt2(d_vocab=tasks.VOCAB, n_ctx=24, seed=seed, n_layers=2, d_model=16, n_heads=2)
 
 
 def _o(model, layer):
@@ -30,7 +29,7 @@ def _nothing_attached(model):
         (dict(targets=("q", "mlp_in", "q")), "named more than once"),
         (dict(targets=("o",), layers=[0, 0]), "named more than once"),
         (dict(targets=("o",), layers=[]), "empty"),
-        (dict(targets=("o",), layers=[0.0]), "ints"),
+        pytest.param(dict(targets=("o",), layers=[0.0]), "ints", marks=pytest.mark.wrong_types_on_purpose),
         (dict(targets=("o",), alpha=0.0), "alpha"),
         (dict(targets=("o",), rank=True), "rank"),
         (dict(targets="bogus"), "targets"),

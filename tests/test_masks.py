@@ -8,9 +8,7 @@ import pytest
 import torch
 
 import prefixlens as pl
-from prefixlens import analysis, models
-from prefixlens import tasks as T
-from prefixlens import train as TR
+from prefixlens import analysis, models, tasks, train
 from prefixlens.generation import sample_next
 from tests.conftest import TOL, build, build_hf, n_attached_hooks, random_tokens
 
@@ -90,18 +88,10 @@ def test_all_ones_mask_changes_nothing(family):
             assert torch.equal(pl.run_with_prefix(model, x, prefix, attention_mask=mask), plain)
 
 
-def test_bad_masks_are_refused():
+def _check_masks_are_refused(cases):
     model = build("gpt2")
     prefix = pl.KVPrefix.random(model, P)
     x = random_tokens((2, 5))
-    cases = [
-        (torch.ones(2, 4), "expected \\[batch, T\\]"),
-        (torch.ones(3, 5), "expected"),
-        (torch.ones(5), "expected"),
-        (torch.ones(2, 5) * 2, "only 0"),
-        (torch.tensor([[1, 1, 1, 1, 1], [0, 0, 0, 0, 0]]), r"row\(s\) \[1\] have no real content token"),
-        (torch.cat([torch.zeros(2, 1), torch.ones(2, P + 4)], dim=1), "masks a prefix slot"),
-    ]
     for mask, match in cases:
         for call in (
             lambda: pl.run_with_prefix(model, x, prefix, attention_mask=mask),  # noqa: B023  (called in this iteration)
@@ -112,6 +102,20 @@ def test_bad_masks_are_refused():
             with pytest.raises(ValueError, match=match):
                 call()
     assert n_attached_hooks(model) == 0
+
+
+def test_bad_masks_are_refused():
+    _check_masks_are_refused([
+        (torch.ones(2, 4), "expected \\[batch, T\\]"),
+        (torch.ones(2, 5) * 2, "only 0"),
+        (torch.tensor([[1, 1, 1, 1, 1], [0, 0, 0, 0, 0]]), r"row\(s\) \[1\] have no real content token"),
+        (torch.cat([torch.zeros(2, 1), torch.ones(2, P + 4)], dim=1), "masks a prefix slot"),
+    ])
+
+
+@pytest.mark.wrong_types_on_purpose  # masks whose batch or rank differ from Shaped[Tensor, "batch mask_pos"]
+def test_masks_of_a_wrong_batch_or_rank_are_refused():
+    _check_masks_are_refused([(torch.ones(3, 5), "expected"), (torch.ones(5), "expected")])
 
 
 @pytest.mark.parametrize("kind", ["llama", "gpt2"])
@@ -161,13 +165,13 @@ def test_decompose_with_a_mask_equals_each_row_alone(family):
                 (d.content_output[:, r][:, real], a.content_output[:, 0]),
                 (d.prefix_bias[:, r][:, real], a.prefix_bias[:, 0]),
                 (d.content_pattern[:, r][:, :, real][..., real], a.content_pattern[:, 0]),
-                (d.reference_pattern[:, r][:, :, real][..., real], a.reference_pattern[:, 0]),
+                (d.baseline_pattern[:, r][:, :, real][..., real], a.baseline_pattern[:, 0]),
                 (d.layer_input_shift[:, r][:, real], a.layer_input_shift[:, 0]),
             ]
             err = max((got - want).abs().max().item() for got, want in pairs)
             assert err <= tol(family), f"{family} {side} row {r}: max |Δ| = {err:.2e}"
         # padded query positions are 0, never NaN
-        assert torch.isfinite(d.z).all() and torch.isfinite(d.reference_pattern).all()
+        assert torch.isfinite(d.z).all() and torch.isfinite(d.baseline_pattern).all()
 
 
 def test_analysis_functions_take_a_mask():
@@ -191,29 +195,29 @@ def test_analysis_functions_take_a_mask():
 
 
 def test_training_loss_with_a_mask_equals_rows_alone():
-    model = models.toy_llama(d_vocab=T.VOCAB, n_ctx=32, n_layers=2, d_model=16, n_heads=2, n_kv_heads=1,
+    model = models.toy_llama(d_vocab=tasks.VOCAB, n_ctx=32, n_layers=2, d_model=16, n_heads=2, n_kv_heads=1,
                              init_range=0.3, seed=0, dtype=F64)
-    batch = T.make_batch("histogram", 3, 4, "train", torch.Generator().manual_seed(0))
+    batch = tasks.make_batch("histogram", 3, 4, "train", torch.Generator().manual_seed(0))
     prefix = pl.ResidualPrefix.random(model, 2, seed=1)
-    tokens, targets = TR._content(batch.tokens, batch.targets, batch.n_pad, prefix)
+    tokens, targets = train._content(batch.tokens, batch.targets, batch.n_pad, prefix)
     mask = torch.ones_like(tokens)
     mask[1, :2] = 0  # row 1: its first two content tokens are padding
     full = torch.cat([torch.ones(3, 2, dtype=torch.long), mask], dim=1)
     with torch.no_grad():
-        got = TR.batch_loss(model, batch, prefix, attention_mask=mask)
-        assert torch.equal(got, TR.batch_loss(model, batch, prefix, attention_mask=full))
+        got = train.batch_loss(model, batch, prefix, attention_mask=mask)
+        assert torch.equal(got, train.batch_loss(model, batch, prefix, attention_mask=full))
         total, count = 0.0, 0
         for r in range(3):
             real = mask[r].bool()
             logits = pl.run_with_prefix(model, tokens[r][real], prefix)[0]
             want = targets[r][real]
-            keep = want != T.IGNORE
+            keep = want != tasks.IGNORE
             total += torch.nn.functional.cross_entropy(logits[keep], want[keep], reduction="sum")
             count += int(keep.sum())
     assert abs(float(got) - float(total / count)) <= 1e-10
     with torch.no_grad():
-        ones = TR.batch_loss(model, batch, prefix, attention_mask=torch.ones_like(tokens))
-    assert torch.equal(ones, TR.batch_loss(model, batch, prefix, share_pads=False))
+        ones = train.batch_loss(model, batch, prefix, attention_mask=torch.ones_like(tokens))
+    assert torch.equal(ones, train.batch_loss(model, batch, prefix, share_pads=False))
 
 
 # ---- item 1 / 12: generation with left padding ---------------------------------------------------------
@@ -398,11 +402,17 @@ def test_eos_with_chunks_that_finish_at_different_steps(use_cache):
 # ---- item 17: argument checks ------------------------------------------------------------------------------
 
 
+@pytest.mark.wrong_types_on_purpose  # a float where top_k: int | None is annotated
+def test_a_fractional_top_k_is_refused():
+    with pytest.raises(ValueError, match="top_k"):
+        pl.generate(build("gpt2"), random_tokens((2, 3)), max_new_tokens=2, do_sample=True, top_k=2.5)
+
+
 def test_sampling_and_batch_arguments_are_checked():
     model = build("gpt2")
     x = random_tokens((2, 3))
     for kwargs, name in [
-        (dict(top_k=0), "top_k"), (dict(top_k=-3), "top_k"), (dict(top_k=2.5), "top_k"),
+        (dict(top_k=0), "top_k"), (dict(top_k=-3), "top_k"),
         (dict(top_p=0.0), "top_p"), (dict(top_p=1.5), "top_p"), (dict(top_p=-0.2), "top_p"),
         (dict(batch_size=0), "batch_size"), (dict(batch_size=-1), "batch_size"),
         (dict(temperature=0.0), "temperature"),

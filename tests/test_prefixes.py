@@ -80,8 +80,6 @@ def test_bad_inputs_are_refused():
         pl.run_with_prefix(model, torch.zeros((1, 0), dtype=torch.long), prefix)
     with pytest.raises(ValueError, match="exceeds the model's context of 64"):
         pl.run_with_prefix(model, random_tokens((1, 63)), prefix)
-    with pytest.raises(TypeError, match="integer ids"):
-        pl.run_with_prefix(model, torch.zeros((1, 3)), prefix)
     with pytest.raises(ValueError, match="at least one slot"):
         pl.KVPrefix.zeros(model, 0)
     with pytest.raises(ValueError, match="P >= 1"):
@@ -90,6 +88,14 @@ def test_bad_inputs_are_refused():
         pl.KVPrefix(torch.zeros(3, 2, 4, 8), torch.zeros(3, 2, 4, 8), prefix.signature)
     with pytest.raises(ValueError, match="token ids must lie in"):
         pl.run_with_prefix(model, torch.tensor([[1, 99]]), prefix)
+
+
+@pytest.mark.wrong_types_on_purpose  # float ids; a tensor where a Prefix is annotated
+def test_bad_input_types_are_refused():
+    model = build("gpt2")
+    prefix = pl.KVPrefix.random(model, 2)
+    with pytest.raises(TypeError, match="integer ids"):
+        pl.run_with_prefix(model, torch.zeros((1, 3)), prefix)
     with pytest.raises(TypeError, match="expected a prefixlens prefix"):
         pl.run_with_prefix(model, random_tokens((1, 3)), torch.zeros(3))
 
@@ -145,12 +151,14 @@ def test_weight_dependent_constructors_refuse_a_meta_model(how):
         (torch.tensor([[3, 61]]), ValueError, r"prompt tokens do not fit this model: token ids must lie in \[0, 61\)"),
         (torch.tensor([3, 200], dtype=torch.uint8), ValueError, r"token ids must lie in \[0, 61\), got min 3, max 200"),
         (torch.tensor([[3, -5]], dtype=torch.int16), ValueError, r"token ids must lie in \[0, 61\), got min -5"),
-        (torch.tensor([[3.0, 4.0]]), TypeError, "prompt tokens must be integer ids, got dtype torch.float32"),
-        (torch.tensor([True, False]), TypeError, "prompt tokens must be integer ids, got dtype torch.bool"),
+        pytest.param(torch.tensor([[3.0, 4.0]]), TypeError, "prompt tokens must be integer ids, got dtype torch.float32",
+                     marks=pytest.mark.wrong_types_on_purpose),
+        pytest.param(torch.tensor([True, False]), TypeError, "prompt tokens must be integer ids, got dtype torch.bool",
+                     marks=pytest.mark.wrong_types_on_purpose),
         (torch.zeros((0, 3), dtype=torch.long), ValueError, r"batch >= 1 and P >= 1, got shape \(0, 3\)"),
         (torch.zeros((2, 0), dtype=torch.long), ValueError, r"batch >= 1 and P >= 1, got shape \(2, 0\)"),
         (torch.zeros((0,), dtype=torch.long), ValueError, r"batch >= 1 and P >= 1, got shape \(0,\)"),
-        (torch.tensor(3), ValueError, r"\[P\] \(one prefix\) or \[batch, P\].*got shape \(\)"),
+        pytest.param(torch.tensor(3), ValueError, r"\[P\] \(one prefix\) or \[batch, P\].*got shape \(\)", marks=pytest.mark.wrong_types_on_purpose),
         (torch.zeros((1, 2, 3), dtype=torch.long), ValueError, r"got shape \(1, 2, 3\)"),
         ([[3, 4], [5]], TypeError, "rectangular"),
         (torch.full((64,), 5), ValueError, "leaves no room for content"),

@@ -163,7 +163,7 @@ package = types.ModuleType("prefixlens")
 package.__path__ = list(spec.submodule_search_locations)
 sys.modules["prefixlens"] = package
 
-import prefixlens.prefixes as P
+from prefixlens import prefixes
 
 loaded = sorted(m for m in sys.modules if m.startswith("prefixlens."))
 print("LOADED", loaded)
@@ -175,10 +175,10 @@ from prefixlens import models
 import torch
 model = models.toy_gpt2(n_layers=2, d_model=32, n_heads=4, d_vocab=61, n_ctx=64, seed=7)
 tokens = torch.tensor([3, 4, 5])
-for cls in P.FORMS.values():
+for cls in prefixes.FORMS.values():
     prefix = cls.from_prompt(model, tokens)
     kv = prefix.to_kv(model)
-    assert torch.allclose(kv.keys, P.KVPrefix.from_prompt(model, tokens).keys, atol=1e-5)
+    assert torch.allclose(kv.keys, prefixes.KVPrefix.from_prompt(model, tokens).keys, atol=1e-5)
 for name in ("prefixlens.injection", "prefixlens.peft_interop", "prefixlens.decomposition",
              "prefixlens.generation", "prefixlens.analysis", "prefixlens.capacity"):
     assert name not in sys.modules, name

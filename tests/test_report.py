@@ -69,9 +69,9 @@ def test_attention_figure_views(setup):
     torch.testing.assert_close(renormalised, renorm.props["attention"].double(), atol=1e-5, rtol=0)
     # ... which equals the attention without the prefix for the same layer input (the theorem)
     d = pl.decompose(model, tokens, prefix)
-    diff = (d.content_pattern[1, 2] - d.reference_pattern[1, 2]).abs().max()
+    diff = (d.content_pattern[1, 2] - d.baseline_pattern[1, 2]).abs().max()
     assert diff < TOL[dtype]
-    torch.testing.assert_close(plain.props["attention"], d.reference_pattern[1, 2].float(), atol=0, rtol=0)
+    torch.testing.assert_close(plain.props["attention"], d.baseline_pattern[1, 2].float(), atol=0, rtol=0)
 
 
 def test_attention_figure_layers_heads_and_errors(setup):
@@ -89,8 +89,8 @@ def test_attention_figure_layers_heads_and_errors(setup):
         report.attention_figure(model, tokens, prefix, head=9, decomposition=d)
     with pytest.raises(ValueError, match="does not belong"):
         report.attention_figure(model, tokens[:2], prefix, decomposition=d)
-    with pytest.raises(ValueError, match="reference"):
-        report.attention_figure(model, tokens, prefix, decomposition=pl.decompose(model, tokens, prefix, reference=False))
+    with pytest.raises(ValueError, match="baseline"):
+        report.attention_figure(model, tokens, prefix, decomposition=pl.decompose(model, tokens, prefix, baseline=False))
     assert _hook_count(model) == 0
 
 
@@ -125,7 +125,7 @@ def test_prefix_mass_figure(setup):
 
 def test_prefix_mass_grid_figure(setup):
     model, tokens, _, prefixes, _ = setup
-    d = pl.decompose(model, tokens, prefixes["prompt"], reference=False)
+    d = pl.decompose(model, tokens, prefixes["prompt"], baseline=False)
     fig = report.prefix_mass_grid_figure(d, highlight=[(1, 2)])
     L, H = model.cfg.n_layers, model.cfg.n_heads
     torch.testing.assert_close(fig.data["A"], d.prefix_attention.double().mean(dim=(1, 3)), atol=0, rtol=0)

@@ -10,6 +10,7 @@ def test_round_trip_and_metadata(tmp_path):
     assert torch.equal(tensors["w"], torch.arange(3.0)) and meta["k"] == "v"
 
 
+@pytest.mark.wrong_types_on_purpose  # a str where tensors are annotated, an int where metadata strings are
 def test_failed_write_leaves_old_file_and_no_temp(tmp_path):
     path = tmp_path / "x.safetensors"
     save_tensors(path, {"w": torch.ones(2)}, {})

@@ -7,7 +7,7 @@ import sys
 import pytest
 import torch
 
-from prefixlens import tasks as T
+from prefixlens import tasks
 
 
 def _g(seed=0):
@@ -16,18 +16,18 @@ def _g(seed=0):
 
 def test_solve_each_task_on_a_known_input():
     x = torch.tensor([[2, 6, 0, 1, 4, 6, 3, 0, 1, 2]])
-    assert T.solve("ascending", x).tolist() == [[0, 0, 1, 1, 2, 2, 3, 4, 6, 6]]
-    assert T.solve("descending", x).tolist() == [[6, 6, 4, 3, 2, 2, 1, 1, 0, 0]]
-    assert T.solve("add1", x).tolist() == [(x + 1).tolist()[0]]
-    assert T.solve("add2", x).tolist() == [(x + 2).tolist()[0]]
-    assert T.solve("ascending_add1", x).tolist() == [[1, 1, 2, 2, 3, 3, 4, 5, 7, 7]]
+    assert tasks.solve("ascending", x).tolist() == [[0, 0, 1, 1, 2, 2, 3, 4, 6, 6]]
+    assert tasks.solve("descending", x).tolist() == [[6, 6, 4, 3, 2, 2, 1, 1, 0, 0]]
+    assert tasks.solve("add1", x).tolist() == [(x + 1).tolist()[0]]
+    assert tasks.solve("add2", x).tolist() == [(x + 2).tolist()[0]]
+    assert tasks.solve("ascending_add1", x).tolist() == [[1, 1, 2, 2, 3, 3, 4, 5, 7, 7]]
     # histogram: count of each element in the input
-    assert T.solve("histogram", x).tolist() == [[2, 2, 2, 2, 1, 2, 1, 2, 2, 2]]
+    assert tasks.solve("histogram", x).tolist() == [[2, 2, 2, 2, 1, 2, 1, 2, 2, 2]]
 
 
 def test_histogram_is_not_rasp_double_histogram():
     x = torch.tensor([[0, 0, 1, 2, 2, 3, 3, 3, 4, 5]])
-    hist = T.solve("histogram", x)[0].tolist()
+    hist = tasks.solve("histogram", x)[0].tolist()
     assert hist == [2, 2, 1, 2, 2, 3, 3, 3, 1, 1]
     # RASP's double histogram would give, for token 0 (count 2), the number of distinct tokens with count 2 (= 2)
     double = [len({int(v) for v, c in zip(x[0], hist) if c == hist[i]}) for i in range(10)]
@@ -36,43 +36,43 @@ def test_histogram_is_not_rasp_double_histogram():
 
 def test_out_of_vocabulary_answers_are_refused_and_never_sampled():
     with pytest.raises(ValueError, match="leaves the vocabulary"):
-        T.solve("histogram", torch.full((1, 10), 3))
+        tasks.solve("histogram", torch.full((1, 10), 3))
     with pytest.raises(ValueError, match="digits"):
-        T.solve("add1", torch.full((1, 10), 8))
-    x = T.sample_inputs(20000, "train", _g())
+        tasks.solve("add1", torch.full((1, 10), 8))
+    x = tasks.sample_inputs(20000, "train", _g())
     assert (x != x[:, :1]).any(1).all()  # no constant input
-    assert int(T.solve("histogram", x).max()) < T.VOCAB
+    assert int(tasks.solve("histogram", x).max()) < tasks.VOCAB
     with pytest.raises(ValueError, match="unknown task"):
-        T.make_batch("sorting", 4, 1, "train", _g())
+        tasks.make_batch("sorting", 4, 1, "train", _g())
 
 
 def test_layout_loss_only_on_the_answer():
-    b = T.make_batch("ascending", 8, 3, "train", _g())
+    b = tasks.make_batch("ascending", 8, 3, "train", _g())
     assert b.tokens.shape == (8, 3 + 19) and b.targets.shape == (8, 3 + 19)
     assert (b.tokens[:, :3] == 0).all()
     assert torch.equal(b.tokens[:, 3:13], b.inputs)
     assert torch.equal(b.tokens[:, 13:], b.answers[:, :-1])
-    assert (b.targets[:, : 3 + 9] == T.IGNORE).all()
+    assert (b.targets[:, : 3 + 9] == tasks.IGNORE).all()
     assert torch.equal(b.targets[:, 3 + 9 :], b.answers)
     assert torch.equal(b.prompt(), b.tokens[:, :13])
 
 
 def test_split_is_disjoint_and_about_a_quarter():
-    tr = T.sample_inputs(5000, "train", _g(1))
-    te = T.sample_inputs(5000, "test", _g(2))
-    assert not T.is_test(tr).any() and T.is_test(te).all()
+    tr = tasks.sample_inputs(5000, "train", _g(1))
+    te = tasks.sample_inputs(5000, "test", _g(2))
+    assert not tasks.is_test(tr).any() and tasks.is_test(te).all()
     codes_tr = {tuple(r) for r in tr.tolist()}
     assert not codes_tr & {tuple(r) for r in te.tolist()}
-    frac = T.is_test(torch.randint(0, 8, (40000, 10), generator=_g(3))).float().mean()
+    frac = tasks.is_test(torch.randint(0, 8, (40000, 10), generator=_g(3))).float().mean()
     assert 0.23 < float(frac) < 0.27
 
 
 def test_split_and_test_sets_are_stable_across_processes():
     code = (
-        "import torch; from prefixlens import tasks as T;"
+        "import torch; from prefixlens import tasks;"
         "x = torch.randint(0, 8, (2000, 10), generator=torch.Generator().manual_seed(5));"
-        "s = T.test_set('histogram', 50, 2, seed=3);"
-        "print(T.is_test(x).int().tolist(), s.tokens.sum().item(), s.inputs[:3].tolist())"
+        "s = tasks.test_set('histogram', 50, 2, seed=3);"
+        "print(tasks.is_test(x).int().tolist(), s.tokens.sum().item(), s.inputs[:3].tolist())"
     )
     outs = set()
     for hashseed in ("1", "2"):
@@ -81,33 +81,33 @@ def test_split_and_test_sets_are_stable_across_processes():
         outs.add(r.stdout)
     assert len(outs) == 1
     x = torch.randint(0, 8, (2000, 10), generator=torch.Generator().manual_seed(5))
-    assert str(T.is_test(x).int().tolist()) in outs.pop()
+    assert str(tasks.is_test(x).int().tolist()) in outs.pop()
 
 
 def test_frozen_test_sets_are_deterministic_and_differ_by_task_and_seed():
-    a, b = T.test_set("ascending", 200, 1, seed=0), T.test_set("ascending", 200, 1, seed=0)
+    a, b = tasks.test_set("ascending", 200, 1, seed=0), tasks.test_set("ascending", 200, 1, seed=0)
     assert torch.equal(a.tokens, b.tokens)
-    assert not torch.equal(a.inputs, T.test_set("ascending", 200, 1, seed=1).inputs)
-    assert not torch.equal(a.inputs, T.test_set("descending", 200, 1, seed=0).inputs)
+    assert not torch.equal(a.inputs, tasks.test_set("ascending", 200, 1, seed=1).inputs)
+    assert not torch.equal(a.inputs, tasks.test_set("descending", 200, 1, seed=0).inputs)
     # the pad count changes the layout, not the inputs
-    assert torch.equal(a.inputs, T.test_set("ascending", 200, 10, seed=0).inputs)
-    assert T.is_test(a.inputs).all()
+    assert torch.equal(a.inputs, tasks.test_set("ascending", 200, 10, seed=0).inputs)
+    assert tasks.is_test(a.inputs).all()
 
 
 def test_mixture_has_no_marker_and_equal_shares_in_test():
-    m = T.test_set(T.MIXTURE, 400, 1, seed=0)
+    m = tasks.test_set(tasks.MIXTURE, 400, 1, seed=0)
     assert torch.bincount(m.task_ids).tolist() == [100] * 4
-    for i, name in enumerate(T.PRETRAINING_TASKS):
+    for i, name in enumerate(tasks.PRETRAINING_TASKS):
         sel = m.task_ids == i
-        assert torch.equal(m.answers[sel], T.solve(name, m.inputs[sel]))
-    tr = T.make_batch(T.MIXTURE, 2000, 1, "train", _g())
+        assert torch.equal(m.answers[sel], tasks.solve(name, m.inputs[sel]))
+    tr = tasks.make_batch(tasks.MIXTURE, 2000, 1, "train", _g())
     assert set(torch.bincount(tr.task_ids).tolist()) and tr.task_ids.unique().numel() == 4
     # inputs carry no task information: same input layout for every task
     assert (tr.tokens[:, :1] == 0).all()
 
 
 def test_input_distribution_matches_reference_rejection_rule():
-    x = T.sample_inputs(20000, "train", _g(7))
+    x = tasks.sample_inputs(20000, "train", _g(7))
     distinct = (torch.nn.functional.one_hot(x, 8).sum(1) > 0).sum(1)
     frac_small = float((distinct <= 5).float().mean())
     assert 0.46 < frac_small < 0.51  # ≈ 0.488 in the reference's accepted stream
@@ -115,15 +115,15 @@ def test_input_distribution_matches_reference_rejection_rule():
 
 
 def test_batches_reproducible_from_seed():
-    s1, s2 = T.batches("add1", 16, 1, seed=4), T.batches("add1", 16, 1, seed=4)
+    s1, s2 = tasks.batches("add1", 16, 1, seed=4), tasks.batches("add1", 16, 1, seed=4)
     for _ in range(3):
         assert torch.equal(next(s1).tokens, next(s2).tokens)
 
 
 def test_wilson_interval():
-    lo, hi = T.wilson_interval(0, 1000)
+    lo, hi = tasks.wilson_interval(0, 1000)
     assert lo == 0.0 and 0.003 < hi < 0.005
-    lo, hi = T.wilson_interval(500, 1000)
+    lo, hi = tasks.wilson_interval(500, 1000)
     assert lo < 0.5 < hi and abs((hi - lo) - 0.062) < 0.002
     with pytest.raises(ValueError):
-        T.wilson_interval(1, 0)
+        tasks.wilson_interval(1, 0)

@@ -67,10 +67,6 @@ def test_errors():
         pl.generate(model, ["3", ""], prefix)
     with pytest.raises(ValueError, match="empty string"):
         pl.KVPrefix.from_prompt(model, "")
-    with pytest.raises(TypeError, match="mixing strings and token ids"):
-        pl.run_with_prefix(model, ["3 5", [7, 9]], prefix)
-    with pytest.raises(TypeError, match="mixing strings and token ids"):
-        pl.decompose(model, ["3 5", 7], prefix)
     with pytest.raises(ValueError, match="prefix slots cannot be padded"):
         pl.ResidualPrefix.from_prompt(model, ["3 5 7", "9"])
     with pytest.raises(ValueError, match="return_text=True needs the model's tokenizer"):
@@ -81,6 +77,16 @@ def test_errors():
 
 
 # --- every entry point takes text ---------------------------------------------------------------------------
+
+
+@pytest.mark.wrong_types_on_purpose  # lists mixing strings and ids, where str | list[str] or ids are annotated
+def test_lists_mixing_strings_and_ids_are_refused():
+    model = build("llama_gqa")
+    prefix = pl.KVPrefix.from_prompt(model, "4 6")
+    with pytest.raises(TypeError, match="mixing strings and token ids"):
+        pl.run_with_prefix(model, ["3 5", [7, 9]], prefix)
+    with pytest.raises(TypeError, match="mixing strings and token ids"):
+        pl.decompose(model, ["3 5", 7], prefix)
 
 
 @pytest.mark.parametrize("form", FORMS, ids=lambda c: c.__name__)
@@ -238,7 +244,7 @@ def test_chat_template_that_folds_the_system_prompt_is_refused(monkeypatch):
 # --- SmolLM2-135M-Instruct: the real tokenizer, chat template and HF generate -------------------------------
 
 # Tolerance for float32 logits (|logit| up to ~30) against the model on the whole sequence; measured
-# (README, "Text in, text out"): prompt + content 5.6e-5 (KV, residual),
+# (docs/concepts/text.md, "Text in, text out"): prompt + content 5.6e-5 (KV, residual),
 # 0.0 (soft prompt); chat system prefix + user turn 6.2e-5 (KV, residual), 0.0 (soft); float64 0.0 for all.
 SMOL_TOL = 5e-4
 

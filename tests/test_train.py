@@ -4,9 +4,7 @@
 import pytest
 import torch
 
-from prefixlens import models
-from prefixlens import tasks as T
-from prefixlens import train as TR
+from prefixlens import models, tasks, train
 from prefixlens.lora import MLP_TARGETS, REFERENCE_TARGETS, add_lora, lora_parameter_count
 
 P = 2
@@ -14,11 +12,11 @@ P = 2
 
 def tiny(seed=0, **kw):
     kw = {"n_layers": 2, "d_model": 16, "n_heads": 2, **kw}
-    return models.toy_gpt2(d_vocab=T.VOCAB, n_ctx=P + 20 + 2, seed=seed, **kw)
+    return models.toy_gpt2(d_vocab=tasks.VOCAB, n_ctx=P + 20 + 2, seed=seed, **kw)
 
 
 def cfg(**kw):
-    return TR.TrainConfig(**{"iters": 12, "lr": 1e-2, "batch_size": 16, "progress": False, **kw})
+    return train.TrainConfig(**{"iters": 12, "lr": 1e-2, "batch_size": 16, "progress": False, **kw})
 
 
 def _state(model):
@@ -27,11 +25,11 @@ def _state(model):
 
 def test_full_training_is_seeded_and_learns():
     a, b = tiny(), tiny()
-    ra = TR.train_model(a, "add1", P, cfg(iters=25))
-    rb = TR.train_model(b, "add1", P, cfg(iters=25))
+    ra = train.train_model(a, "add1", P, cfg(iters=25))
+    rb = train.train_model(b, "add1", P, cfg(iters=25))
     assert ra.losses == rb.losses
     assert sum(ra.losses[-5:]) < sum(ra.losses[:5])
-    rc = TR.train_model(tiny(), "add1", P, cfg(iters=25, seed=1))
+    rc = train.train_model(tiny(), "add1", P, cfg(iters=25, seed=1))
     assert rc.losses != ra.losses
     assert not a.training  # returned in eval mode
 
@@ -40,39 +38,39 @@ def test_full_training_is_seeded_and_learns():
 def test_prefix_training_keeps_the_base_frozen(form):
     model = tiny()
     before = _state(model)
-    init = TR.PREFIX_FORMS[form].random(model, P, seed=0)
-    prefix, res = TR.train_prefix(model, "ascending", P, cfg(iters=6), form=form)
+    init = train.PREFIX_FORMS[form].random(model, P, seed=0)
+    prefix, res = train.train_prefix(model, "ascending", P, cfg(iters=6), form=form)
     assert all(not p.requires_grad for p in model.parameters())
     assert all(p.grad is None for p in model.parameters())  # no weight gradients were computed
     after = _state(model)
     assert all(torch.equal(before[k], after[k]) for k in before)
-    assert res.n_trainable == prefix.n_parameters() == TR.prefix_parameter_count(model, P, form)
+    assert res.n_trainable == prefix.n_parameters() == train.prefix_parameter_count(model, P, form)
     assert all(not torch.equal(getattr(prefix, n), getattr(init, n)) for n in prefix.tensor_names)
     assert not model._forward_hooks and all(not m._forward_hooks for m in model.modules())
 
 
 def test_prefix_mlp_reparametrisation_exports_a_plain_prefix():
     model = tiny()
-    prefix, res = TR.train_prefix(model, "ascending", P, cfg(), reparam={"d_small": 8, "hidden": 16})
-    assert isinstance(prefix, TR.ResidualPrefix) and prefix.resid.grad_fn is None
+    prefix, res = train.train_prefix(model, "ascending", P, cfg(), reparam={"d_small": 8, "hidden": 16})
+    assert isinstance(prefix, train.ResidualPrefix) and prefix.resid.grad_fn is None
     assert res.n_trainable > prefix.n_parameters()  # the MLP is trained, the prefix is its output
-    kv, _ = TR.train_prefix(model, "ascending", P, cfg(iters=3), form="kv", reparam={"d_small": 8, "hidden": 16})
+    kv, _ = train.train_prefix(model, "ascending", P, cfg(iters=3), form="kv", reparam={"d_small": 8, "hidden": 16})
     assert kv.keys.shape == (2, P, 2, 8)
 
 
 def test_shorter_prefix_keeps_remaining_pads_and_too_long_is_refused():
     model = tiny()
-    p, _ = TR.train_prefix(model, "add2", P, cfg(iters=2), length=1)
+    p, _ = train.train_prefix(model, "add2", P, cfg(iters=2), length=1)
     assert p.length == 1
     with pytest.raises(ValueError, match="prefix length"):
-        TR.train_prefix(model, "add2", P, cfg(iters=2), length=P + 1)
+        train.train_prefix(model, "add2", P, cfg(iters=2), length=P + 1)
 
 
 def test_lora_counts_match_prefix_sizes():
     model = tiny(n_layers=3, d_model=16)
     L, d = 3, 16
-    assert lora_parameter_count(model, 1, REFERENCE_TARGETS) == L * 12 * d == TR.prefix_parameter_count(model, 12)
-    assert lora_parameter_count(model, 1, MLP_TARGETS) == L * 10 * d == TR.prefix_parameter_count(model, 10)
+    assert lora_parameter_count(model, 1, REFERENCE_TARGETS) == L * 12 * d == train.prefix_parameter_count(model, 12)
+    assert lora_parameter_count(model, 1, MLP_TARGETS) == L * 10 * d == train.prefix_parameter_count(model, 10)
     lora = add_lora(model, rank=2, targets="mlp")
     assert lora.n_parameters() == lora_parameter_count(model, 2, "mlp") == 2 * L * 10 * d
     lora.remove()
@@ -108,7 +106,7 @@ def test_lora_delta_orientation_and_exact_removal(dtype):
 def test_lora_training_trains_only_the_adapters():
     model = tiny()
     before = _state(model)
-    lora, res = TR.train_lora(model, "histogram", P, cfg(iters=15, lr=2e-2), rank=1, targets="reference")
+    lora, res = train.train_lora(model, "histogram", P, cfg(iters=15, lr=2e-2), rank=1, targets="reference")
     assert res.n_trainable == lora.n_parameters() == lora_parameter_count(model, 1, "reference")
     assert res.losses[-1] < res.losses[0]
     base = [(n, p) for n, p in model.named_parameters() if ".parametrizations.weight.0." not in n]
@@ -122,87 +120,87 @@ def test_lora_training_trains_only_the_adapters():
 def add1_model():
     """A tiny model briefly trained on add1, its test set, and a random prefix (read-only)."""
     model = tiny()
-    TR.train_model(model, "add1", P, cfg(iters=30, lr=1e-2, batch_size=16))
-    return model, T.test_set("add1", 48, P, seed=0), TR.ResidualPrefix.random(model, P, seed=0)
+    train.train_model(model, "add1", P, cfg(iters=30, lr=1e-2, batch_size=16))
+    return model, tasks.test_set("add1", 48, P, seed=0), train.ResidualPrefix.random(model, P, seed=0)
 
 
 def test_evaluate_greedy_equals_teacher_forced(add1_model):
     model, test, prefix = add1_model
     for pre in (None, prefix):
-        g = TR.evaluate(model, test, pre, method="greedy", batch_size=32)
-        tf = TR.evaluate(model, test, pre, method="teacher_forced")
+        g = train.evaluate(model, test, pre, method="greedy", batch_size=32)
+        tf = train.evaluate(model, test, pre, method="teacher_forced")
         assert g.correct == tf.correct and g.n == 48
-    acc = TR.Accuracy(3, 10)
+    acc = train.Accuracy(3, 10)
     assert acc.mean == 0.3 and acc.ci95[0] < 0.3 < acc.ci95[1]
     with pytest.raises(ValueError):
-        TR.evaluate(model, test, method="beam")
+        train.evaluate(model, test, method="beam")
 
 
 def test_predict_and_position_accuracy(add1_model):
     model, test, prefix = add1_model
     for pre in (None, prefix):
-        greedy = TR.predict(model, test, pre, batch_size=20)
-        forced = TR.predict(model, test, pre, method="teacher_forced")
+        greedy = train.predict(model, test, pre, batch_size=20)
+        forced = train.predict(model, test, pre, method="teacher_forced")
         assert greedy.shape == forced.shape == test.answers.shape
         # the first answer token has no preceding answer, so both decoders see the same prompt
         assert torch.equal(greedy[:, 0], forced[:, 0])
         right = (forced == test.answers).all(1)
         assert torch.equal(greedy[right], forced[right])
-        acc = TR.position_accuracy(model, test, pre)
-        assert acc.shape == (T.LENGTH,)
+        acc = train.position_accuracy(model, test, pre)
+        assert acc.shape == (tasks.LENGTH,)
         assert torch.allclose(acc, (forced == test.answers).double().mean(0))
-        assert TR.evaluate(model, test, pre).mean <= acc.min().item()
+        assert train.evaluate(model, test, pre).mean <= acc.min().item()
 
 
 def test_checkpoint_resume_is_exact(tmp_path):
     straight = tiny()
-    r0 = TR.train_model(straight, "add2", P, cfg(iters=20))
+    r0 = train.train_model(straight, "add2", P, cfg(iters=20))
     model = tiny()
-    r1 = TR.train_model(model, "add2", P, cfg(iters=20, checkpoint_dir=str(tmp_path), checkpoint_every=10))
+    r1 = train.train_model(model, "add2", P, cfg(iters=20, checkpoint_dir=str(tmp_path), checkpoint_every=10))
     (run_dir,) = tmp_path.iterdir()
     assert sorted(p.name for p in run_dir.iterdir()) == ["step_000000010.safetensors", "step_000000020.safetensors"]
     (run_dir / "step_000000020.safetensors").unlink()  # "interrupted" after step 10
     resumed = tiny()
-    r2 = TR.train_model(resumed, "add2", P, cfg(iters=20, checkpoint_dir=str(tmp_path), checkpoint_every=10))
+    r2 = train.train_model(resumed, "add2", P, cfg(iters=20, checkpoint_dir=str(tmp_path), checkpoint_every=10))
     assert r2.resumed_from == 10 and r2.losses == r0.losses == r1.losses
     s0, s2 = straight.state_dict(), resumed.state_dict()
     assert all(torch.equal(s0[k], s2[k]) for k in s0 if ".qkv." not in k)
 
 
 def test_resume_never_picks_up_another_runs_checkpoint(tmp_path):
-    TR.train_model(tiny(), "ascending", P, cfg(checkpoint_dir=str(tmp_path), checkpoint_every=6), name="run")
+    train.train_model(tiny(), "ascending", P, cfg(checkpoint_dir=str(tmp_path), checkpoint_every=6), name="run")
     # same name and directory, another task / seed / base model: fresh runs
     for task, seed, model_seed in (("ascending_add1", 0, 0), ("ascending", 1, 0), ("ascending", 0, 5)):
-        r = TR.train_model(tiny(model_seed), task, P, cfg(seed=seed, checkpoint_dir=str(tmp_path)), name="run")
+        r = train.train_model(tiny(model_seed), task, P, cfg(seed=seed, checkpoint_dir=str(tmp_path)), name="run")
         assert r.resumed_from is None
     # same weights, another activation function: a fresh run
     other = tiny()
     other.cfg.act_fn = "relu"
     for block in other.original_model.transformer.h:
         block.mlp.act = torch.nn.ReLU()
-    assert TR.train_model(other, "ascending", P, cfg(checkpoint_dir=str(tmp_path)), name="run").resumed_from is None
+    assert train.train_model(other, "ascending", P, cfg(checkpoint_dir=str(tmp_path)), name="run").resumed_from is None
     # a foreign checkpoint copied into this run's directory is ignored
     prefix_dir = tmp_path / "p"
-    _, first = TR.train_prefix(tiny(), "ascending", P, cfg(iters=4, checkpoint_dir=str(prefix_dir), checkpoint_every=4), name="x")
+    _, first = train.train_prefix(tiny(), "ascending", P, cfg(iters=4, checkpoint_dir=str(prefix_dir), checkpoint_every=4), name="x")
     (target,) = prefix_dir.iterdir()
     for src in tmp_path.glob("run-*/step_*.safetensors"):
         (target / ("step_999999999.safetensors")).write_bytes(src.read_bytes())
         break
-    _, again = TR.train_prefix(tiny(), "ascending", P, cfg(iters=4, checkpoint_dir=str(prefix_dir), checkpoint_every=4), name="x")
+    _, again = train.train_prefix(tiny(), "ascending", P, cfg(iters=4, checkpoint_dir=str(prefix_dir), checkpoint_every=4), name="x")
     assert again.resumed_from == 4 and again.losses == first.losses
 
 
 def test_early_stopping_and_bad_inputs(tmp_path):
     model = tiny()
     kw = dict(iters=50, eval_every=5, eval_items=32, target_accuracy=0.0, checkpoint_dir=str(tmp_path))
-    res = TR.train_model(model, "add1", P, cfg(**kw))
+    res = train.train_model(model, "add1", P, cfg(**kw))
     assert res.stopped_early and res.steps == 5 and res.evals[0][0] == 5
     again = tiny()
-    res2 = TR.train_model(again, "add1", P, cfg(**kw))  # a finished run is loaded, not continued
+    res2 = train.train_model(again, "add1", P, cfg(**kw))  # a finished run is loaded, not continued
     assert res2.resumed_from == 5 and res2.steps == 5 and res2.losses == res.losses
     assert all(torch.equal(a, b) for a, b in zip(model.parameters(), again.parameters()))
     with pytest.raises(ValueError, match="form"):
-        TR.train_prefix(model, "add1", P, cfg(), form="lora")
+        train.train_prefix(model, "add1", P, cfg(), form="lora")
     with pytest.raises(ValueError, match="targets"):
         add_lora(model, targets=("c_attn",))
 
@@ -210,7 +208,7 @@ def test_early_stopping_and_bad_inputs(tmp_path):
 def _loss_and_grads(model, batch, params, prefix, share):
     for p in params:
         p.grad = None
-    loss = TR.batch_loss(model, batch, prefix, share_pads=share)
+    loss = train.batch_loss(model, batch, prefix, share_pads=share)
     loss.backward()
     return loss.detach(), [p.grad.clone() for p in params]
 
@@ -219,8 +217,8 @@ def _loss_and_grads(model, batch, params, prefix, share):
 @pytest.mark.parametrize("method", ["full", "residual", "residual_all_pads", "kv", "soft", "lora"])
 def test_shared_pads_give_the_full_pass_loss_and_gradients(method, dtype):
     n_pad = 4
-    model = models.toy_gpt2(d_vocab=T.VOCAB, n_ctx=n_pad + 20, seed=0, n_layers=2, d_model=16, n_heads=2, dtype=dtype)
-    batch = T.make_batch("histogram", 8, n_pad, "train", torch.Generator().manual_seed(0))
+    model = models.toy_gpt2(d_vocab=tasks.VOCAB, n_ctx=n_pad + 20, seed=0, n_layers=2, d_model=16, n_heads=2, dtype=dtype)
+    batch = tasks.make_batch("histogram", 8, n_pad, "train", torch.Generator().manual_seed(0))
     model.eval()
     prefix = None
     if method == "full":
@@ -236,9 +234,9 @@ def test_shared_pads_give_the_full_pass_loss_and_gradients(method, dtype):
     else:
         model.requires_grad_(False)
         form = "residual" if method.startswith("residual") else method
-        prefix = TR.PREFIX_FORMS[form].random(model, n_pad if method == "residual_all_pads" else 3, seed=0)
+        prefix = train.PREFIX_FORMS[form].random(model, n_pad if method == "residual_all_pads" else 3, seed=0)
         params = list(prefix.parameters())
-    assert TR._can_share_pads(model, *_shared_args(batch, prefix))
+    assert train._can_share_pads(model, *_shared_args(batch, prefix))
     shared_loss, shared_grads = _loss_and_grads(model, batch, params, prefix, True)
     full_loss, full_grads = _loss_and_grads(model, batch, params, prefix, False)
     tol = 1e-5 if dtype == torch.float32 else 1e-12
@@ -249,20 +247,20 @@ def test_shared_pads_give_the_full_pass_loss_and_gradients(method, dtype):
 
 
 def _shared_args(batch, prefix):
-    tokens, _ = TR._content(batch.tokens, batch.targets, batch.n_pad, prefix)
+    tokens, _ = train._content(batch.tokens, batch.targets, batch.n_pad, prefix)
     return tokens, batch.n_pad - (prefix.length if prefix is not None else 0), prefix
 
 
 def test_shared_pads_are_not_used_when_rows_differ():
     model = tiny(dropout=0.1)
-    batch = T.make_batch("ascending", 4, P, "train", torch.Generator().manual_seed(0))
+    batch = tasks.make_batch("ascending", 4, P, "train", torch.Generator().manual_seed(0))
     model.train()  # dropout makes the pad positions differ between rows
-    assert not TR._can_share_pads(model, *_shared_args(batch, None))
+    assert not train._can_share_pads(model, *_shared_args(batch, None))
     model.eval()
-    assert TR._can_share_pads(model, *_shared_args(batch, None))
+    assert train._can_share_pads(model, *_shared_args(batch, None))
     tokens = batch.tokens.clone()
     tokens[0, 0] = 5  # pads that differ between rows
-    assert not TR._can_share_pads(model, tokens, P, None)
+    assert not train._can_share_pads(model, tokens, P, None)
 
 
 # ---- issue 14: argument checks (case 17) and state left behind by training (case 19) ---------------
@@ -273,7 +271,7 @@ def test_shared_pads_are_not_used_when_rows_differ():
     [
         ({"batch_size": 0}, "batch_size"),
         ({"batch_size": -4}, "batch_size"),
-        ({"batch_size": 2.5}, "batch_size"),
+        pytest.param({"batch_size": 2.5}, "batch_size", marks=pytest.mark.wrong_types_on_purpose),
         ({"iters": -1}, "iters"),
         ({"lr": 0.0}, "lr"),
         ({"lr": -1e-3}, "lr"),
@@ -300,9 +298,9 @@ def test_a_config_changed_after_construction_is_checked_before_anything_changes(
     config.batch_size = 0
     before = [p.requires_grad for p in model.parameters()]
     for call in (
-        lambda: TR.train_model(model, "add1", P, config),
-        lambda: TR.train_prefix(model, "add1", P, config),
-        lambda: TR.train_lora(model, "add1", P, config),
+        lambda: train.train_model(model, "add1", P, config),
+        lambda: train.train_prefix(model, "add1", P, config),
+        lambda: train.train_lora(model, "add1", P, config),
     ):
         with pytest.raises(ValueError, match="batch_size"):
             call()
@@ -329,7 +327,7 @@ def test_train_model_restores_flags_modes_grads_and_the_global_rng():
     flags, modes = _mixed_state(model)
     torch.manual_seed(1234)
     rng = torch.get_rng_state()
-    TR.train_model(model, "add1", P, cfg(iters=2, batch_size=4))
+    train.train_model(model, "add1", P, cfg(iters=2, batch_size=4))
     assert torch.equal(torch.get_rng_state(), rng)  # was reseeded to config.seed
     assert [p.requires_grad for p in model.parameters()] == flags  # were all True
     assert _modes(model) == modes  # was eval everywhere
@@ -346,9 +344,9 @@ def test_train_model_restores_everything_when_training_raises(monkeypatch):
 
     monkeypatch.setattr("prefixlens.training.methods.batch_loss", boom)  # where the methods look it up
     for call in (
-        lambda: TR.train_model(model, "add1", P, cfg(iters=2, batch_size=4)),
-        lambda: TR.train_prefix(model, "add1", P, cfg(iters=2, batch_size=4)),
-        lambda: TR.train_lora(model, "add1", P, cfg(iters=2, batch_size=4)),
+        lambda: train.train_model(model, "add1", P, cfg(iters=2, batch_size=4)),
+        lambda: train.train_prefix(model, "add1", P, cfg(iters=2, batch_size=4)),
+        lambda: train.train_lora(model, "add1", P, cfg(iters=2, batch_size=4)),
     ):
         with pytest.raises(RuntimeError, match="boom"):
             call()
@@ -366,9 +364,9 @@ def test_prefix_and_lora_training_restore_the_mode_and_the_global_rng(method):
     torch.manual_seed(99)
     rng = torch.get_rng_state()
     if method == "prefix":
-        out, _ = TR.train_prefix(model, "add1", P, cfg(iters=2, batch_size=4))
+        out, _ = train.train_prefix(model, "add1", P, cfg(iters=2, batch_size=4))
     else:
-        out, _ = TR.train_lora(model, "add1", P, cfg(iters=2, batch_size=4))
+        out, _ = train.train_lora(model, "add1", P, cfg(iters=2, batch_size=4))
     assert torch.equal(torch.get_rng_state(), rng)
     assert [m.training for m in modules] == modes  # trained in eval mode, handed back in the caller's mode
     assert all(not p.requires_grad for p in model.parameters())  # the base is left frozen (documented)
@@ -384,7 +382,7 @@ def test_training_is_deterministic_whatever_the_callers_rng():
     for caller_seed in (1, 2):
         model = tiny(dropout=0.2)
         torch.manual_seed(caller_seed)
-        losses.append(TR.train_model(model, "add1", P, cfg(iters=3, batch_size=4)).losses)
+        losses.append(train.train_model(model, "add1", P, cfg(iters=3, batch_size=4)).losses)
         assert torch.equal(torch.get_rng_state(), torch.manual_seed(caller_seed).get_state())
     assert losses[0] == losses[1]
 
@@ -401,27 +399,27 @@ def test_resume_refuses_other_weights_that_sums_cannot_tell_apart(tmp_path):
     """Two token embeddings swapped (rows 7 apart: every sum the old digest took is unchanged)
     is another model: its run must not pick up the first model's finished run."""
     kw = dict(iters=4, checkpoint_dir=str(tmp_path), checkpoint_every=4)
-    first, r1 = TR.train_prefix(tiny(), "add1", P, cfg(**kw), name="x")
+    first, r1 = train.train_prefix(tiny(), "add1", P, cfg(**kw), name="x")
     other = _swap_embedding_rows(tiny(), 1, 8)
-    assert TR._fingerprint(other) == TR._fingerprint(tiny())  # the old digest collides
-    prefix, r2 = TR.train_prefix(other, "add1", P, cfg(**kw), name="x")
+    assert train._fingerprint(other) == train._fingerprint(tiny())  # the old digest collides
+    prefix, r2 = train.train_prefix(other, "add1", P, cfg(**kw), name="x")
     assert r2.resumed_from is None and len(list(tmp_path.iterdir())) == 2
     assert prefix.signature.weights != first.signature.weights
-    assert TR.train_prefix(tiny(), "add1", P, cfg(**kw), name="x")[1].resumed_from == 4  # the same model resumes
+    assert train.train_prefix(tiny(), "add1", P, cfg(**kw), name="x")[1].resumed_from == 4  # the same model resumes
 
 
 def test_resume_keeps_float32_and_float64_runs_apart(tmp_path):
     kw = dict(iters=4, checkpoint_dir=str(tmp_path), checkpoint_every=4)
-    TR.train_prefix(tiny(), "add1", P, cfg(**kw), name="x")
-    _, r = TR.train_prefix(tiny(dtype=torch.float64), "add1", P, cfg(**kw), name="x")
+    train.train_prefix(tiny(), "add1", P, cfg(**kw), name="x")
+    _, r = train.train_prefix(tiny(dtype=torch.float64), "add1", P, cfg(**kw), name="x")
     assert r.resumed_from is None
 
 
 @pytest.mark.parametrize("damage", ["truncated", "flipped_byte", "empty"])
 def test_resume_falls_back_from_a_damaged_newest_checkpoint(tmp_path, damage):
-    straight = TR.train_model(tiny(), "add2", P, cfg(iters=20))
+    straight = train.train_model(tiny(), "add2", P, cfg(iters=20))
     kw = dict(iters=20, checkpoint_dir=str(tmp_path), checkpoint_every=10)
-    TR.train_model(tiny(), "add2", P, cfg(**kw))
+    train.train_model(tiny(), "add2", P, cfg(**kw))
     (run_dir,) = tmp_path.iterdir()
     newest = run_dir / "step_000000020.safetensors"
     data = newest.read_bytes()
@@ -433,6 +431,6 @@ def test_resume_falls_back_from_a_damaged_newest_checkpoint(tmp_path, damage):
         newest.write_bytes(b"")
     model = tiny()
     with pytest.warns(UserWarning, match="skipping an unreadable checkpoint.*step_000000020.safetensors"):
-        r = TR.train_model(model, "add2", P, cfg(**kw))
+        r = train.train_model(model, "add2", P, cfg(**kw))
     assert r.resumed_from == 10 and r.losses == straight.losses
-    assert TR.train_model(tiny(), "add2", P, cfg(**kw)).resumed_from == 20  # the bad file was rewritten
+    assert train.train_model(tiny(), "add2", P, cfg(**kw)).resumed_from == 20  # the bad file was rewritten

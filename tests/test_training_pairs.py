@@ -8,8 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from prefixlens import KVPrefix, ResidualPrefix, SoftPrompt, models, run_with_prefix
-from prefixlens import train as TR
+from prefixlens import KVPrefix, ResidualPrefix, SoftPrompt, models, run_with_prefix, train
 from prefixlens.training import fast_kv
 from prefixlens.training.pairs import Pairs, Trained, pairs_loss
 
@@ -36,7 +35,7 @@ def ragged_pairs(n=6, seed=0):
 
 
 def cfg(**kw):
-    return TR.TrainConfig(**{"iters": 6, "lr": 3e-2, "batch_size": 6, "progress": False, "weight_decay": 0.0, **kw})
+    return train.TrainConfig(**{"iters": 6, "lr": 3e-2, "batch_size": 6, "progress": False, "weight_decay": 0.0, **kw})
 
 
 def snapshot(model):
@@ -83,7 +82,7 @@ def test_step0_loss_is_the_target_token_loss_of_the_equivalent_real_prompt(form,
     model = toy(kind, torch.float64)
     data = ragged_pairs()
     prompt = [11, 12, 13]
-    out = TR.train_prefix(model, data, form=form, init="text", init_text=prompt, length=3, config=cfg(iters=1))
+    out = train.train_prefix(model, data, form=form, init="text", init_text=prompt, length=3, config=cfg(iters=1))
     assert isinstance(out, Trained) and out.form == form
     assert out.losses[0] == pytest.approx(by_hand_loss(model, data, prompt, torch.float64), abs=1e-10)
 
@@ -95,7 +94,7 @@ def test_loss_decreases_for_every_method_and_the_base_is_untouched():
     rng = torch.get_rng_state()
     data = ragged_pairs(8)
     for form in ("kv", "residual", "soft", "lora", "full"):
-        out = TR.train_prefix(model, data, form=form, length=2, config=cfg(iters=8, batch_size=8, lr=1e-2 if form == "full" else 3e-2))
+        out = train.train_prefix(model, data, form=form, length=2, config=cfg(iters=8, batch_size=8, lr=1e-2 if form == "full" else 3e-2))
         assert out.losses[-1] < out.losses[0], form
         assert_untouched(model, before, flags, modes)
         assert torch.equal(torch.get_rng_state(), rng)
@@ -107,7 +106,7 @@ def test_loss_decreases_for_every_method_and_the_base_is_untouched():
 def test_lora_result_reproduces_its_last_loss_when_attached():
     model = toy("gpt2")
     data = ragged_pairs(6)
-    out = TR.train_prefix(model, data, form="lora", rank=2, config=cfg(iters=3))
+    out = train.train_prefix(model, data, form="lora", rank=2, config=cfg(iters=3))
     pairs = Pairs.from_data(model, data)
     b = pairs.batch(range(len(pairs)))
     plain = float(pairs_loss(model, b))
@@ -159,7 +158,7 @@ def test_cache_route_logits_equal_run_with_prefix_with_rotated_keys():
 def test_native_bridges_use_the_placeholder_route():
     model = models.native(n_layers=1, d_model=16, n_heads=2, d_vocab=V, n_ctx=32, seed=0)
     assert not fast_kv.supports_cache_prefix(model)
-    out = TR.train_prefix(model, ragged_pairs(4), form="kv", length=2, config=cfg(iters=2, batch_size=4))
+    out = train.train_prefix(model, ragged_pairs(4), form="kv", length=2, config=cfg(iters=2, batch_size=4))
     assert len(out.losses) == 2
 
 
@@ -169,7 +168,7 @@ def test_native_bridges_use_the_placeholder_route():
 def test_initialisations():
     model = toy("llama")
     data = ragged_pairs(4)
-    one = functools.partial(TR.train_prefix, model, data, form="kv", length=5, config=cfg(iters=1))
+    one = functools.partial(train.train_prefix, model, data, form="kv", length=5, config=cfg(iters=1))
     # text: PEFT's TEXT init, the words repeated to the length; the prefix a real prompt would leave
     from prefixlens.training.pairs import initial_prefix
 
@@ -182,7 +181,7 @@ def test_initialisations():
     z = initial_prefix(model, "residual", 2, "zeros", 0)
     assert isinstance(z, ResidualPrefix) and not z.resid.any()
     start = SoftPrompt.random(model, 2, seed=4)
-    out = TR.train_prefix(model, data, form="soft", init=start, config=cfg(iters=2))
+    out = train.train_prefix(model, data, form="soft", init=start, config=cfg(iters=2))
     assert out.prefix.length == 2 and not torch.equal(out.prefix.embeddings, start.embeddings)
     assert start.embeddings.grad is None  # the given prefix is copied, not trained
     kv_from_soft = initial_prefix(model, "kv", 2, start, 0)  # converted to the form
@@ -202,7 +201,7 @@ def test_eval_callback_and_eval_data_are_logged():
         seen.append((step, type(prefix).__name__, torch.is_grad_enabled()))
         return {"norm": float(prefix.keys.norm())}
 
-    out = TR.train_prefix(model, ragged_pairs(6), form="kv", length=2, eval_fn=callback, eval_data=ragged_pairs(3, seed=9),
+    out = train.train_prefix(model, ragged_pairs(6), form="kv", length=2, eval_fn=callback, eval_data=ragged_pairs(3, seed=9),
                           config=cfg(iters=5, eval_every=2))
     assert [s for s, _, _ in seen] == [2, 4, 5] and all(n == "KVPrefix" and not g for _, n, g in seen)
     assert [e[0] for e in out.evals] == [2, 4, 5]
@@ -213,7 +212,7 @@ def test_checkpoints_resume_exactly(tmp_path, monkeypatch):
     model = toy("llama")
     data = ragged_pairs(6)
     kw = dict(form="kv", length=2)
-    full = TR.train_prefix(model, data, config=cfg(iters=6, batch_size=4, checkpoint_dir=str(tmp_path / "a"), checkpoint_every=2), **kw)
+    full = train.train_prefix(model, data, config=cfg(iters=6, batch_size=4, checkpoint_dir=str(tmp_path / "a"), checkpoint_every=2), **kw)
     import prefixlens.training.pairs as pairs_module
 
     real, calls = pairs_module.pairs_loss, []
@@ -227,9 +226,9 @@ def test_checkpoints_resume_exactly(tmp_path, monkeypatch):
     monkeypatch.setattr(pairs_module, "pairs_loss", dies_at_step_5)
     config = cfg(iters=6, batch_size=4, checkpoint_dir=str(tmp_path / "b"), checkpoint_every=2)
     with pytest.raises(KeyboardInterrupt):
-        TR.train_prefix(model, data, config=config, **kw)
+        train.train_prefix(model, data, config=config, **kw)
     monkeypatch.setattr(pairs_module, "pairs_loss", real)
-    resumed = TR.train_prefix(model, data, config=config, **kw)
+    resumed = train.train_prefix(model, data, config=config, **kw)
     assert resumed.result.resumed_from == 4
     assert resumed.losses == full.losses
     assert torch.equal(resumed.prefix.keys, full.prefix.keys) and torch.equal(resumed.prefix.values, full.prefix.values)
@@ -237,18 +236,18 @@ def test_checkpoints_resume_exactly(tmp_path, monkeypatch):
 
 def test_train_prefix_dispatches_on_a_task_name_and_refuses_bad_data():
     model = models.toy_gpt2(n_layers=1, d_model=16, n_heads=2, d_vocab=10, n_ctx=26, seed=0)
-    prefix, result = TR.train_prefix(model, "add1", 2, TR.TrainConfig(iters=2, batch_size=4, progress=False))
+    prefix, result = train.train_prefix(model, "add1", 2, train.TrainConfig(iters=2, batch_size=4, progress=False))
     assert isinstance(prefix, ResidualPrefix) and len(result.losses) == 2
     with pytest.raises(TypeError, match="pairs"):
-        TR.train_prefix(model, 5, form="kv")
+        train.train_prefix(model, 5, form="kv")
     with pytest.raises(ValueError, match="empty"):
-        TR.train_prefix(model, [], form="kv")
+        train.train_prefix(model, [], form="kv")
     with pytest.raises(ValueError, match="form must be"):
-        TR.train_prefix(model, [([1], [2])], form="prompt")
+        train.train_prefix(model, [([1], [2])], form="prompt")
     with pytest.raises(ValueError, match="outside"):
-        TR.train_prefix(model, [([1], [20])], form="kv")
+        train.train_prefix(model, [([1], [20])], form="kv")
     with pytest.raises(ValueError, match="input' and 'target"):
-        TR.train_prefix(model, [{"x": [1]}], form="kv")
+        train.train_prefix(model, [{"x": [1]}], form="kv")
 
 
 # ---- SmolLM2: a small real objective ---------------------------------------------------------------------
@@ -274,7 +273,7 @@ def smollm2():
 def test_smollm2_kv_prefix_learns_the_target_tokens_and_leaves_the_base_untouched(smollm2):
     model = smollm2
     before, flags, modes = snapshot(model), [p.requires_grad for p in model.parameters()], [m.training for m in model.modules()]
-    out = TR.train_prefix(model, SENTIMENT, form="kv", init="text", init_text=TASK_WORDS, length=6,
+    out = train.train_prefix(model, SENTIMENT, form="kv", init="text", init_text=TASK_WORDS, length=6,
                           config=cfg(iters=3, lr=1e-2, batch_size=6))
     assert out.losses[-1] < out.losses[0]
     # independent: the HF model itself on prompt + input + target, the prefix's real prompt in front

@@ -144,7 +144,18 @@ def select_heads(
     """The ``k`` heads whose content attention is furthest from uniform (:func:`entropy_deficit`),
     among those whose mean prefix mass ``A`` lies in ``mass_range`` (so that both the prefix slots
     and the content are visible in the attention view), at most one per layer by default.
-    Returned in layer order. Falls back to all heads when too few have ``A`` in range."""
+    Returned in layer order. Falls back to all heads when too few have ``A`` in range.
+
+    Args:
+        decomposition: the decomposition of the prefixed run.
+        k: how many heads to select.
+        mass_range: the range the head's mean prefix mass ``A`` must lie in.
+        one_per_layer: select at most one head per layer.
+        example: the example to measure on (``None``: all of them).
+
+    Returns:
+        ``[(layer, head), …]`` in layer order.
+    """
     deficit = entropy_deficit(decomposition, example=example)
     A = decomposition.prefix_attention.double()
     A = (A if example is None else A[:, example : example + 1 if example != -1 else None]).mean(dim=(1, 3))
@@ -226,11 +237,25 @@ def attention_figure(
     1. the prefixed run's own pattern (``hook_pattern``), padded to ``[H, P+T, P+T]`` with the slots
        labelled ``<p0>…`` (or ``[name]`` with ``slot_names``, e.g. the prompt's tokens);
     2. its attention over the content renormalised to sum to one (``decomposition.content_pattern``);
-    3. the attention without the prefix for the same layer input (``decomposition.reference_pattern``;
+    3. the attention without the prefix for the same layer input (``decomposition.baseline_pattern``;
        at layer 0 this is the plain run).
     Views 2 and 3 are equal: a prefix only scales the content attention down. Every view's title
     names the head(s) and the prefix (``prefix_name``). ``layer=None`` gives one :class:`Row` per
     layer; ``head`` selects heads (one head shows a single large pattern).
+
+    Args:
+        model (TransformerBridge): the model to run.
+        tokens: the content, ``[batch, pos]`` token ids.
+        prefix: the prefix the content runs after.
+        layer: the layer, several layers, or ``None`` for every layer.
+        head: the head(s) to show (``None``: all).
+        example: the row of ``tokens`` to show.
+        decomposition: the decomposition of this run, if already made (``None``: made here).
+        prefix_name: the prefix's name in the titles.
+        slot_names: a label for each prefix slot (default ``<p0>, <p1>, …``).
+
+    Returns:
+        One row of three views, or one row per layer when ``layer`` is a list or ``None``.
     """
     tokens = _example_tokens(model, tokens, prefix, example)
     layers = _layers(model, layer)
@@ -239,9 +264,9 @@ def attention_figure(
     P = prefix.length
     slots = slot_labels(P, slot_names)
     if decomposition is None:
-        decomposition = decompose(model, tokens, prefix, reference=True)
-    if decomposition.reference_pattern is None:
-        raise ValueError("the decomposition has no reference_pattern; make it with decompose(..., reference=True).")
+        decomposition = decompose(model, tokens, prefix, baseline=True)
+    if not decomposition.has_baseline:
+        raise ValueError("the decomposition has no baseline_pattern; make it with decompose(..., baseline=True).")
     if decomposition.n_slots != P or decomposition.content_pattern.shape[1] != tokens.shape[0]:
         raise ValueError("the decomposition does not belong to these tokens and this prefix.")
     names = {f"blocks.{l}.attn.hook_pattern" for l in layers}
@@ -255,7 +280,7 @@ def attention_figure(
         who = _heads_name(l, heads, n_heads)
         mass = decomposition.prefix_attention[l, example][heads].mean()
         content_pattern = decomposition.content_pattern[l, example][heads]
-        reference = decomposition.reference_pattern[l, example][heads].nan_to_num(0.0)
+        baseline = decomposition.baseline_pattern[l, example][heads].nan_to_num(0.0)
         views = [
             _attention_view(
                 f"{who} · with {prefix_name} (P = {P})",
@@ -272,12 +297,12 @@ def attention_figure(
             ),
             _attention_view(
                 f"{who} · without {prefix_name}" + (" (same layer input)" if l > 0 else ""),
-                reference,
+                baseline,
                 content,
                 head_names,
             ),
         ]
-        err = float((content_pattern - reference).nan_to_num(0.0).abs().max())
+        err = float((content_pattern - baseline).nan_to_num(0.0).abs().max())
         rows.append(
             Row(
                 f"{who}: attention with and without {prefix_name}",
@@ -318,6 +343,18 @@ def prefix_mass_figure(
     ``layer`` keeps every head of some layers; ``heads`` (``[(layer, head), …]``) keeps just those
     rows. With ``interactive=True`` a CircuitsVis ``TextNeuronActivations`` view (pick a layer and head,
     the tokens are coloured by ``A``) of every selected layer is shown next to the heatmap.
+
+    Args:
+        decomposition: the decomposition of the prefixed run.
+        tokens: the content ids ``[batch, pos]``, or the position labels.
+        model (TransformerBridge | None): the model whose tokenizer labels the ids.
+        example: the row to show.
+        layer: keep every head of this layer or these layers (``None``: all layers).
+        interactive: add the CircuitsVis view next to the heatmap.
+        heads: keep only these ``(layer, head)`` rows.
+
+    Returns:
+        The heatmap, or a row of the heatmap and the interactive view.
     """
     A = decomposition.prefix_attention  # [layer, batch, head, pos]
     n_layers, B, H, T = A.shape
@@ -372,7 +409,15 @@ def prefix_mass_grid_figure(
 ) -> Figure:
     """The mean prefix attention mass ``A`` of every head as one ``head × layer`` heatmap (layers
     across, so a deep model fits the page), averaged over the content positions and the examples (or
-    one ``example``). ``highlight`` outlines some heads (``[(layer, head), …]``) in red."""
+    one ``example``). ``highlight`` outlines some heads (``[(layer, head), …]``) in red.
+
+    Args:
+        decomposition: the decomposition of the prefixed run.
+        example: the row to average over (``None``: all examples).
+        highlight: ``(layer, head)`` cells to outline.
+        title: the figure's title (default: a description of the view).
+        caption: the figure's caption (default: what the grid averages over).
+    """
     A = decomposition.prefix_attention.double().cpu()  # [L, B, H, T]
     if example is not None:
         A = A[:, example : example + 1 if example != -1 else None]
@@ -412,6 +457,13 @@ def attention_output_shift(
     Returns ``{"names", "position", "layers", "plain": {L: [N, d_model]}, "shifted": {L: [K, N, d_model]},
     "shift": {L: [K, N]} (‖prefixed − plain‖), "spread": {L: float} (mean ‖plain − mean plain‖)}``
     (float64, CPU). The plain run is the model on ``tokens`` alone.
+
+    Args:
+        model (TransformerBridge): the model to run.
+        tokens: the samples, ``[sample, pos]`` token ids.
+        prefixes: the prefixes by name, or a sequence of them (named by position).
+        layers: the layer(s) to read (``None``: all).
+        position: the content position to read (``-1``: the last).
     """
     named = list(prefixes.items()) if isinstance(prefixes, Mapping) else [(f"prefix {i}", p) for i, p in enumerate(prefixes)]
     if not named:
@@ -459,6 +511,14 @@ def bias_shift_figure(
     The plain run is the model on ``tokens`` alone. Points are projected to 2-D by PCA over all of
     them pooled (deterministic: SVD in float64, each component's largest loading made positive); a
     ``d_model = 2`` model is plotted as is, like the paper.
+
+    Args:
+        model (TransformerBridge): the model to run.
+        tokens: the samples, ``[sample, pos]`` token ids.
+        prefixes: the prefixes by name, or a sequence of them (named by position).
+        layer: the layer whose attention output is shown.
+        position: the content position to read (``-1``: the last).
+        title: the figure's title (default: a description of the view).
     """
     (layer,) = _layers(model, layer)
     shift_data = attention_output_shift(model, tokens, prefixes, layers=[layer], position=position)
@@ -515,7 +575,15 @@ def table_figure(
     text_columns: Sequence[int] = (),
 ) -> Figure:
     """A plain HTML table (cells escaped). Columns in ``text_columns`` are left-aligned and wrap,
-    with their line breaks kept (for generated text); the others are right-aligned (numbers)."""
+    with their line breaks kept (for generated text); the others are right-aligned (numbers).
+
+    Args:
+        title: the table's title.
+        header: the column names.
+        rows: the cells, one sequence per row.
+        caption: a caption under the table.
+        text_columns: the indices of the text columns.
+    """
     text = set(text_columns)
 
     def cls(j):

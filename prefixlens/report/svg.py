@@ -68,6 +68,19 @@ def heatmap_svg(
 
     Column labels are rotated 60°; the margins are computed from the longest labels, and the cell size
     from ``max_width`` so the whole drawing fits in it.
+
+    Args:
+        values: the cell values, ``[rows, cols]``.
+        rows: the row labels.
+        cols: the column labels.
+        vmin: the value at the bottom of the colour scale.
+        vmax: the value at the top of the colour scale.
+        highlight: ``(row, col)`` cells to outline.
+        max_width: the drawing's maximum width in pixels.
+        legend: the colour bar's label (``None``: no colour bar).
+
+    Returns:
+        The SVG markup.
     """
     n_r, n_c = values.shape
     if len(rows) != n_r or len(cols) != n_c:

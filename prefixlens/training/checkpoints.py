@@ -45,7 +45,19 @@ def fingerprint(model) -> str:
 
 
 def run_id(kind: str, task: str, n_pad: int, config: TrainConfig, model, extra: dict) -> str:
-    """The identity of a run: what it trains, on what data, with which settings, from which weights."""
+    """The identity of a run: what it trains, on what data, with which settings, from which weights.
+
+    Args:
+        kind: what is trained: ``"full"``, ``"prefix"`` or ``"lora"``.
+        task: the task's name (or a description of the data).
+        n_pad: the number of pad tokens before each input.
+        config: the training settings.
+        model (TransformerBridge): the model, whose weights are part of the identity.
+        extra: further settings that change the run.
+
+    Returns:
+        The SHA-256 hex digest of all of these, which names the run's checkpoint.
+    """
     ident = {
         "kind": kind,
         "task": task,
@@ -81,6 +93,16 @@ class Checkpointer:
 
     def save(self, step: int, params: dict[str, Tensor], opt: torch.optim.Optimizer, gen: torch.Generator,
              result: TrainResult, finished: bool = False) -> None:
+        """Write the checkpoint of step ``step`` (nothing when checkpointing is off).
+
+        Args:
+            step: the number of steps done.
+            params: the trained tensors by name.
+            opt: the optimiser, whose state is saved.
+            gen: the batch stream's generator, whose state is saved.
+            result: the losses and evaluations so far.
+            finished: whether the run is complete.
+        """
         if self.directory is None:
             return
         tensors = {f"param.{k}": v for k, v in params.items()}

@@ -17,7 +17,7 @@ padded batch passes the full ``[B, P + T]`` mask, from which the bridge derives 
 from __future__ import annotations
 
 import torch
-from jaxtyping import Float, Int
+from jaxtyping import Float, Integer, Shaped
 from torch import Tensor
 
 from prefixlens.injection import check_not_attached, check_tokens, full_attention_mask
@@ -98,9 +98,9 @@ def prefix_cache(model, prefix: KVPrefix, batch: int):
 
 def logits_with_cache_prefix(
     model,
-    tokens: Int[Tensor, "batch pos"],
+    tokens: Integer[Tensor, "batch pos"] | Integer[Tensor, " pos"],
     prefix: KVPrefix,
-    attention_mask: Int[Tensor, "batch pos"] | None = None,
+    attention_mask: Shaped[Tensor, "batch mask_pos"] | None = None,
 ) -> Float[Tensor, "batch pos d_vocab"]:
     """Content logits of ``model`` with ``prefix`` before ``tokens``, the prefix served as the cache:
     what :func:`prefixlens.run_with_prefix` gives, without running placeholder slots.

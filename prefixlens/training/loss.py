@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from jaxtyping import Float, Int
 from torch import Tensor, nn
 
-from prefixlens import tasks as T
+from prefixlens import tasks
 from prefixlens.injection import full_attention_mask, maybe_attached, run_with_prefix
 from prefixlens.kv_cache import cached_forward, has_kv_cache
 from prefixlens.prefixes import Prefix
@@ -24,7 +24,7 @@ def lm_loss(
 ) -> Float[Tensor, ""]:
     """Mean cross-entropy over the non-ignored (answer) positions (in float32 or wider)."""
     logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
-    return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1), ignore_index=T.IGNORE)
+    return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1), ignore_index=tasks.IGNORE)
 
 
 def content(tokens: Tensor, targets: Tensor | None, n_pad: int, prefix: Prefix | None):
@@ -90,7 +90,7 @@ def logits_shared_pads(
 
 def batch_loss(
     model,
-    batch: T.TaskBatch,
+    batch: tasks.TaskBatch,
     prefix: Prefix | None = None,
     share_pads: bool | None = None,
     attention_mask: Tensor | None = None,
@@ -106,13 +106,21 @@ def batch_loss(
     ``attention_mask`` (1 = real token, 0 = padding): the shape of ``batch.tokens`` (with a prefix its
     first ``P`` columns, where the slots go, must be 1) or of the content after the slots; padded
     positions are neither attended nor scored (see :mod:`prefixlens.injection`).
+
+    Args:
+        model (TransformerBridge): the model to run.
+        batch: the toy-task batch.
+        prefix: the prefix to run with (``None``: none).
+        share_pads: run the shared pad positions once per batch: ``True``, ``False`` or ``None`` (when it
+            pays, see above).
+        attention_mask: 1 for real tokens, 0 for padding (see above).
     """
     tokens, targets = content(batch.tokens, batch.targets, batch.n_pad, prefix)
     if attention_mask is not None:
         mask = full_attention_mask(attention_mask, tokens, prefix.length if prefix is not None else 0)
         if mask is not None:
             P = prefix.length if prefix is not None else 0
-            targets = targets.masked_fill(mask[:, P:] == 0, T.IGNORE)
+            targets = targets.masked_fill(mask[:, P:] == 0, tasks.IGNORE)
             return lm_loss(logits_of(model, tokens, prefix, mask), targets)
     n_shared = batch.n_pad - (prefix.length if prefix is not None else 0)
     if share_pads is None:

@@ -4,7 +4,7 @@ Every method runs the model through the ``TransformerBridge``; prefix methods at
 hooks (:func:`prefixlens.attached`) with the base model frozen (``requires_grad_(False)``), so the
 backward pass computes no weight gradients. Full training runs the model in train mode (the HF
 modules apply the dropout the model was built with); prefix and LoRA training run it in eval mode.
-Reference defaults (see the README's toy-tasks section): AdamW betas (0.9, 0.95); weight decay 0.1
+Reference defaults (see docs/concepts/training.md, "Training"): AdamW betas (0.9, 0.95); weight decay 0.1
 on the weight matrices for full training (embeddings, norms and biases excluded), the torch default
 0.01 for prefixes and LoRA; grad-norm clip 1.0; batch 64.
 
@@ -55,6 +55,13 @@ def train_model(model, task: str, n_pad: int, config: TrainConfig, name: str = "
     The bridge's fused ``qkv`` copy (unused in its forward) gets no gradient and is not trained.
     Afterwards (also on an error) every parameter's ``requires_grad`` and ``.grad``, every module's
     train/eval mode and the global RNG are as they were before the call; only the weights changed.
+
+    Args:
+        model (TransformerBridge): the model to train, in place.
+        task: the toy task's name (or ``"mixture"``).
+        n_pad: the number of pad tokens before each input.
+        config: steps, learning rate, batch size, seed, evaluation and checkpoint settings.
+        name: the run's name, which labels its progress bar and checkpoints.
     """
     config.validate()
     model.requires_grad_(True)
@@ -81,6 +88,17 @@ def train_prefix(model, task_or_data, *args, **kwargs):
     - ``train_prefix(model, data, form=..., ...)``: ``(input, target)`` pairs of strings or ids, or a
       torch ``Dataset`` of them (:func:`prefixlens.training.pairs.train_on_pairs`); returns a
       :class:`~prefixlens.training.pairs.Trained`.
+
+    Args:
+        model (TransformerBridge): the model to adapt.
+        task_or_data (str | Sequence | Dataset): a toy task's name, or the training pairs.
+        *args (Any): passed on to :func:`train_prefix_on_task` (toy task) or
+            :func:`~prefixlens.training.pairs.train_on_pairs` (data).
+        **kwargs (Any): passed on likewise.
+
+    Returns:
+        trained (tuple[Prefix, TrainResult] | Trained): ``(prefix, result)`` for a toy task; a
+            :class:`~prefixlens.training.pairs.Trained` for data.
     """
     if isinstance(task_or_data, str):
         return train_prefix_on_task(model, task_or_data, *args, **kwargs)
@@ -111,6 +129,20 @@ def train_prefix_on_task(
     returns the exported prefix. The model is frozen (``requires_grad_(False)``) and left frozen;
     it trains in eval mode, and its modes, its parameters' ``.grad`` and the global RNG are restored
     afterwards (on an error the ``requires_grad`` flags too).
+
+    Args:
+        model (TransformerBridge): the frozen model.
+        task: the toy task's name.
+        n_pad: the number of pad tokens before each input (the room for the prefix).
+        config: steps, learning rate, batch size, seed, evaluation and checkpoint settings.
+        form: ``"residual"``, ``"kv"`` or ``"soft"``.
+        length: the number of prefix slots (default ``n_pad``).
+        init_scale: the standard deviation of the initial prefix (default: per form, see above).
+        reparam: ``{"d_small": .., "hidden": ..}`` to train through Li & Liang's MLP.
+        name: the run's name, which labels its progress bar and checkpoints (default: from the settings).
+
+    Returns:
+        ``(prefix, result)``: the trained prefix and the training log.
     """
     config.validate()
     if form not in PREFIX_FORMS:
@@ -159,6 +191,18 @@ def train_lora(
     The adapters stay attached when this returns (``lora.remove()`` restores the base model); the
     base stays frozen. Its modes, its parameters' ``.grad`` and the global RNG are restored (on an
     error also the flags, and the adapters are removed).
+
+    Args:
+        model (TransformerBridge): the frozen model.
+        task: the toy task's name.
+        n_pad: the number of pad tokens before each input.
+        config: steps, learning rate, batch size, seed, evaluation and checkpoint settings.
+        rank: the rank of each adapter.
+        targets: the roles to adapt, or ``"reference"`` / ``"mlp"`` (see :mod:`prefixlens.lora`).
+        name: the run's name, which labels its progress bar and checkpoints (default: from the settings).
+
+    Returns:
+        ``(lora, result)``: the attached adapters and the training log.
     """
     config.validate()
     freeze(model)

@@ -50,7 +50,7 @@ import torch
 from jaxtyping import Int
 from torch import Tensor
 
-from prefixlens import tasks as T
+from prefixlens import tasks
 from prefixlens.injection import run_with_prefix
 from prefixlens.lora import LoRA, add_lora
 from prefixlens.prefixes import KVPrefix, Prefix
@@ -88,7 +88,7 @@ class PairBatch:
 
     @property
     def n_target_tokens(self) -> int:
-        return int((self.labels != T.IGNORE).sum())
+        return int((self.labels != tasks.IGNORE).sum())
 
 
 def _ids(x, what: str) -> list[int]:
@@ -169,7 +169,7 @@ class Pairs:
             tokens[r, width - len(s):] = torch.tensor(s)
             mask[r, width - len(s):] = 1
             is_target[r, width - len(self.targets[i]):] = True
-        labels = tokens[:, 1:].masked_fill(~is_target[:, 1:], T.IGNORE)
+        labels = tokens[:, 1:].masked_fill(~is_target[:, 1:], tasks.IGNORE)
         tokens, mask = tokens[:, :-1], mask[:, :-1]
         return PairBatch(tokens.to(device), None if bool(mask.all()) else mask.to(device), labels.to(device))
 
@@ -274,7 +274,17 @@ def _text_ids(model, init_text, length: int) -> list[int]:
 
 
 def initial_prefix(model, form: str, length: int, init, seed: int, init_text=None, init_scale: float | None = None) -> Prefix:
-    """The starting prefix (a fresh, trainable copy): see ``init`` in the module docstring."""
+    """The starting prefix (a fresh, trainable copy): see ``init`` in the module docstring.
+
+    Args:
+        model (TransformerBridge): the model the prefix is for.
+        form: ``"kv"``, ``"residual"`` or ``"soft"``.
+        length: the number of slots.
+        init (str | Prefix): ``"random"``, ``"zeros"``, ``"vocab"``, ``"text"``, or a prefix to copy.
+        seed: the seed of a random start.
+        init_text (str | Sequence[int] | None): the text (or ids) of ``init="text"``.
+        init_scale: the standard deviation of a random start (default: per form).
+    """
     cls = PREFIX_FORMS[form]
     if isinstance(init, Prefix):
         if not isinstance(init, cls):
@@ -350,6 +360,28 @@ def train_on_pairs(
     ``length``/``init``/``init_text``/``init_scale``/``reparam``: the prefix (``reparam`` = Li & Liang's
     MLP, kv/residual, random init). ``rank``/``targets``: the LoRA. ``eval_fn(step, trained)`` returns
     metrics (run under ``torch.no_grad``); ``eval_data``: held-out pairs, adds ``eval_loss``.
+
+    Args:
+        model (TransformerBridge): the model to adapt.
+        data (Sequence | Dataset): the ``(input, target)`` pairs (strings or ids, or ``{"input",
+            "target"}`` dicts), or a torch ``Dataset`` of them.
+        form: ``"kv"``, ``"residual"``, ``"soft"``, ``"lora"`` or ``"full"``.
+        config: steps, learning rate, batch size, seed, schedule, evaluation and checkpoint settings.
+        length: the number of prefix slots.
+        init: how the prefix starts: ``"random"``, ``"zeros"``, ``"vocab"``, ``"text"``, or a prefix.
+        init_text: the text (or ids) of ``init="text"``.
+        init_scale: the standard deviation of a random start (default: per form).
+        reparam: ``{"d_small": .., "hidden": ..}`` to train through Li & Liang's MLP.
+        rank: the rank of each LoRA adapter (``form="lora"``).
+        targets: the roles LoRA adapts, or ``"reference"`` / ``"mlp"``.
+        eval_fn: ``eval_fn(step, trained)`` returns metrics to log (a dict or a number).
+        eval_data (Sequence | Dataset | None): held-out pairs; their loss is logged as ``eval_loss``.
+        cache_prefix: run a KV prefix as the model's key/value cache (``None``: wherever the model supports it).
+        prepend_bos: give each input a BOS token (``None``: the model's default).
+        name: the run's name, which labels its progress bar and checkpoints (default: from the settings).
+
+    Returns:
+        The trained prefix (or adapters, or model copy) with its losses, evaluations and settings.
     """
     config = TrainConfig() if config is None else config
     config.validate()

@@ -15,7 +15,7 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from prefixlens import tasks as T
+from prefixlens import tasks
 from prefixlens.training.checkpoints import Checkpointer
 from prefixlens.training.config import TrainConfig, TrainResult
 from prefixlens.training.state import keeps_global_rng
@@ -45,7 +45,17 @@ def learning_rate(config: TrainConfig, step: int) -> float:
 def train_step(loss_fn: Callable[[Any], Tensor], batch: Any, opt: torch.optim.Optimizer, params: list[Tensor],
                config: TrainConfig, step: int, name: str = "train") -> float:
     """One optimiser step on ``batch`` (``params``: the trained tensors, clipped together); returns the
-    loss before the step."""
+    loss before the step.
+
+    Args:
+        loss_fn: the loss of a batch.
+        batch: the batch to train on.
+        opt: the optimiser.
+        params: the trained tensors.
+        config: the training settings (learning-rate schedule, gradient clipping).
+        step: the step's number (sets the learning rate; named when the loss is not finite).
+        name: the run's name (named when the loss is not finite).
+    """
     for group in opt.param_groups:
         group["lr"] = learning_rate(config, step)
     loss = loss_fn(batch)
@@ -90,6 +100,18 @@ def train_loop(
     metrics (``config.target_accuracy`` stops on the accuracy, or the dict's ``"accuracy"``);
     ``set_mode()`` puts the model in train/eval mode (called after each evaluation). The run seeds
     the global RNG (dropout) from ``config.seed`` on a fork: the caller's RNG state is left as it was.
+
+    Args:
+        params: the trained tensors by name.
+        loss_fn: the loss of a batch.
+        stream: ``stream(generator, start)`` gives the batches from step ``start`` on.
+        config: steps, learning rate, seed, evaluation and checkpoint settings.
+        run_id: the run's identity (:func:`~prefixlens.training.checkpoints.run_id`), which names its checkpoint.
+        name: the run's name, which labels its progress bar.
+        eval_fn: ``eval_fn(step)`` returns the periodic evaluation (``None``: none).
+        decay: ``decay(name, p)`` selects the tensors that get weight decay (``None``: all).
+        weight_decay: AdamW's weight decay.
+        set_mode: puts the model in its training mode again after each evaluation.
     """
     config.validate()
     if not params:
@@ -127,7 +149,7 @@ def train_loop(
 
 def fit(
     params: dict[str, Tensor],
-    loss_fn: Callable[[T.TaskBatch], Tensor],
+    loss_fn: Callable[[tasks.TaskBatch], Tensor],
     task: str,
     n_pad: int,
     config: TrainConfig,
@@ -138,10 +160,24 @@ def fit(
     weight_decay: float = 0.01,
     set_mode: Callable[[], None] | None = None,
 ) -> TrainResult:
-    """:func:`train_loop` on a toy task's seeded batch stream (``eval_fn()`` returns the accuracy)."""
+    """:func:`train_loop` on a toy task's seeded batch stream (``eval_fn()`` returns the accuracy).
+
+    Args:
+        params: the trained tensors by name.
+        loss_fn: the loss of a batch.
+        task: the toy task's name.
+        n_pad: the number of pad tokens before each input.
+        config: steps, learning rate, seed, evaluation and checkpoint settings.
+        run_id: the run's identity, which names its checkpoint.
+        name: the run's name, which labels its progress bar.
+        eval_fn: ``eval_fn()`` returns the accuracy (``None``: no evaluation).
+        decay: ``decay(name, p)`` selects the tensors that get weight decay (``None``: all).
+        weight_decay: AdamW's weight decay.
+        set_mode: puts the model in its training mode again after each evaluation.
+    """
 
     def stream(gen: torch.Generator, start: int):  # the generator's state carries the position
-        return T.batches(task, config.batch_size, n_pad, config.seed, generator=gen)
+        return tasks.batches(task, config.batch_size, n_pad, config.seed, generator=gen)
 
     return train_loop(
         params, loss_fn, stream, config, run_id, name,
