@@ -117,3 +117,17 @@ def pytest_collection_modifyitems(config, items):
         for marker, skip in skips.items():
             if item.get_closest_marker(marker) is not None:
                 item.add_marker(skip)
+
+
+@pytest.fixture
+def help_text(capsys):
+    """``help_text(script)``: what an analysis script's ``main(["--help"])`` prints (it must exit 0),
+    with white space folded so that wrapped sentences read whole."""
+
+    def run(script) -> str:
+        with pytest.raises(SystemExit) as exit_:
+            script.main(["--help"])
+        assert exit_.value.code == 0
+        return " ".join(capsys.readouterr().out.split())
+
+    return run

@@ -109,12 +109,9 @@ def test_committed_markdown_is_rendered_from_the_committed_json(name, tmp_path):
 
 
 @pytest.mark.parametrize("name", sorted(ROWS))
-def test_help_shows_the_whole_first_sentence_and_every_option(name, capsys):
+def test_help_shows_the_whole_first_sentence_and_every_option(name, help_text):
     module = script(name)
-    with pytest.raises(SystemExit) as exit_:
-        module.main(["--help"])
-    assert exit_.value.code == 0
-    text = " ".join(capsys.readouterr().out.split())
+    text = help_text(module)
     assert FIRST_SENTENCES[name] in text and f"prefixlens run {name} --profile quick" in text
     assert cli.list_analyses(ANALYSES)[name] == FIRST_SENTENCES[name]  # what `prefixlens run --list` shows
     for option in ("--seeds", "--jobs", "--device", "--artifacts", "--progress", "--profile", "--out", "--threads",

@@ -112,15 +112,12 @@ def _script():
     return module
 
 
-def test_script_help_and_default_out(capsys):
+def test_script_help_and_default_out(help_text):
     """--help shows the docstring's whole first sentence, the profiles and the options; results go to runs/results."""
     from prefixlens.experiment import COMMITTED_RESULTS, DEFAULT_OUT
 
     script = _script()
-    with pytest.raises(SystemExit) as exit_:
-        script.main(["--help"])
-    assert exit_.value.code == 0
-    text = " ".join(capsys.readouterr().out.split())
+    text = help_text(script)
     assert ("Paper §3: distinct greedy completions from a real first token vs a virtual one (soft / residual / KV)."
             in text)
     assert "prefixlens run token_vs_soft_token --model smollm2-135m" in text and "python analyses" not in text

@@ -217,3 +217,28 @@ def test_the_repository_analyses_are_found(capsys, monkeypatch):
     listed = {l.split()[0] for l in capsys.readouterr().out.splitlines() if l.strip()}
     expected = {p.stem for p in folder.glob("*.py") if not p.stem.startswith("_") and "\ndef main(" in p.read_text()}
     assert listed == expected
+
+
+REPOSITORY_ANALYSES = Path(cli.__file__).resolve().parent.parent / "analyses"
+
+
+@pytest.mark.parametrize("name", sorted(cli.list_analyses(REPOSITORY_ANALYSES)))
+def test_every_analysis_explains_itself_and_keeps_the_committed_results(name, help_text, monkeypatch):
+    """Every analysis runs on the runner: its --help has the whole first sentence that `prefixlens run
+    --list` shows, `prefixlens run` examples, a help string for every option, and its default --out is
+    not the committed results folder."""
+    import argparse
+
+    from prefixlens.experiment import COMMITTED_RESULTS, DEFAULT_OUT, Analysis
+
+    monkeypatch.delenv(cli.ANALYSES_ENV, raising=False)
+    module = cli.load_analysis(name, REPOSITORY_ANALYSES)
+    assert isinstance(module.analysis, Analysis) and module.analysis.name == name
+    text = help_text(module)
+    summary = cli.list_analyses(REPOSITORY_ANALYSES)[name]
+    assert summary.endswith(".") and summary in text
+    assert f"prefixlens run {name}" in text and "python analyses" not in text
+    for action in module.analysis.parser()._actions:
+        if action.help != argparse.SUPPRESS:  # hidden: deprecated spellings only
+            assert action.help, f"{name}: option {action.option_strings} has no help"
+    assert module.analysis.parse_args([]).out == DEFAULT_OUT != COMMITTED_RESULTS

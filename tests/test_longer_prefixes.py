@@ -60,14 +60,11 @@ def test_trains_and_reports(script, tmp_path):
     assert (tmp_path / "longer_prefixes.md").read_text() == md and (tmp_path / "longer_prefixes.png").read_bytes() == png
 
 
-def test_help_and_default_out(script, capsys):
+def test_help_and_default_out(script, help_text):
     """--help shows the docstring's whole first sentence, the profiles and every option; results go to runs/results by default."""
     from prefixlens.experiment import COMMITTED_RESULTS, DEFAULT_OUT
 
-    with pytest.raises(SystemExit) as exit_:
-        script.main(["--help"])
-    assert exit_.value.code == 0
-    text = " ".join(capsys.readouterr().out.split())
+    text = help_text(script)
     assert ("Appendix B on every head: attention over the slots of a longer prefix, and the span its biases use."
             in text)
     assert "prefixlens run longer_prefixes --model smollm2-135m --profile quick" in text and "python analyses" not in text

@@ -76,14 +76,11 @@ def test_default_toy_llama(script, tmp_path):
     assert again["runs"] == on_disk["runs"] and (tmp_path / "prefix_bias_only.md").read_text() == md
 
 
-def test_help_and_default_out(script, capsys):
+def test_help_and_default_out(script, help_text):
     """--help shows the docstring's whole first sentence and the options; results go to runs/results by default."""
     from prefixlens.experiment import COMMITTED_RESULTS, DEFAULT_OUT
 
-    with pytest.raises(SystemExit) as exit_:
-        script.main(["--help"])
-    assert exit_.value.code == 0
-    text = " ".join(capsys.readouterr().out.split())
+    text = help_text(script)
     assert "Paper §4 at scale: a prefix only rescales content attention and adds a bias — every layer and head." in text
     assert "prefixlens run prefix_bias_only --model smollm2-135m" in text and "python analyses" not in text
     assert "--low-precision-dtype" in text and "(default: float16)" in text and "--reference-dtype" not in text
