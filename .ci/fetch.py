@@ -82,7 +82,7 @@ def main(report_path: str, dest: str) -> None:
         url = info["url"].split("#")[0]
         target = folder / urllib.parse.unquote(url.rsplit("/", 1)[-1])
         digest = expected_hash(info)
-        for check in range(3):
+        for _attempt in range(3):
             if not (target.exists() and (digest is None or sha256(target) == digest)):
                 target.unlink(missing_ok=True)
                 if url.startswith("file://"):
