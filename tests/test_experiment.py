@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import random
+from importlib.metadata import version
 
 import pytest
 import torch
@@ -89,7 +90,7 @@ def test_main_records_and_writes_atomically(tmp_path):
     assert result["experiment"] == "toy" and result["profile"] == "large" and result["settings"] == {"n": 50}
     assert result["command"] == "prefixlens run toy --profile large --extra 1 --out " + str(tmp_path) + " --threads 1"
     assert result["wall_time_s"] >= 0 and result["cpu_time_s"] >= 0
-    assert result["environment"]["packages"]["torch"] == torch.__version__
+    assert result["environment"]["packages"]["torch"] == version("torch")  # the distribution's (no "+cu130")
     assert json.loads((tmp_path / "toy.json").read_text()) == result
     assert (tmp_path / "toy.md").read_text() == "# toy\n\ncount 51\n"
     assert (tmp_path / "toy.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
