@@ -501,7 +501,7 @@ def markdown(result: dict) -> str:
             f"{result['seed']}; frozen blocks of {result['block']} rows; samplers fitted to {result['fit_tokens']:,} "
             f"real tokens; {result['threads']} torch thread(s), batch {result['batch_size']}; wall time of this "
             f"invocation {_wall_s(result):.0f} s (load average {result['loadavg_start']} at the start, "
-            f"{result.get('loadavg_end')} at the end: the CPU was shared with other jobs).  ",
+            f"{result.get('loadavg_end')} at the end).  ",
         ]
         for m in result["models"]:
             proj = m.get("projected_full_run_s")
@@ -509,9 +509,9 @@ def markdown(result: dict) -> str:
             lines.append(
                 f"**{m['model']}: {m['status']}** (target N = {m['n_target']:,} per arm; first tokens capped at "
                 f"V = {m['d_vocab']:,}). Generation time summed over the blocks counted here (including earlier, "
-                f"resumed invocations): {spent:,.0f} s."
+                f"resumed invocations): {spent:,.0f} s ≈ {spent / 3600:.1f} h."
                 + (f" Projected wall time of the full run (N = V = {m['d_vocab']:,} in every arm) at the measured "
-                   f"rates: {proj:,.0f} s ≈ {proj / 3600:.1f} h." if proj else "")
+                   f"rates: {proj:,.0f} s ≈ {proj / 3600:.1f} h." if proj and m.get("n_done", 0) < m["d_vocab"] else "")
                 + (f" Stopped: {m['stopped']}." if m.get("stopped") else "") + "  ")
             runs = m.get("invocations") or []
             if runs:
