@@ -511,7 +511,7 @@ def markdown(result: dict) -> str:
                 f"V = {m['d_vocab']:,}). Generation time summed over the blocks counted here (including earlier, "
                 f"resumed invocations): {spent:,.0f} s ≈ {spent / 3600:.1f} h."
                 + (f" Projected wall time of the full run (N = V = {m['d_vocab']:,} in every arm) at the measured "
-                   f"rates: {proj:,.0f} s ≈ {proj / 3600:.1f} h." if proj and m.get("n_done", 0) < m["d_vocab"] else "")
+                   f"rates: {proj:,.0f} s ≈ {proj / 3600:.1f} h." if proj is not None and m.get("n_done", 0) < m["d_vocab"] else "")
                 + (f" Stopped: {m['stopped']}." if m.get("stopped") else "") + "  ")
             runs = m.get("invocations") or []
             if runs:

@@ -230,6 +230,8 @@ def test_profile_blocks_checkpoint_and_resume(tmp_path, monkeypatch):
     partial = script.main(common + ["--profile", "full", "--time-budget", "0"])["models"][0]
     assert partial["n_done"] == 8 and partial["status"].startswith("partial: 8 of 21")  # round 1 came from quick
     assert partial["generated_this_invocation_s"] == 0 and partial["projected_full_run_s"] is not None
+    full_md = tmp_path / "results" / f"{stem[:-len('_quick')]}.md"
+    assert "Projected wall time of the full run" in full_md.read_text()  # the vocabulary is not covered yet
 
     full = script.main(common + ["--profile", "full"])["models"][0]
     assert full["status"] == "complete" and full["n_done"] == 21
@@ -249,11 +251,12 @@ def test_profile_blocks_checkpoint_and_resume(tmp_path, monkeypatch):
     assert again["generated_this_invocation_s"] == 0
     assert {(p, r["arm"]): r["distinct"] for p, b in again["protocols"].items() for r in b["arms"]} == \
         {a: r["distinct"] for a, r in rows.items()}
-    md = (tmp_path / "results" / f"{stem[:-len('_quick')]}.md").read_text()
-    assert "24,426" in md and "46,812" in md and "complete" in md and "Projected wall time" in md
-    (tmp_path / "results" / f"{stem[:-len('_quick')]}.md").unlink()
+    md = full_md.read_text()
+    assert full["n_done"] == full["d_vocab"]  # every first token: nothing left to project
+    assert "24,426" in md and "46,812" in md and "complete" in md and "Projected wall time" not in md
+    full_md.unlink()
     script.main(common + ["--profile", "full", "--render-only"])  # no model, no run
-    assert (tmp_path / "results" / f"{stem[:-len('_quick')]}.md").read_text() == md
+    assert full_md.read_text() == md
 
 
 # --- SmolLM2-135M (the built-in real model; loading it takes ~10 s, these tests ~1 min on 2 cores) ----------
