@@ -19,8 +19,6 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from prefixlens.experiment import summary
-
 __all__ = ["main", "find_analyses_dir", "list_analyses", "load_analysis", "demo", "CLIError", "call_main"]
 
 ANALYSES_ENV = "PREFIXLENS_ANALYSES"
@@ -54,6 +52,8 @@ def find_analyses_dir(explicit: str | os.PathLike | None = None) -> Path:
 
 def list_analyses(directory: Path) -> dict[str, str]:
     """``{name: first sentence of its docstring}`` for every ``*.py`` in ``directory`` defining ``main`` (parsed, not imported)."""
+    from prefixlens.experiment import summary
+
     found = {}
     for file in sorted(directory.glob("*.py")):
         if file.stem.startswith("_"):

@@ -33,3 +33,41 @@ def test_all_matches_what_the_module_defines(name):
     }
     unlisted = sorted(defined - set(listed))
     assert not unlisted, f"{name} defines public {unlisted} but its __all__ does not list them"
+
+
+def _imported_after(code: str) -> set[str]:
+    """The top-level modules a fresh interpreter has imported after running ``code``."""
+    import json
+    import subprocess
+    import sys
+
+    out = subprocess.run(
+        [sys.executable, "-c", f"{code}\nimport json, sys; print(json.dumps(sorted(sys.modules)))"],
+        capture_output=True, text=True, check=True,
+    ).stdout
+    return {name.split(".")[0] for name in json.loads(out.splitlines()[-1])}
+
+
+@pytest.mark.parametrize(
+    "code",
+    ["import prefixlens", "from prefixlens.cli import main\ntry:\n    main(['--help'])\nexcept SystemExit:\n    pass"],
+    ids=["import", "cli-help"],
+)
+def test_import_and_cli_help_load_no_heavy_dependency(code):
+    """``import prefixlens`` and ``prefixlens --help`` stay fast: torch, TransformerLens, transformers
+    and CircuitsVis are imported on first use of a name that needs them, not up front."""
+    heavy = {"torch", "transformer_lens", "transformers", "circuitsvis", "peft", "safetensors"}
+    assert not heavy & _imported_after(code)
+
+
+def test_lazy_names_are_the_defining_modules_objects():
+    assert sorted(pl.__all__) == sorted([*pl._DEFINED_IN, *pl._SUBMODULES])
+    for name in pl.__all__:
+        value = getattr(pl, name)
+        if inspect.ismodule(value):
+            assert value is importlib.import_module(f"prefixlens.{name}")
+        else:
+            assert value is getattr(importlib.import_module(pl._DEFINED_IN[name]), name)
+    assert set(pl.__all__) <= set(dir(pl))
+    with pytest.raises(AttributeError, match="no attribute 'decompse'"):
+        pl.decompse  # noqa: B018
