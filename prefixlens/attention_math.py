@@ -36,6 +36,7 @@ __all__ = [
     "content_term",
     "bias_term",
     "combine",
+    "slot_group_terms",
     "head_residual",
     "identity_1_residual",
     "identity_2_residual",
@@ -119,6 +120,24 @@ def combine(
 ) -> Float[Tensor, "*lead q head d_head"]:
     """``(1 − A)·t + A·b`` (:func:`content_term` plus :func:`bias_term`)."""
     return content_term(prefix_attention, content_output) + bias_term(prefix_attention, prefix_bias)
+
+
+def slot_group_terms(
+    prefix_attention: Float[Tensor, "*lead head q"],
+    slot_pattern: Float[Tensor, "*lead head q slot"],
+    slot_values: Float[Tensor, "*lead slot head d_head"],
+    slots: list[int],
+) -> tuple[Float[Tensor, "*lead head q"], Float[Tensor, "*lead q head d_head"]]:
+    """``(A_g, A_g·b_g)`` of a group ``g`` of slots: the attention mass on those slots and their part of
+    the bias term, ``A_g = A·Σ_{p∈g} π_p`` and ``A_g·b_g = A·Σ_{p∈g} π_p·v_p`` with ``π = softmax_p(s_ip)``.
+
+    Over groups that partition the slots, the masses add up to ``A`` and the terms to ``A·b``
+    (:func:`bias_term`), so the bias splits exactly into, e.g., the attention sink and the instruction.
+    """
+    weights = slot_pattern[..., slots]
+    mass = prefix_attention * weights.sum(-1)
+    term = _per_feature(prefix_attention) * attend(weights, slot_values[..., slots, :, :])
+    return mass, term
 
 
 def head_residual(

@@ -22,6 +22,7 @@ from prefixlens.attention_math import (
     content_term,
     expand_kv_heads,
     head_residual,
+    prefix_pattern,
     split_attention,
 )
 from prefixlens.generation import _last_logits_only
@@ -100,6 +101,15 @@ class HeadDecomposition:
     z: Float[Tensor, "layer batch pos head d_head"]
     content_pattern: Float[Tensor, "layer batch head pos pos"]
     W_O: Float[Tensor, "layer head d_head d_model"] | None = None
+    #: ``softmax_p(s_ip)``: each content query's attention over the slots alone (sums to 1 over the slots);
+    #: with :attr:`slot_values` it splits ``A`` and ``A·b`` by groups of slots (:mod:`prefixlens.attribution`)
+    slot_pattern: Float[Tensor, "layer batch head pos slot"] | None = None
+    #: the values the slots carry in every layer, one head per query head
+    slot_values: Float[Tensor, "layer batch slot head d_head"] | None = None
+    #: the residual stream after the last layer at the content positions (the final norm's input)
+    final_residual: Float[Tensor, "batch pos d_model"] | None = None
+    #: 1 at real content positions, 0 at padding (``None``: every position is real)
+    content_mask: Integer[Tensor, "batch pos"] | None = None
     _baseline_run: Callable[[], tuple[Tensor, Tensor]] | None = field(default=None, repr=False)
     _baseline: tuple[Tensor, Tensor] | None = field(default=None, repr=False)
 
@@ -344,15 +354,17 @@ def decompose(
     tokens = check_tokens(model, tokens, prefix)
     P, n_layers = prefix.length, int(model.cfg.n_layers)
     mask = full_attention_mask(attention_mask, tokens, P)
+    final = f"blocks.{n_layers - 1}.hook_resid_post"
     extra = {f"blocks.{l}.hook_resid_pre" for l in range(n_layers)} if baseline else set()
-    scores, values, cache = prefixed_scores(model, tokens, prefix, extra_names=extra, attention_mask=mask)
+    scores, values, cache = prefixed_scores(model, tokens, prefix, extra_names=extra | {final}, attention_mask=mask)
 
-    A, t, b, z, pattern = [], [], [], [], []
+    A, t, b, z, pattern, on_slots = [], [], [], [], [], []
     for l in range(n_layers):
         A_l, t_l, b_l, pattern_l = split_attention(scores[l][:, :, P:], values[l], P)
         A.append(_zero_pads(A_l, mask, P, 2)), t.append(_zero_pads(t_l, mask, P, 1))
         b.append(_zero_pads(b_l, mask, P, 1)), pattern.append(_zero_pads(pattern_l, mask, P, 2))
         z.append(_zero_pads(cache[f"blocks.{l}.attn.hook_z"][:, P:], mask, P, 1))
+        on_slots.append(_zero_pads(prefix_pattern(scores[l][:, :, P:], P), mask, P, 2))
 
     result = HeadDecomposition(
         n_slots=P,
@@ -362,6 +374,10 @@ def decompose(
         z=torch.stack(z),
         content_pattern=torch.stack(pattern),
         W_O=_stacked_W_O(model),
+        slot_pattern=torch.stack(on_slots),
+        slot_values=torch.stack([v[:, :P] for v in values]),
+        final_residual=cache[final][:, P:],
+        content_mask=None if mask is None else mask[:, P:],
     )
     if baseline:
         inputs = [cache[f"blocks.{l}.hook_resid_pre"][:, P:] for l in range(n_layers)]
