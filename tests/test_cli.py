@@ -8,13 +8,13 @@ from pathlib import Path
 
 import pytest
 
-from prefixlens import cli, report
+from prefixlens import cli, demo, report
 
 
 @pytest.fixture(scope="module")
 def demo_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("demo") / "demo.html"
-    path, summaries = cli.demo(out, model_kind="toy-gpt2", quiet=True)
+    path, summaries = demo.demo(out, model_kind="toy-gpt2", quiet=True)
     return out, path, summaries
 
 
@@ -57,8 +57,8 @@ def test_demo_defaults_to_the_real_model_and_keeps_the_toy_names():
     assert parser.parse_args(["demo"]).model == "smollm2-135m"
     assert parser.parse_args(["demo", "--model", "toy-gpt2"]).model == "toy-gpt2"
     assert parser.parse_args(["demo", "--model", "llama"]).model == "llama"  # the toy's earlier name
-    with pytest.raises(cli.CLIError, match="unknown demo model"):
-        cli.demo(model_kind="gpt-5")
+    with pytest.raises(demo.DemoError, match="unknown demo model"):
+        demo.demo(model_kind="gpt-5")
 
 
 def test_demo_without_the_real_model_says_what_to_install(tmp_path, monkeypatch, capsys):
@@ -95,12 +95,12 @@ def test_real_demo_prints_real_numbers(tmp_path, capsys):
     assert cli.main(["demo", "--out", str(out), "--samples", "3", "--max-new-tokens", "6"]) == 0
     printed = capsys.readouterr().out
     logits = float(re.search(r"max \|Δ logits\| = (\S+) over 3 × 15 positions", printed).group(1))
-    assert logits <= cli.DEMO_TOLERANCES["logits"], printed
+    assert logits <= demo.DEMO_TOLERANCES["logits"], printed
     assert "same greedy continuation (6 tokens): 3/3" in printed
     row = next(l.split() for l in printed.splitlines() if l.startswith("instruction (KV prefix)"))
     P, reconstruction, relative, mean_A = int(row[-4]), float(row[-3]), float(row[-2]), float(row[-1])
-    assert P == 15 and 0 < reconstruction <= cli.DEMO_TOLERANCES["reconstruction"], printed  # measured, not 0 by fiat
-    assert relative <= cli.DEMO_TOLERANCES["relative_attention"] and 0.1 < mean_A < 0.99, printed
+    assert P == 15 and 0 < reconstruction <= demo.DEMO_TOLERANCES["reconstruction"], printed  # measured, not 0 by fiat
+    assert relative <= demo.DEMO_TOLERANCES["relative_attention"] and 0.1 < mean_A < 0.99, printed
     assert printed.count("without:") == 3 and printed.count("with:") == 3
     text = out.read_text(encoding="utf-8")
     assert text.count(report.circuitsvis_bundle()) == 1
@@ -108,9 +108,13 @@ def test_real_demo_prints_real_numbers(tmp_path, capsys):
 
     for label in ("[·pirate]", "[<|im_start|>]", "·favourite", "↵"):  # slots and content, readable, as sent to CircuitsVis
         assert _js_props({"t": label})[6:-2] in text, label
-    heads = re.findall(r"<h2>(L\d+H\d+): attention with and without the instruction prefix</h2>", text)
-    assert len(heads) == cli.DEMO_HEADS and text.count(f"<h3>{heads[0]} · ") == 3
-    assert "What A, t and b are:" in text
+    heads = re.findall(r"<h2>(L\d+H\d+): attention with and without the instruction prefix — shown for its "
+                       r"(largest bias effect|clearest pattern)</h2>", text)
+    assert len(heads) == demo.DEMO_HEADS and text.count(f"<h3>{heads[0][0]} · ") == 3
+    assert {why for _, why in heads} == {"largest bias effect", "clearest pattern"}
+    assert "What A, t and b are:" in text and "attention sink" in text
+    assert re.search(r"where the prefix's attention goes \(mean over heads\): sink 0\.\d+, template 0\.\d+, "
+                     r"instruction 0\.\d+; the template alone takes 0\.\d+", printed), printed
 
 
 @pytest.mark.parametrize("argv", [["--help"], ["demo", "--help"], ["run", "--help"]])

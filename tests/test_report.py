@@ -118,7 +118,9 @@ def test_prefix_mass_figure(setup):
     heat2, neurons2 = picked.figures
     assert heat2.data["rows"] == ["L1H2", "L0H3"]
     torch.testing.assert_close(heat2.data["A"], d.prefix_attention[[1, 0], 1, [2, 3]].double().cpu(), atol=0, rtol=0)
-    assert neurons2.props["firstDimensionLabels"] == ["0", "1"]
+    # the interactive view lists the chosen heads themselves, so it opens on the first of them
+    assert neurons2.props["firstDimensionLabels"] == ["L1H2", "L0H3"]
+    torch.testing.assert_close(neurons2.props["activations"][:, :, 0].T, heat2.data["A"].float(), atol=0, rtol=0)
     with pytest.raises(IndexError, match="head 4"):
         report.prefix_mass_figure(d, tokens, heads=[(0, 4)])
 

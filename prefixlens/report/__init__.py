@@ -20,6 +20,8 @@ The package is split like CircuitsVis's ``attention.py`` / ``utils/render.py``:
 
 - :mod:`prefixlens.report.figures` — what each figure shows (the numbers, from a model, prefix and
   decomposition), token labels, head selection;
+- :mod:`prefixlens.report.attribution` — the figures of :mod:`prefixlens.attribution` (where the
+  prefix's attention goes: sink, template, instruction; which heads' biases move the answer);
 - :mod:`prefixlens.report.svg` — drawing: heatmaps and scatter plots as inline SVG, no JavaScript;
 - :mod:`prefixlens.report.render` — assembly: the HTML document, the notebook output, the inlined
   CircuitsVis bundle (``circuitsvis/dist/cdn/iife.js``, once per document; nothing is loaded from
@@ -29,6 +31,7 @@ The package is split like CircuitsVis's ``attention.py`` / ``utils/render.py``:
 
 from __future__ import annotations
 
+from prefixlens.report.attribution import head_effect_figure, slot_groups_figure
 from prefixlens.report.base import Figure, Row
 from prefixlens.report.figures import (
     _project_2d as _project_2d,  # the old private name (tests, older scripts)
@@ -63,6 +66,8 @@ __all__ = [
     "bias_shift_figure",
     "attention_output_shift",
     "summary_figure",
+    "slot_groups_figure",
+    "head_effect_figure",
     "table_figure",
     "svg_figure",
     "html",

@@ -211,8 +211,13 @@ def _heads_name(layer: int, heads: list[int], n_heads: int) -> str:
     return f"L{layer}, heads " + ", ".join(str(h) for h in heads)
 
 
+#: what the colours of every CircuitsVis attention view mean (they draw no colour bar of their own)
+PATTERN_SCALE = "colour: attention weight, from 0 (white) to 1 (full colour); grey: masked (a query cannot see that key)"
+
+
 def _attention_view(title: str, pattern: Tensor, tokens: list[str], names: list[str], caption: str = "") -> Figure:
-    """AttentionHeads for several heads, AttentionPattern for one."""
+    """AttentionHeads for several heads, AttentionPattern for one; the caption ends with :data:`PATTERN_SCALE`."""
+    caption = f"{caption}; {PATTERN_SCALE}" if caption else PATTERN_SCALE
     pattern = pattern.detach().float().cpu()
     if pattern.shape[0] == 1:
         props = {"tokens": tokens, "attention": pattern[0], "maskUpperTri": True, "showAxisLabels": True}
@@ -385,17 +390,21 @@ def prefix_mass_figure(
     )
     if not interactive:
         return heat
-    activations = values.permute(2, 0, 1).float()  # [pos, layer, head]
+    if heads is None:
+        activations = values.permute(2, 0, 1).float()  # [pos, layer, head]
+        props = {"firstDimensionName": "Layer", "secondDimensionName": "Head", "firstDimensionLabels": [str(l) for l in layers]}
+    else:  # the chosen heads themselves, so the view opens on one of them
+        activations = rows.T[:, :, None].float()  # [pos, chosen head, 1]
+        props = {
+            "firstDimensionName": "Head", "secondDimensionName": "Example",
+            "firstDimensionLabels": row_names, "secondDimensionLabels": [str(example)],
+        }
+    # CircuitsVis writes the tokens one after another: bare ids (a toy tokenizer's) would run together
+    shown = [f"{t} " for t in labels] if all(t.isdigit() for t in labels) else labels
     neurons = Figure(
-        "A by token (choose layer and head)",
+        "A by token (choose layer and head)" if heads is None else "A by token (choose one of the heads above)",
         "TextNeuronActivations",
-        {
-            "tokens": labels,
-            "activations": activations,
-            "firstDimensionName": "Layer",
-            "secondDimensionName": "Head",
-            "firstDimensionLabels": [str(l) for l in layers],
-        },
+        {"tokens": shown, "activations": activations, **props},
     )
     return Row("Prefix attention mass", [heat, neurons])
 
@@ -530,10 +539,12 @@ def bias_shift_figure(
     groups = [("without prefix", coords[:N])] + [(n, coords[(k + 1) * N : (k + 2) * N]) for k, n in enumerate(names)]
     svg = scatter_svg(groups, axes)
     shift = shift_data["shift"][layer]  # [K, N]
+    prefixes_said = "1 prefix" if K == 1 else f"{K} prefixes"
     caption = (
-        f"layer {layer}, content position {pos}, {N} samples, {K} prefix(es); mean shift "
-        + ", ".join(f"{n}: {float(shift[k].mean()):.3g}" for k, n in enumerate(names))
-        + f" (mean spread without prefix {shift_data['spread'][layer]:.3g})"
+        f"layer {layer}, content position {pos}, {N} samples, {prefixes_said}. Mean shift ‖with − without‖ of the "
+        "attention-block output (L2 norm, residual-stream units): "
+        + ", ".join(f"{n} {float(shift[k].mean()):.3g}" for k, n in enumerate(names))
+        + f"; for scale, the samples' mean distance from their mean without a prefix is {shift_data['spread'][layer]:.3g}"
     )
     return Figure(
         title or f"L{layer} attention-block output with and without the prefix (paper Figure 3)",

@@ -14,7 +14,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
-__all__ = ["PALETTE", "esc", "colour", "text_width", "heatmap_svg", "scatter_svg"]
+__all__ = ["PALETTE", "esc", "colour", "diverging_colour", "text_width", "heatmap_svg", "scatter_svg"]
 
 PALETTE = ["#1f77b4", "#d62728", "#2ca02c", "#ff7f0e", "#9467bd", "#8c564b", "#e377c2", "#17becf", "#bcbd22"]
 
@@ -53,6 +53,16 @@ def colour(v: float, vmin: float, vmax: float) -> str:
     return f"#{r:02x}{g:02x}{b:02x}"
 
 
+def diverging_colour(v: float, limit: float) -> str:
+    """Red (``-limit``) through white (0) to dark blue (``+limit``); grey for a non-finite value."""
+    if not math.isfinite(v):
+        return "#eeeeee"
+    x = min(1.0, abs(v) / limit) if limit > 0 else 0.0
+    target = (8, 48, 107) if v >= 0 else (178, 24, 43)
+    r, g, b = (round(255 + (c - 255) * x) for c in target)
+    return f"#{r:02x}{g:02x}{b:02x}"
+
+
 def heatmap_svg(
     values: Tensor,
     rows: Sequence[str],
@@ -62,9 +72,12 @@ def heatmap_svg(
     highlight: Sequence[tuple[int, int]] = (),
     max_width: int = 1300,
     legend: str | None = None,
+    diverging: bool = False,
 ) -> str:
     """A labelled ``[rows, cols]`` heatmap. Values show on hover and, when the cells are large enough,
     in the cells; ``highlight`` cells ``(row, col)`` get a red outline; ``legend`` adds a colour bar.
+    ``diverging=True`` colours negative values red and positive ones blue, white at 0, on the scale
+    ``±max(|vmin|, |vmax|)`` (for signed quantities such as logit effects).
 
     Column labels are rotated 60°; the margins are computed from the longest labels, and the cell size
     from ``max_width`` so the whole drawing fits in it.
@@ -78,6 +91,7 @@ def heatmap_svg(
         highlight: ``(row, col)`` cells to outline.
         max_width: the drawing's maximum width in pixels.
         legend: the colour bar's label (``None``: no colour bar).
+        diverging: a red-white-blue scale centred on 0.
 
     Returns:
         The SVG markup.
@@ -91,11 +105,22 @@ def heatmap_svg(
     left = math.ceil(max((text_width(r, fs) for r in rows), default=0.0)) + 12
     top = math.ceil(col_w * sin) + 16
     right_extra = math.ceil(col_w * cos) + 8  # rotated labels lean right, past the last column
-    bar = 70 if legend else 0
+    bar = max(70, math.ceil(text_width(f"{vmin:.3g}", fs)) + 40) if legend else 0
     cell = max(12, min(44, (max_width - left - right_extra - bar) // max(n_c, 1)))
     width = left + n_c * cell + max(right_extra - cell // 2, 8) + bar
     height = top + n_r * cell + 10
     show_text = cell >= 30
+    if diverging:
+        limit = max(abs(vmin), abs(vmax))
+        vmin, vmax = -limit, limit
+
+        def fill(v: float) -> str:
+            return diverging_colour(v, limit)
+    else:
+
+        def fill(v: float) -> str:
+            return colour(v, vmin, vmax)
+
     out = [_SVG_OPEN.format(w=width, h=height, fs=fs)]
     for j, c in enumerate(cols):
         x, y = left + j * cell + cell / 2, top - 6
@@ -106,10 +131,11 @@ def heatmap_svg(
             v = float(values[i, j])
             out.append(
                 f"<rect x='{left + j * cell}' y='{top + i * cell}' width='{cell}' height='{cell}' "
-                f"fill='{colour(v, vmin, vmax)}' stroke='#fff'><title>{esc(r)} · {esc(cols[j])}: {v:.3f}</title></rect>"
+                f"fill='{fill(v)}' stroke='#fff'><title>{esc(r)} · {esc(cols[j])}: {v:.3f}</title></rect>"
             )
             if show_text:
-                ink = "#fff" if (v - vmin) > 0.55 * (vmax - vmin) else "#222"
+                dark = abs(v) > 0.55 * vmax if diverging else (v - vmin) > 0.55 * (vmax - vmin)
+                ink = "#fff" if dark else "#222"
                 out.append(
                     f"<text x='{left + j * cell + cell / 2}' y='{top + i * cell + cell / 2 + 4}' text-anchor='middle' "
                     f"fill='{ink}' font-size='9'>{v:.2f}</text>"
@@ -126,11 +152,11 @@ def heatmap_svg(
             v = vmax - (vmax - vmin) * (k + 0.5) / steps
             out.append(
                 f"<rect x='{bx}' y='{by + k * bh / steps:.1f}' width='14' height='{bh / steps + 0.5:.1f}' "
-                f"fill='{colour(v, vmin, vmax)}'/>"
+                f"fill='{fill(v)}'/>"
             )
         out.append(f"<rect x='{bx}' y='{by}' width='14' height='{bh}' fill='none' stroke='#999'/>")
-        out.append(f"<text x='{bx + 18}' y='{by + 9}'>{vmax:g}</text>")
-        out.append(f"<text x='{bx + 18}' y='{by + bh}'>{vmin:g}</text>")
+        out.append(f"<text x='{bx + 18}' y='{by + 9}'>{vmax:.3g}</text>")
+        out.append(f"<text x='{bx + 18}' y='{by + bh}'>{vmin:.3g}</text>")
         out.append(f"<text x='{bx + 7}' y='{by - 6}' text-anchor='middle'>{esc(legend)}</text>")
     out.append("</svg>")
     return "".join(out)
