@@ -1,6 +1,6 @@
 """Download every file a `pip install --dry-run --report REPORT` resolved into DEST, surviving dropped connections.
 
-    python .ci/fetch.py REPORT DEST
+    python scripts/fetch.py REPORT DEST
 
 The registry connection here drops in the middle of large wheels (pyarrow 55 MB, ruff 10.6 MB,
 mkdocs-material 9.3 MB, pillow 7.1 MB), often enough that a whole `pip install` fails even with
