@@ -1,7 +1,8 @@
 """MkDocs hook: the results pages are the committed ``results/*.md`` (and ``benchmarks/results-core.md``),
 added to the site at build time so that there is one copy of each. Nothing is written into ``docs/``.
 
-- A results page whose experiment also wrote a figure (``results/NAME.png``) shows it under the table.
+- A results page whose experiment also wrote a figure (``results/NAME.png``) shows it under the table, as
+  wide as the content column, linked to the full-size file (click to enlarge).
 - A results file that mkdocs.yml's nav does not list yet is added to the end of its "Results" section,
   titled by its first heading, so that a new experiment never breaks ``mkdocs build --strict``.
 - The files are written by the analyses, not for MkDocs: ``[a][b]`` in their prose (e.g. "[layer][head]")
@@ -35,7 +36,8 @@ def _page(config, uri: str, source: Path) -> File:
     text = _escape_reference_links(source.read_text(encoding="utf-8"))
     figure = source.with_suffix(".png")
     if figure.parent == RESULTS and figure.exists():
-        text += f"\n\n![{source.stem}]({figure.name})\n"
+        # click to enlarge: the figure links to its own full-size file
+        text += f"\n\n[![{source.stem}]({figure.name})]({figure.name}){{ .pl-figure }}\n"
     text += f"\n\n*This page is `{source.relative_to(ROOT).as_posix()}` in the repository.*\n"
     return File.generated(config, uri, content=text)
 

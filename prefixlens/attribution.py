@@ -24,6 +24,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from jaxtyping import Float
@@ -295,13 +296,13 @@ class NeutralComparison:
 
 def compare_with_neutral(
     model,
-    content,
+    content: "Tensor | str | list[str]",
     prompt: Sequence[int] | Tensor,
     neutral: Sequence[int] | Tensor,
-    answer=None,
-    contrast=None,
+    answer: int | Sequence[int] | Tensor | None = None,
+    contrast: int | Sequence[int] | Tensor | None = None,
     sink_slots: int = 1,
-    **decompose_kwargs,
+    **decompose_kwargs: Any,
 ) -> NeutralComparison:
     """Decompose ``content`` after ``prompt`` (template + instruction) and after ``neutral`` (the
     template alone), split the first by :func:`instruction_groups`, and, with an ``answer``, give
