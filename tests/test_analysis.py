@@ -255,3 +255,16 @@ def test_reprs_are_short():
         assert len(r) < 500 and "\n" not in r and "tensor" not in r
     assert "IdentityCheck(dtype=float32, layers=2, heads=4, n_slots=3" in repr(check)
     assert "SlotStatistics(layers=2, heads=4, queries=24, n_slots=3" in repr(stats)
+
+
+def test_no_prefix_in_the_analyses():
+    """``check_identities`` without a prefix checks the plain run (A = 0: both identities hold to
+    rounding); ``slot_statistics`` has no slots to study and says what to call instead."""
+    model = build("llama_gqa", torch.float64)
+    x = random_tokens((3, 5), seed=2)
+    check = analysis.check_identities(model, x, None)
+    assert check.n_slots == 0 and float(check.mean_prefix_attention.max()) == 0.0
+    assert float(check.relative_attention.max()) <= DECOMPOSITION_TOL[torch.float64]
+    assert float(check.bias_only.max()) <= DECOMPOSITION_TOL[torch.float64]
+    with pytest.raises(ValueError, match="prefix=None has none.*decompose"):
+        analysis.slot_statistics(model, x, None)
