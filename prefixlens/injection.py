@@ -18,6 +18,11 @@ slot, or with a row that has no real token is refused.
 ragged list is left-padded and its mask flows into the machinery above. Content after a prefix gets
 no BOS unless ``prepend_bos=True`` (it continues the prefix's prompt).
 
+**No prefix.** ``prefix=None`` (in ``run_with_prefix``, ``run_with_cache``, ``generate``, ``decompose``,
+``check_identities`` and the report figures) is the plain run with ``P = 0``: the same inputs, masks,
+positions and return types, equal to ``model(tokens)``; text then starts the sequence and gets the
+model's default BOS.
+
 **One prefix at a time.** Prefixes do not nest: every prefix writes slots ``0..P-1``, so an
 ``attached`` block (or ``run_with_prefix``, ``generate``, ``decompose``) inside another ``attached``
 block is refused; build one prefix that holds both (e.g. ``from_prompt`` on the joined prompts). A

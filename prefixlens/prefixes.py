@@ -720,18 +720,21 @@ def input_embeddings(model, tokens: Integer[Tensor, "*shape"]) -> Float[Tensor, 
 
 @torch.no_grad()
 def input_embedding_std(model, chunk: int = 8192) -> float:
-    """The standard deviation of all entries of :func:`input_embeddings` over the vocabulary (float64,
-    in chunks of ``chunk`` tokens): the scale of real soft tokens."""
+    """The standard deviation of all entries of :func:`input_embeddings` over the vocabulary: the scale
+    of real soft tokens. A plain ``nn.Embedding`` (or a model without an embedding module): the weight's
+    std, as ``W_E.std()`` in float64; any other embedding module (Gemma's scaled one): computed on its
+    outputs, in chunks of ``chunk`` tokens (two passes in float64: the mean, then the squared deviations)."""
     soft_prompt_hook(model)  # refuses a model without an inputs_embeds-shaped embedding
-    V = int(model.cfg.d_vocab)
+    module = _embedding_module(model)
+    if module is None or type(module) is nn.Embedding:
+        weight = model.W_E if module is None else module.weight
+        return float(weight.detach().double().std())
+    V, n = int(model.cfg.d_vocab), int(model.cfg.d_vocab) * int(model.cfg.d_model)
     device = model_dtype_device(model)[1]
-    total = total_sq = 0.0
-    for start in range(0, V, chunk):
-        e = input_embeddings(model, torch.arange(start, min(V, start + chunk), device=device)).double()
-        total += float(e.sum())
-        total_sq += float((e * e).sum())
-    n = V * int(model.cfg.d_model)
-    return ((total_sq - total * total / n) / (n - 1)) ** 0.5
+    chunks = [torch.arange(start, min(V, start + chunk), device=device) for start in range(0, V, chunk)]
+    mean = sum(float(input_embeddings(model, ids).double().sum()) for ids in chunks) / n
+    squares = sum(float((input_embeddings(model, ids).double() - mean).square().sum()) for ids in chunks)
+    return (squares / (n - 1)) ** 0.5
 
 
 def _check_length(model, length: int) -> ModelSignature:
