@@ -406,7 +406,7 @@ class SlotStatistics:
 def slot_statistics(
     model,
     tokens: "Integer[Tensor, 'batch pos'] | Integer[Tensor, ' pos'] | str | list[str]",
-    prefix: Prefix,
+    prefix: Prefix | None,
     positions: int | list[int] | None = -1,
     batch_size: int = 64,
     progress: bool = False,
@@ -451,12 +451,17 @@ def slot_statistics(
     if positions is None:
         pos = list(range(T))
     else:
-        pos = [positions] if isinstance(positions, int) else list(positions)
+        one = isinstance(positions, int) or (isinstance(positions, Tensor) and positions.ndim == 0)
+        pos = [positions] if one else list(positions) if isinstance(positions, (list, tuple, Tensor)) else [positions]
         if not pos:
             raise ValueError("positions is empty: give at least one content position (or None for all).")
-        for p in pos:
+        valid = f"valid are 0..{T - 1} (or -{T}..-1, counting from the end) for inputs of length {T}"
+        for i, p in enumerate(pos):
+            if isinstance(p, bool) or not hasattr(p, "__index__"):
+                raise TypeError(f"positions: content positions must be ints, got {p!r}; {valid}.")
+            pos[i] = p = int(p)
             if not -T <= p < T:
-                raise ValueError(f"content position {p} is out of range for inputs of length {T}.")
+                raise ValueError(f"positions: content position {p} is out of range: {valid}.")
         pos = [p % T for p in pos]
     index = torch.tensor(pos, device=tokens.device)
     P = prefix.length

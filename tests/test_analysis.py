@@ -268,3 +268,15 @@ def test_no_prefix_in_the_analyses():
     assert float(check.bias_only.max()) <= DECOMPOSITION_TOL[torch.float64]
     with pytest.raises(ValueError, match="prefix=None has none.*decompose"):
         analysis.slot_statistics(model, x, None)
+
+
+@pytest.mark.wrong_types_on_purpose  # a float and a 0-d tensor where positions is annotated int | list[int]
+def test_slot_statistics_positions_name_the_argument_and_the_range():
+    model = build("gpt2")
+    x, prefix = random_tokens((2, 5), seed=2), pl.KVPrefix.random(model, 2)
+    with pytest.raises(ValueError, match=r"positions: content position 5 is out of range: valid are 0\.\.4 \(or -5\.\.-1"):
+        analysis.slot_statistics(model, x, prefix, positions=[5])
+    with pytest.raises(TypeError, match=r"positions: content positions must be ints, got 1\.0"):
+        analysis.slot_statistics(model, x, prefix, positions=1.0)
+    last = analysis.slot_statistics(model, x, prefix, positions=torch.tensor(-1))
+    assert last.positions == [4]
