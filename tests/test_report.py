@@ -419,6 +419,8 @@ def test_figures_without_a_prefix(setup):
     own = cache["blocks.1.attn.hook_pattern"][0, 0]
     torch.testing.assert_close(row.figures[0].props["attention"], own.float(), atol=TOL[dtype], rtol=0)
     assert "P = 0" in row.figures[0].title
+    text_row = report.attention_figure(model, "3 5 7", None, layer=1)  # text starts the sequence: BOS first
+    assert len(text_row.figures[1].props["tokens"]) == 4
 
 
 @pytest.mark.parametrize(

@@ -128,7 +128,7 @@ def entropy_deficit(
     """
     pattern = decomposition.content_pattern.double()  # [L, B, H, T, T]
     if example is not None:
-        example = index_in_range(example, pattern.shape[1], "example")
+        example = _index_in_range(example, pattern.shape[1], "example")
         pattern = pattern[:, example : example + 1]
     n_keys = (pattern > 0).sum(-1)  # [L, B, H, T]
     entropy = -(pattern * pattern.clamp_min(1e-300).log()).sum(-1)
@@ -165,7 +165,7 @@ def select_heads(
     deficit = entropy_deficit(decomposition, example=example)
     A = decomposition.prefix_attention.double()
     if example is not None:
-        example = index_in_range(example, A.shape[1], "example")
+        example = _index_in_range(example, A.shape[1], "example")
     A = (A if example is None else A[:, example : example + 1]).mean(dim=(1, 3))
     lo, hi = mass_range
     order = sorted(  # largest deficit first; ties in layer, then head order
@@ -187,7 +187,7 @@ def select_heads(
 # --------------------------------------------------------------------------------------------- figures
 
 
-def index_in_range(value, n: int, what: str) -> int:
+def _index_in_range(value, n: int, what: str) -> int:
     """``value`` as an index into ``n`` items (``layer``, ``head``, ``example``, ...): an int (a numpy
     integer or a 0-d integer tensor too); negatives count from the end, as in Python (``-1``: the last).
     Anything else, or an index outside ``-n..n-1``, is refused with a message naming ``what`` and the
@@ -213,19 +213,21 @@ def _is_one_index(value) -> bool:
 
 
 def _indices(value, n: int, what: str) -> list[int]:
-    """``None`` (all), one index, or a sequence of them, each checked by :func:`index_in_range`."""
+    """``None`` (all), one index, or a sequence of them, each checked by ``_index_in_range``."""
     if value is None:
         return list(range(n))
     if _is_one_index(value):
-        return [index_in_range(value, n, what)]  # refuses a float or a string by name
-    return [index_in_range(v, n, what) for v in value]
+        return [_index_in_range(value, n, what)]  # refuses a float or a string by name
+    return [_index_in_range(v, n, what) for v in value]
 
 
-def _content(model, tokens, prefix, what: str = "tokens"):
+def _content(model, tokens, prefix, continuation: bool | None = None):
     """Content ids ``[batch, pos]`` and the full ``[batch, P + pos]`` mask (or ``None``) for a figure:
-    ids, a string or a list of strings (:func:`prefixlens.text.tokens_and_mask`, as content after the
-    prefix: no BOS; a ragged list is left-padded with a mask)."""
-    tokens, mask = tokens_and_mask(model, tokens, continuation=True)
+    ids, a string or a list of strings (:func:`prefixlens.text.tokens_and_mask`; a ragged list is
+    left-padded with a mask). Text after a prefix gets no BOS; without one (``prefix=None``) it starts the
+    sequence, with the model's default BOS, unless ``continuation`` says otherwise."""
+    continuation = prefix is not None if continuation is None else continuation
+    tokens, mask = tokens_and_mask(model, tokens, continuation=continuation)
     tokens = check_tokens(model, tokens, prefix)
     return tokens, full_attention_mask(mask, tokens, n_slots(prefix))
 
@@ -233,7 +235,7 @@ def _content(model, tokens, prefix, what: str = "tokens"):
 def _example_tokens(model, tokens, prefix, example: int) -> tuple[Tensor, int]:
     """The content of one example, unpadded (text is encoded), and its index in it."""
     tokens, mask = _content(model, tokens, prefix)
-    example = index_in_range(example, tokens.shape[0], "example")
+    example = _index_in_range(example, tokens.shape[0], "example")
     if mask is not None:  # the figure shows one example: its real tokens, without padding
         tokens = tokens[example : example + 1, mask[example, n_slots(prefix):].bool()]
         example = 0
@@ -290,8 +292,9 @@ def attention_figure(
 
     Args:
         model (TransformerBridge): the model to run.
-        tokens: the content: ``[batch, pos]`` token ids, a string or a list of strings (content after
-            the prefix, no BOS; a ragged list shows the chosen example without its padding).
+        tokens: the content: ``[batch, pos]`` token ids, a string or a list of strings (after a prefix
+            no BOS, without one the model's default; a ragged list shows the chosen example without its
+            padding).
         prefix: the prefix the content runs after (``None``: the plain run, ``P = 0``).
         layer: the layer, several layers, or ``None`` for every layer (negatives count from the end).
         head: the head(s) to show (``None``: all).
@@ -414,9 +417,9 @@ def prefix_mass_figure(
     """
     A = decomposition.prefix_attention  # [layer, batch, head, pos]
     n_layers, B, H, T = A.shape
-    example = index_in_range(example, B, "example")
+    example = _index_in_range(example, B, "example")
     if heads is not None:
-        pairs = [(index_in_range(l, n_layers, "heads: layer"), index_in_range(h, H, "heads: head")) for l, h in heads]
+        pairs = [(_index_in_range(l, n_layers, "heads: layer"), _index_in_range(h, H, "heads: head")) for l, h in heads]
         layers = sorted({l for l, _ in pairs})
     else:
         layers = _indices(layer, n_layers, "layer")
@@ -471,10 +474,10 @@ def prefix_mass_grid_figure(
     A = decomposition.prefix_attention.double().cpu()  # [L, B, H, T]
     L, B, H, _ = A.shape
     if example is not None:
-        example = index_in_range(example, B, "example")
+        example = _index_in_range(example, B, "example")
         A = A[:, example : example + 1]
     grid = A.mean(dim=(1, 3))  # [L, H]
-    highlight = [(index_in_range(l, L, "highlight: layer"), index_in_range(h, H, "highlight: head")) for l, h in highlight]
+    highlight = [(_index_in_range(l, L, "highlight: layer"), _index_in_range(h, H, "highlight: head")) for l, h in highlight]
     svg = heatmap_svg(
         grid.T,
         [f"H{h}" for h in range(H)],
@@ -521,9 +524,9 @@ def attention_output_shift(
     named = list(prefixes.items()) if isinstance(prefixes, Mapping) else [(f"prefix {i}", p) for i, p in enumerate(prefixes)]
     if not named:
         raise ValueError("give at least one prefix.")
-    tokens, mask = _content(model, tokens, None)
+    tokens, mask = _content(model, tokens, None, continuation=True)  # the content after each prefix
     N, T = tokens.shape
-    pos = index_in_range(position, T, "position")
+    pos = _index_in_range(position, T, "position")
     if mask is not None and not bool(mask[:, pos].all()):
         raise ValueError(
             f"position {position} is padding in some rows of the (ragged) text; choose a position that is a real "
