@@ -474,6 +474,8 @@ def _check_recoverable(model, log_pattern: Tensor, P: int, layer: int) -> None:
     """From the pattern alone, ``b`` (``t``) is lost where a query's attention on every slot
     (content key) underflowed to exactly 0; refuse instead of returning NaN for it."""
     for part, name, keys in (("prefix", "prefix bias b", log_pattern[..., :P]), ("content", "content output t", log_pattern[..., P:])):
+        if keys.shape[-1] == 0:  # no slots (prefix=None): b is undefined, not lost
+            continue
         lost = torch.isneginf(keys).all(-1)
         if bool(lost.any()):
             raise ValueError(
