@@ -40,7 +40,7 @@ from prefixlens.attention_math import (
     prefix_pattern,
 )
 from prefixlens.decomposition import decompose, prefixed_cache, prefixed_scores
-from prefixlens.injection import check_tokens, full_attention_mask
+from prefixlens.injection import check_tokens, full_attention_mask, n_slots
 from prefixlens.prefixes import Prefix
 from prefixlens.signature import model_dtype_device
 from prefixlens.text import tokens_and_mask
@@ -147,7 +147,7 @@ class IdentityCheck:
         return out
 
 
-def _prefixed_patterns(model, tokens: Tensor, prefix: Prefix, mask: Tensor | None = None) -> tuple[list[Tensor], list[Tensor]]:
+def _prefixed_patterns(model, tokens: Tensor, prefix: Prefix | None, mask: Tensor | None = None) -> tuple[list[Tensor], list[Tensor]]:
     """The model's own post-softmax patterns and (per query head) values of a prefixed run (with a
     full ``mask``: padded query rows set to 0)."""
     n_layers, n_heads = int(model.cfg.n_layers), int(model.cfg.n_heads)
@@ -160,8 +160,8 @@ def _prefixed_patterns(model, tokens: Tensor, prefix: Prefix, mask: Tensor | Non
     return patterns, values
 
 
-def _chunk_errors(model, tokens: Tensor, prefix: Prefix, mask: Tensor | None = None) -> dict[str, Tensor]:
-    P = prefix.length
+def _chunk_errors(model, tokens: Tensor, prefix: Prefix | None, mask: Tensor | None = None) -> dict[str, Tensor]:
+    P = n_slots(prefix)
     d = decompose(model, tokens, prefix, baseline=True, attention_mask=mask)
     patterns, values = _prefixed_patterns(model, tokens, prefix, mask)
     baseline = d.baseline_pattern  # [l, b, h, q, k]; non-finite values propagate into the errors
@@ -190,7 +190,7 @@ def _chunk_errors(model, tokens: Tensor, prefix: Prefix, mask: Tensor | None = N
 def check_identities(
     model,
     tokens: "Integer[Tensor, 'batch pos'] | Integer[Tensor, ' pos'] | str | list[str]",
-    prefix: Prefix,
+    prefix: Prefix | None,
     batch_size: int = 16,
     progress: bool = False,
     attention_mask: Shaped[Tensor, "batch mask_pos"] | None = None,
@@ -211,7 +211,8 @@ def check_identities(
         model (TransformerBridge): the model to check.
         tokens: the content after the prefix: token ids ``[batch, pos]`` (or ``[pos]``), a string, or a
             list of strings.
-        prefix: the prefix (any form) the content runs after.
+        prefix: the prefix (any form) the content runs after; ``None``: the plain run, where both
+            identities hold trivially (``A = 0``; a control: every error is the arithmetic's own).
         batch_size: how many inputs to run at a time.
         progress: show a progress bar over the batches.
         attention_mask: 1 for real tokens, 0 for padding: ``[batch, pos]`` or ``[batch, P + pos]``.
@@ -220,12 +221,12 @@ def check_identities(
     Returns:
         The errors of both identities (and of the decomposition) per layer and head.
     """
-    tokens, attention_mask = tokens_and_mask(model, tokens, attention_mask, prepend_bos, continuation=True)
+    tokens, attention_mask = tokens_and_mask(model, tokens, attention_mask, prepend_bos, continuation=prefix is not None)
     tokens = check_tokens(model, tokens, prefix)
-    mask = full_attention_mask(attention_mask, tokens, prefix.length)
+    mask = full_attention_mask(attention_mask, tokens, n_slots(prefix))
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}.")
-    if prefix.batched:
+    if prefix is not None and prefix.batched:
         raise ValueError("check_identities takes one prefix for all inputs; pass an unbatched prefix.")
     B, T = tokens.shape
     acc: dict[str, Tensor] = {}
@@ -240,7 +241,7 @@ def check_identities(
     dtype, _ = model_dtype_device(model)
     return IdentityCheck(
         dtype=str(dtype).removeprefix("torch."),
-        n_slots=prefix.length,
+        n_slots=n_slots(prefix),
         n_examples=B,
         n_positions=T,
         relative_attention=acc["relative_attention"].cpu(),
@@ -405,7 +406,7 @@ class SlotStatistics:
 def slot_statistics(
     model,
     tokens: "Integer[Tensor, 'batch pos'] | Integer[Tensor, ' pos'] | str | list[str]",
-    prefix: Prefix,
+    prefix: Prefix | None,
     positions: int | list[int] | None = -1,
     batch_size: int = 64,
     progress: bool = False,
@@ -437,6 +438,11 @@ def slot_statistics(
     Returns:
         The per-slot weights, realised biases and prefix values of every head, with their summaries.
     """
+    if prefix is None:
+        raise ValueError(
+            "slot_statistics studies the attention over a prefix's slots, and prefix=None has none; pass a prefix "
+            "(for the plain run's attention use prefixlens.decompose(model, tokens, None).content_pattern)."
+        )
     tokens, attention_mask = tokens_and_mask(model, tokens, attention_mask, prepend_bos, continuation=True)
     tokens = check_tokens(model, tokens, prefix)
     if prefix.batched:
@@ -445,12 +451,17 @@ def slot_statistics(
     if positions is None:
         pos = list(range(T))
     else:
-        pos = [positions] if isinstance(positions, int) else list(positions)
+        one = isinstance(positions, int) or (isinstance(positions, Tensor) and positions.ndim == 0)
+        pos = [positions] if one else list(positions) if isinstance(positions, (list, tuple, Tensor)) else [positions]
         if not pos:
             raise ValueError("positions is empty: give at least one content position (or None for all).")
-        for p in pos:
+        valid = f"valid are 0..{T - 1} (or -{T}..-1, counting from the end) for inputs of length {T}"
+        for i, p in enumerate(pos):
+            if isinstance(p, bool) or not hasattr(p, "__index__"):
+                raise TypeError(f"positions: content positions must be ints, got {p!r}; {valid}.")
+            pos[i] = p = int(p)
             if not -T <= p < T:
-                raise ValueError(f"content position {p} is out of range for inputs of length {T}.")
+                raise ValueError(f"positions: content position {p} is out of range: {valid}.")
         pos = [p % T for p in pos]
     index = torch.tensor(pos, device=tokens.device)
     P = prefix.length

@@ -26,7 +26,7 @@ from prefixlens.attention_math import (
     split_attention,
 )
 from prefixlens.generation import _last_logits_only
-from prefixlens.injection import attached, check_tokens, full_attention_mask
+from prefixlens.injection import check_tokens, full_attention_mask, maybe_attached, n_slots
 from prefixlens.prefixes import Prefix
 from prefixlens.runtime import evaluation_mode  # defined below the prefix forms; re-exported here
 from prefixlens.signature import model_dtype_device
@@ -317,7 +317,7 @@ def attention_scale(model) -> float:
 def decompose(
     model,
     tokens: "Integer[Tensor, 'batch pos'] | Integer[Tensor, ' pos'] | str | list[str]",
-    prefix: Prefix,
+    prefix: Prefix | None,
     baseline: bool = True,
     attention_mask: Shaped[Tensor, "batch mask_pos"] | None = None,
     prepend_bos: bool | None = None,
@@ -338,11 +338,18 @@ def decompose(
     ``tokens`` may be text (a string or a list of strings, left-padded with a mask when ragged;
     :mod:`prefixlens.text`); after the prefix it gets no BOS unless ``prepend_bos=True``.
 
+    ``prefix=None`` decomposes the plain run (the baseline): there are no slots, so ``A = 0``, the
+    content output ``t`` is the head's output ``z``, and ``b``, an average over no slots, is undefined
+    and reported as 0 (so ``(1 − A)·t + A·b = z`` still holds exactly); ``content_pattern`` is the
+    model's own pattern. Text is then the start of a sequence (the model's default BOS), as in
+    :func:`prefixlens.run_with_prefix`.
+
     Args:
         model (TransformerBridge): the model to decompose.
         tokens: the content after the prefix: token ids ``[batch, pos]`` (or ``[pos]``), a string, or
             a list of strings.
-        prefix: the prefix (any form) the content runs after.
+        prefix: the prefix (any form) the content runs after; ``None``: decompose the plain run
+            (``A = 0``, ``t = z``, ``b = 0``, ``n_slots = 0``; see above).
         baseline: make the checks against the run without the prefix available (run when first used).
         attention_mask: 1 for real tokens, 0 for padding: ``[batch, pos]`` or ``[batch, P + pos]``.
         prepend_bos: give text content a BOS token after the prefix (default: no).
@@ -350,9 +357,9 @@ def decompose(
     Returns:
         The decomposition of every layer and head at the content positions.
     """
-    tokens, attention_mask = tokens_and_mask(model, tokens, attention_mask, prepend_bos, continuation=True)
+    tokens, attention_mask = tokens_and_mask(model, tokens, attention_mask, prepend_bos, continuation=prefix is not None)
     tokens = check_tokens(model, tokens, prefix)
-    P, n_layers = prefix.length, int(model.cfg.n_layers)
+    P, n_layers = n_slots(prefix), int(model.cfg.n_layers)
     mask = full_attention_mask(attention_mask, tokens, P)
     final = f"blocks.{n_layers - 1}.hook_resid_post"
     extra = {f"blocks.{l}.hook_resid_pre" for l in range(n_layers)} if baseline else set()
@@ -398,7 +405,7 @@ def _zero_pads(x: Tensor, mask: Tensor | None, P: int, query_dim: int) -> Tensor
 def prefixed_cache(
     model,
     tokens: Int[Tensor, "batch pos"],
-    prefix: Prefix,
+    prefix: Prefix | None,
     names: "set[str] | frozenset[str]",
     mask: Int[Tensor, "batch n_pos"] | None = None,
 ) -> "ActivationCache":
@@ -419,7 +426,7 @@ def prefixed_cache(
     masked = {} if mask is None else {"attention_mask": mask}
     # the logits are not used: compute the unembedding at the last position only (when no unembed hook is asked for)
     keep = {} if any("unembed" in n for n in names) else _last_logits_only(model)
-    with torch.no_grad(), evaluation_mode(model), attached(model, prefix) as slots:
+    with torch.no_grad(), evaluation_mode(model), maybe_attached(model, prefix) as slots:
         _, cache = model.run_with_cache(slots.prepend(tokens), names_filter=lambda n: n in names, **keep, **masked)
     return cache
 
@@ -427,7 +434,7 @@ def prefixed_cache(
 def prefixed_scores(
     model,
     tokens: Int[Tensor, "batch pos"],
-    prefix: Prefix,
+    prefix: Prefix | None,
     extra_names: set[str] = frozenset(),
     attention_mask: Shaped[Tensor, "batch mask_pos"] | None = None,
 ) -> tuple[list[Float[Tensor, "batch head n_pos n_pos"]], list[Float[Tensor, "batch n_pos head d_head"]], "ActivationCache"]:
@@ -452,14 +459,14 @@ def prefixed_scores(
         ``(scores, values, cache)``: per layer the scores ``[batch, head, P + pos, P + pos]`` and the
         values ``[batch, P + pos, head, d_head]``, and the activation cache.
     """
-    mask = full_attention_mask(attention_mask, tokens, prefix.length)
+    mask = full_attention_mask(attention_mask, tokens, n_slots(prefix))
     n_layers, n_heads = int(model.cfg.n_layers), int(model.cfg.n_heads)
     sources = attention_sources(model)
     per_layer = {"scores": ["hook_attn_scores"], "qk": ["hook_q", "hook_k"], "pattern": ["hook_pattern"]}
     names = {f"blocks.{l}.attn.{h}" for l in range(n_layers) for h in ["hook_v", "hook_z"] + per_layer[sources[l]]}
     names |= set(extra_names)
     cache = prefixed_cache(model, tokens, prefix, names, mask)
-    P = prefix.length
+    P = n_slots(prefix)
     scores, values = [], []
     for l in range(n_layers):
         attn = f"blocks.{l}.attn"
@@ -483,6 +490,8 @@ def _check_recoverable(model, log_pattern: Tensor, P: int, layer: int) -> None:
     """From the pattern alone, ``b`` (``t``) is lost where a query's attention on every slot
     (content key) underflowed to exactly 0; refuse instead of returning NaN for it."""
     for part, name, keys in (("prefix", "prefix bias b", log_pattern[..., :P]), ("content", "content output t", log_pattern[..., P:])):
+        if keys.shape[-1] == 0:  # no slots (prefix=None): b is undefined, not lost
+            continue
         lost = torch.isneginf(keys).all(-1)
         if bool(lost.any()):
             raise ValueError(

@@ -18,6 +18,11 @@ slot, or with a row that has no real token is refused.
 ragged list is left-padded and its mask flows into the machinery above. Content after a prefix gets
 no BOS unless ``prepend_bos=True`` (it continues the prefix's prompt).
 
+**No prefix.** ``prefix=None`` (in ``run_with_prefix``, ``run_with_cache``, ``generate``, ``decompose``,
+``check_identities`` and the report figures) is the plain run with ``P = 0``: the same inputs, masks,
+positions and return types, equal to ``model(tokens)``; text then starts the sequence and gets the
+model's default BOS.
+
 **One prefix at a time.** Prefixes do not nest: every prefix writes slots ``0..P-1``, so an
 ``attached`` block (or ``run_with_prefix``, ``generate``, ``decompose``) inside another ``attached``
 block is refused; build one prefix that holds both (e.g. ``from_prompt`` on the joined prompts). A
@@ -49,6 +54,7 @@ __all__ = [
     "run_with_prefix",
     "run_with_cache",
     "check_tokens",
+    "n_slots",
     "full_attention_mask",
     "full_position_ids",
     "attached_prefix",
@@ -79,6 +85,11 @@ class Slots:
     def content(self, activation: Tensor, dim: int = 1) -> Tensor:
         """Drop the slot positions from an activation (positions along ``dim``)."""
         return activation.narrow(dim, self.n, activation.shape[dim] - self.n)
+
+
+def n_slots(prefix: Prefix | None) -> int:
+    """``P``, the prefix's number of slots; 0 for ``prefix=None`` (the plain run)."""
+    return 0 if prefix is None else prefix.length
 
 
 def check_tokens(model, tokens, prefix: Prefix | None = None) -> Int[Tensor, "batch pos"]:
@@ -193,7 +204,7 @@ def attached(model, prefix: Prefix, placeholder: int = PLACEHOLDER_TOKEN) -> Ite
     guard = model.register_forward_pre_hook(_refuse_cached_steps, with_kwargs=True)
     _ATTACHED[model] = prefix
     try:
-        with model.hooks(fwd_hooks=prefix.injection_hooks()):
+        with model.hooks(fwd_hooks=prefix.injection_hooks(model)):
             yield Slots(prefix.length, placeholder)
     finally:
         _ATTACHED.pop(model, None)
@@ -251,7 +262,7 @@ def _finish(model, logits, tokens, content_mask, return_type, loss_per_token: bo
 def run_with_prefix(
     model,
     tokens: "Integer[Tensor, 'batch pos'] | Integer[Tensor, ' pos'] | str | list[str]",
-    prefix: Prefix,
+    prefix: Prefix | None,
     attention_mask: Shaped[Tensor, "batch mask_pos"] | None = None,
     position_ids: Integer[Tensor, "batch position_pos"] | Integer[Tensor, " position_pos"] | None = None,
     return_type: str | None = "logits",
@@ -278,12 +289,15 @@ def run_with_prefix(
     content positions only: content token ``t`` predicting ``t + 1``, padding excluded, i.e. what
     ``model(prompt + tokens, loss_per_token=True)[:, P:]`` averages to), ``"both"`` or ``None``.
     Extra keyword arguments go to the model's forward.
+    ``prefix=None`` is the plain run, the baseline of every comparison: ``model(tokens)`` with the same
+    checks, masks, positions and return types; text is then the start of a sequence and gets the model's
+    default BOS (as in :func:`prefixlens.generate` without a prefix and ``model(text)``).
 
     Args:
         model (TransformerBridge): the model to run.
         tokens: the content after the prefix: token ids ``[batch, pos]`` (or ``[pos]``), a string, or a
             list of strings.
-        prefix: the prefix (any form) to run the content after.
+        prefix: the prefix (any form) to run the content after; ``None``: no prefix (the plain run).
         attention_mask: 1 for real tokens, 0 for padding: ``[batch, pos]`` or ``[batch, P + pos]``.
         position_ids: content positions ``[batch, pos]`` counted from the first content token, or full
             positions ``[batch, P + pos]`` (default: ``arange(pos)`` after the slots).
@@ -296,11 +310,11 @@ def run_with_prefix(
         The content logits ``[batch, pos, d_vocab]``, the loss, ``(logits, loss)`` or ``None``, as
         ``return_type`` asks.
     """
-    tokens, attention_mask = tokens_and_mask(model, tokens, attention_mask, prepend_bos, continuation=True)
+    tokens, attention_mask = tokens_and_mask(model, tokens, attention_mask, prepend_bos, continuation=prefix is not None)
     tokens = check_tokens(model, tokens, prefix)
     _check_return_type(return_type)
-    extra, content_mask = _forward_kwargs(model, tokens, prefix.length, attention_mask, position_ids, kwargs)
-    with attached(model, prefix) as slots:
+    extra, content_mask = _forward_kwargs(model, tokens, n_slots(prefix), attention_mask, position_ids, kwargs)
+    with maybe_attached(model, prefix) as slots:
         logits = model(slots.prepend(tokens), **extra)
     return _finish(model, slots.content(logits), tokens, content_mask, return_type, loss_per_token)
 
@@ -308,7 +322,7 @@ def run_with_prefix(
 def run_with_cache(
     model,
     tokens: "Integer[Tensor, 'batch pos'] | Integer[Tensor, ' pos'] | str | list[str]",
-    prefix: Prefix,
+    prefix: Prefix | None,
     names_filter: Callable[[str], bool] | str | list[str] | None = None,
     attention_mask: Shaped[Tensor, "batch mask_pos"] | None = None,
     position_ids: Integer[Tensor, "batch position_pos"] | Integer[Tensor, " position_pos"] | None = None,
@@ -336,7 +350,7 @@ def run_with_cache(
         model (TransformerBridge): the model to run.
         tokens: the content after the prefix: token ids ``[batch, pos]`` (or ``[pos]``), a string, or a
             list of strings.
-        prefix: the prefix (any form) to run the content after.
+        prefix: the prefix (any form) to run the content after; ``None``: no prefix (the plain run).
         names_filter: which hooks to cache: a predicate on the hook name, a name or a list of names
             (``None``: all).
         attention_mask: 1 for real tokens, 0 for padding: ``[batch, pos]`` or ``[batch, P + pos]``.
@@ -351,10 +365,10 @@ def run_with_cache(
         ``(output, cache)``: what ``return_type`` asks for, as in :func:`run_with_prefix`, and the
         activation cache over all ``P + pos`` positions.
     """
-    tokens, attention_mask = tokens_and_mask(model, tokens, attention_mask, prepend_bos, continuation=True)
+    tokens, attention_mask = tokens_and_mask(model, tokens, attention_mask, prepend_bos, continuation=prefix is not None)
     tokens = check_tokens(model, tokens, prefix)
     _check_return_type(return_type)
-    extra, content_mask = _forward_kwargs(model, tokens, prefix.length, attention_mask, position_ids, kwargs)
-    with attached(model, prefix) as slots:
+    extra, content_mask = _forward_kwargs(model, tokens, n_slots(prefix), attention_mask, position_ids, kwargs)
+    with maybe_attached(model, prefix) as slots:
         logits, cache = model.run_with_cache(slots.prepend(tokens), names_filter=names_filter, **extra)
     return _finish(model, slots.content(logits), tokens, content_mask, return_type, loss_per_token), cache

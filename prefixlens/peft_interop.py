@@ -21,7 +21,10 @@ serves it as a pre-filled HuggingFace cache. What this module reproduces (peft 0
 - **positions and mask**: PEFT prepends a ``ones(B, P)`` block to a given attention mask and leaves
   ``position_ids`` to the cache offset (``cache_position = P..P+T-1``; explicit ``position_ids`` are
   shifted by ``P``), so content token ``t`` sits at position ``P + t`` — the same as
-  :func:`prefixlens.run_with_prefix`.
+  :func:`prefixlens.run_with_prefix` without padding and on right-padded rows. On a *left*-padded row
+  PEFT's default counts the padding columns, while ``run_with_prefix`` derives positions from the mask
+  (each row as alone): they agree when PEFT gets ``position_ids = cumsum(mask) - 1`` (HF ``generate``'s
+  convention) or ``run_with_prefix`` gets ``position_ids = arange(T)`` (PEFT's default).
 
 Refused, with a message: adapters that are not prefix tuning, encoder–decoder adapters, adapters whose
 shapes do not fit the bridge (layers, key/value heads, head size; for an in-memory ``PeftModel`` also

@@ -9,8 +9,16 @@ form                HookPoint overwritten at slots      tensor shape (one prefix
 ==================  ==================================  ===============================================
 ``KVPrefix``        ``blocks.{L}.attn.hook_k``, ``hook_v``  keys, values ``[n_layers, P, n_kv_heads, d_head]``
 ``ResidualPrefix``  ``blocks.{L}.hook_resid_pre``      ``[n_layers, P, d_model]``
-``SoftPrompt``      ``hook_embed``                      ``[P, d_model]``
+``SoftPrompt``      ``embed.hook_out`` (see below)      ``[P, d_model]``
 ==================  ==================================  ===============================================
+
+**Soft-prompt space.** ``SoftPrompt.embeddings`` live where HuggingFace's ``inputs_embeds`` do: the
+output of the model's input embedding module (``get_input_embeddings()``), *before* anything the family
+applies to it afterwards (Bloom's ``word_embeddings_layernorm``) and *after* what the embedding module
+itself applies (Gemma's √d scaling is inside its embedding module). So a soft prompt of rows ``R`` runs
+exactly as ``hf_model(inputs_embeds=cat([R, embed(content)]))``. The HookPoint is ``embed.hook_out``
+(:func:`soft_prompt_hook`; TransformerLens's ``hook_embed`` is an alias of it on every family but Bloom,
+where it is the layer norm's output).
 
 **Key convention.** ``KVPrefix.keys`` are stored as they appear at ``hook_k``: after ``W_K`` (and
 ``b_K``), *before* rotary. The model itself rotates them at positions ``0..P-1``, exactly as it
@@ -38,7 +46,7 @@ from prefixlens.serialization import CorruptFileError, load_tensors, save_tensor
 from prefixlens.signature import ModelSignature, model_dtype_device, signature_of
 from prefixlens.text import chat_ids, tokens_and_mask
 
-__all__ = ["Prefix", "KVPrefix", "ResidualPrefix", "SoftPrompt", "FORMS", "form_class"]
+__all__ = ["Prefix", "KVPrefix", "ResidualPrefix", "SoftPrompt", "FORMS", "form_class", "soft_prompt_hook"]
 
 Hook = tuple[str, Callable]
 FORMAT_VERSION = "2"  # 2: the signature carries a weights fingerprint and the file a checksum
@@ -290,8 +298,9 @@ class Prefix(nn.Module):
             )
 
     # ---- injection ---------------------------------------------------------------------------
-    def injection_hooks(self) -> list[Hook]:
-        """``(hook_name, fn)`` pairs that write the prefix into slots ``0..P-1``."""
+    def injection_hooks(self, model=None) -> list[Hook]:
+        """``(hook_name, fn)`` pairs that write the prefix into slots ``0..P-1`` of ``model`` (the hook
+        names of a :class:`SoftPrompt` depend on the model, so it needs one; the other forms do not)."""
         raise NotImplementedError
 
     def _overwrite(self, value: Callable[[], Tensor]) -> Callable:
@@ -440,7 +449,7 @@ class KVPrefix(Prefix):
                 f"got {tuple(keys.shape)}."
             )
 
-    def injection_hooks(self) -> list[Hook]:
+    def injection_hooks(self, model=None) -> list[Hook]:
         hooks = []
         for layer in range(self.signature.n_layers):
             hooks.append((f"blocks.{layer}.attn.hook_k", self._overwrite(lambda l=layer: self.layer_keys(l))))
@@ -530,7 +539,7 @@ class _ConvertibleToKV(Prefix):
         names = [f"blocks.{l}.attn.hook_{kv}" for l in range(s.n_layers) for kv in "kv"]
         # the slots alone, as inside ``prefixlens.attached`` (placeholder ids: the hooks overwrite them)
         placeholders = torch.zeros((batch, P), dtype=torch.long)
-        with evaluation_mode(model), model.hooks(fwd_hooks=self.injection_hooks()):
+        with evaluation_mode(model), model.hooks(fwd_hooks=self.injection_hooks(model)):
             model.run_with_hooks(placeholders, return_type=None, fwd_hooks=[(n, grab) for n in names])
         k = torch.stack([captured[_canonical(model, f"blocks.{l}.attn.hook_k")] for l in range(s.n_layers)], 1)
         v = torch.stack([captured[_canonical(model, f"blocks.{l}.attn.hook_v")] for l in range(s.n_layers)], 1)
@@ -561,7 +570,7 @@ class ResidualPrefix(_ConvertibleToKV):
                 f"got {tuple(resid.shape)}."
             )
 
-    def injection_hooks(self) -> list[Hook]:
+    def injection_hooks(self, model=None) -> list[Hook]:
         return [
             (f"blocks.{l}.hook_resid_pre", self._overwrite(lambda l=l: self.resid[..., l, :, :]))
             for l in range(self.signature.n_layers)
@@ -605,8 +614,11 @@ class ResidualPrefix(_ConvertibleToKV):
 class SoftPrompt(_ConvertibleToKV):
     """Input embeddings at the slots, layer 0 only (prompt tuning, Lester et al.).
 
-    ``embeddings``: ``[P, d_model]`` (optionally a leading batch dim). They replace the *token*
-    embedding (``hook_embed``); models with learned positions still add the positions ``0..P-1``.
+    ``embeddings``: ``[P, d_model]`` (optionally a leading batch dim), in HuggingFace's ``inputs_embeds``
+    space: the output of the model's input embedding module, before any normalisation the family applies
+    after it (Bloom) and including any scaling inside it (Gemma's √d); see the module docstring. They
+    replace the *token* embedding at :func:`soft_prompt_hook`; models with learned positions still add the
+    positions ``0..P-1``.
     """
 
     name = "soft"
@@ -624,17 +636,24 @@ class SoftPrompt(_ConvertibleToKV):
                 f"SoftPrompt must be [P, d_model] with d_model = {signature.d_model}, got {tuple(embeddings.shape)}."
             )
 
-    def injection_hooks(self) -> list[Hook]:
-        return [("hook_embed", self._overwrite(lambda: self.embeddings))]
+    def injection_hooks(self, model=None) -> list[Hook]:
+        if model is None:
+            raise TypeError(
+                "SoftPrompt.injection_hooks(model): a soft prompt's hook point depends on the model (where its "
+                "input embedding ends; see prefixlens.prefixes.soft_prompt_hook); pass the model."
+            )
+        return [(soft_prompt_hook(model), self._overwrite(lambda: self.embeddings))]
 
     @classmethod
     def random(cls, model, length: int, seed: int = 0, scale: float | None = None) -> "SoftPrompt":
-        """Gaussian embeddings; ``scale`` defaults to the standard deviation of the embedding matrix."""
+        """Gaussian embeddings; ``scale`` defaults to the standard deviation of the input embeddings of
+        the whole vocabulary in the soft prompt's space (:func:`input_embeddings`: e.g. Gemma's √d-scaled
+        rows, not its raw ``W_E``)."""
         s = _check_length(model, length)
         dtype, device = model_dtype_device(model)
         if scale is None:
-            _require_weights(model, "SoftPrompt.random", "Pass scale= explicitly (its default is read off W_E), or load")
-            scale = float(model.W_E.detach().double().std())
+            _require_weights(model, "SoftPrompt.random", "Pass scale= explicitly (its default is read off the embeddings), or load")
+            scale = input_embedding_std(model)
         g = torch.Generator().manual_seed(seed)
         e = torch.randn((length, s.d_model), generator=g, dtype=torch.float64) * scale
         return cls(e.to(dtype=dtype, device=device), s)
@@ -647,8 +666,9 @@ class SoftPrompt(_ConvertibleToKV):
 
     @classmethod
     def from_prompt(cls, model, tokens: "Integer[Tensor, '*batch P'] | str | list[str] | list[int] | list[list[int]]", prepend_bos: bool | None = None) -> "SoftPrompt":
-        """The token embeddings of a real prompt (``W_E[tokens]``; run in eval mode, dropout off).
-        ``tokens``: ids, a string or a list of strings, as for :meth:`KVPrefix.from_prompt`.
+        """The input embeddings of a real prompt, as HuggingFace's ``inputs_embeds`` holds them (read at
+        :func:`soft_prompt_hook`; run in eval mode, dropout off). ``tokens``: ids, a string or a list of
+        strings, as for :meth:`KVPrefix.from_prompt`.
 
         Args:
             model (TransformerBridge): the model the prompt runs through.
@@ -658,10 +678,63 @@ class SoftPrompt(_ConvertibleToKV):
         """
         tokens, batched = _prompt_tokens(model, tokens, f"{cls.__name__}.from_prompt", prepend_bos)
         s = _check_length(model, tokens.shape[-1])
+        name = soft_prompt_hook(model)
         with torch.no_grad(), evaluation_mode(model):
-            _, cache = model.run_with_cache(tokens, names_filter=lambda n: n == "hook_embed")
-        e = cache["hook_embed"]
+            _, cache = model.run_with_cache(tokens, names_filter=lambda n: n == name)
+        e = cache[name]
         return cls(e if batched else e[0], s)
+
+
+def soft_prompt_hook(model) -> str:
+    """The HookPoint a :class:`SoftPrompt` is written at: the output of the model's input embedding
+    (``embed.hook_out`` on a TransformerBridge: HuggingFace's ``inputs_embeds``, before Bloom's
+    ``word_embeddings_layernorm``; ``hook_embed`` on a model without an ``embed`` module, such as the
+    construction models). Refuses a model whose embedding output is not ``d_model`` wide (OPT with
+    ``word_embed_proj_dim != hidden_size``, whose ``project_in`` follows the embedding)."""
+    name = "embed.hook_out" if "embed.hook_out" in model.hook_dict else "hook_embed"
+    module = _embedding_module(model)
+    width = getattr(module, "embedding_dim", None)
+    if width is not None and width != model.cfg.d_model:
+        raise ValueError(
+            f"this model's input embedding is {width} wide but its residual stream is d_model = "
+            f"{model.cfg.d_model} (a projection such as OPT's project_in follows the embedding), so a "
+            f"SoftPrompt [P, d_model] has no inputs_embeds equivalent here; use a ResidualPrefix or a KVPrefix."
+        )
+    return name
+
+
+def _embedding_module(model):
+    """The module whose output is HuggingFace's ``inputs_embeds`` (``None`` for a model without one)."""
+    embed = getattr(model, "embed", None)
+    return getattr(embed, "original_component", None) if isinstance(embed, nn.Module) else None
+
+
+@torch.no_grad()
+def input_embeddings(model, tokens: Integer[Tensor, "*shape"]) -> Float[Tensor, "*shape d_model"]:
+    """The input embeddings of ``tokens`` in the :class:`SoftPrompt` space (HuggingFace's
+    ``inputs_embeds``: the embedding module's output, e.g. Gemma's rows times √d), without running the
+    model or its hooks."""
+    module = _embedding_module(model)
+    return module(tokens) if module is not None else model.W_E[tokens]
+
+
+@torch.no_grad()
+def input_embedding_std(model, chunk: int = 8192) -> float:
+    """The standard deviation of all entries of :func:`input_embeddings` over the vocabulary: the scale
+    of real soft tokens. A plain ``nn.Embedding`` (or a model without an embedding module): the weight's
+    std, as ``W_E.std()`` in float64; any other embedding module (Gemma's scaled one): computed on its
+    outputs, in chunks of ``chunk`` tokens (two passes in float64: the mean, then the squared deviations)."""
+    soft_prompt_hook(model)  # refuses a model without an inputs_embeds-shaped embedding
+    module = _embedding_module(model)
+    if module is None or type(module) is nn.Embedding:
+        weight = model.W_E if module is None else module.weight
+        return float(weight.detach().double().std())
+    V, n = int(model.cfg.d_vocab), int(model.cfg.d_vocab) * int(model.cfg.d_model)
+    device = model_dtype_device(model)[1]
+    chunks = [torch.arange(start, min(V, start + chunk), device=device) for start in range(0, V, chunk)]
+    mean = sum(float(input_embeddings(model, ids).double().sum()) for ids in chunks) / n
+    squares = sum(float((input_embeddings(model, ids).double() - mean).square().sum()) for ids in chunks)
+    return (squares / (n - 1)) ** 0.5
 
 
 def _check_length(model, length: int) -> ModelSignature:

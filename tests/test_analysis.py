@@ -255,3 +255,28 @@ def test_reprs_are_short():
         assert len(r) < 500 and "\n" not in r and "tensor" not in r
     assert "IdentityCheck(dtype=float32, layers=2, heads=4, n_slots=3" in repr(check)
     assert "SlotStatistics(layers=2, heads=4, queries=24, n_slots=3" in repr(stats)
+
+
+def test_no_prefix_in_the_analyses():
+    """``check_identities`` without a prefix checks the plain run (A = 0: both identities hold to
+    rounding); ``slot_statistics`` has no slots to study and says what to call instead."""
+    model = build("llama_gqa", torch.float64)
+    x = random_tokens((3, 5), seed=2)
+    check = analysis.check_identities(model, x, None)
+    assert check.n_slots == 0 and float(check.mean_prefix_attention.max()) == 0.0
+    assert float(check.relative_attention.max()) <= DECOMPOSITION_TOL[torch.float64]
+    assert float(check.bias_only.max()) <= DECOMPOSITION_TOL[torch.float64]
+    with pytest.raises(ValueError, match="prefix=None has none.*decompose"):
+        analysis.slot_statistics(model, x, None)
+
+
+@pytest.mark.wrong_types_on_purpose  # a float and a 0-d tensor where positions is annotated int | list[int]
+def test_slot_statistics_positions_name_the_argument_and_the_range():
+    model = build("gpt2")
+    x, prefix = random_tokens((2, 5), seed=2), pl.KVPrefix.random(model, 2)
+    with pytest.raises(ValueError, match=r"positions: content position 5 is out of range: valid are 0\.\.4 \(or -5\.\.-1"):
+        analysis.slot_statistics(model, x, prefix, positions=[5])
+    with pytest.raises(TypeError, match=r"positions: content positions must be ints, got 1\.0"):
+        analysis.slot_statistics(model, x, prefix, positions=1.0)
+    last = analysis.slot_statistics(model, x, prefix, positions=torch.tensor(-1))
+    assert last.positions == [4]

@@ -264,3 +264,31 @@ def test_reference_attributes_are_deprecated_spellings_of_baseline():
         assert off.has_reference is off.has_baseline is False
     with pytest.warns(DeprecationWarning), pytest.raises(ValueError, match="baseline=False"):
         _ = off.reference_pattern
+
+
+@pytest.mark.parametrize("family", ["gpt2", "llama_gqa", "native", "opt", "gptj", "bloom", "gemma2"])
+def test_decompose_without_a_prefix_is_the_plain_run(family, dtype):
+    """``prefix=None``: no slots, so A = 0, t = the head output z of the plain run (``model(x)``'s own
+    hook_z), b = 0 (undefined, reported as 0), the content pattern is the model's own pattern and the
+    baseline checks are 0. OPT and GPT-J fire only the post-softmax pattern (no slots is not an underflow)."""
+    from tests.conftest import FAMILIES, build_hf
+
+    model = build(family, dtype) if family in FAMILIES else build_hf(family, dtype)
+    x = random_tokens((2, 5), seed=4)
+    hooks_before = n_attached_hooks(model)  # the OPT bridge keeps 4 MLP hooks of its own
+    d = pl.decompose(model, x, None)
+    names = [f"blocks.{l}.attn.hook_{h}" for l in range(model.cfg.n_layers) for h in ("z", "pattern")]
+    with torch.no_grad():
+        _, cache = model.run_with_cache(x, names_filter=lambda n: n in names)
+    # HF's OPT attention runs its softmax in float32 even in a float64 model (tests/test_masks.py: F64_TOL)
+    tol = 1e-6 if family == "opt" and dtype == torch.float64 else DECOMPOSITION_TOL[dtype]
+    assert d.n_slots == 0
+    assert torch.equal(d.prefix_attention, torch.zeros_like(d.prefix_attention))
+    assert torch.equal(d.prefix_bias, torch.zeros_like(d.prefix_bias))
+    for l in range(model.cfg.n_layers):
+        assert (d.content_output[l] - cache[f"blocks.{l}.attn.hook_z"]).abs().max() <= tol
+        assert (d.z[l] - cache[f"blocks.{l}.attn.hook_z"]).abs().max() <= tol
+        assert (d.content_pattern[l] - cache[f"blocks.{l}.attn.hook_pattern"]).abs().max() <= tol
+    assert d.reconstruction_error() <= tol
+    assert float(d.relative_attention_error().max()) <= tol and float(d.cross_layer_shift().max()) <= tol
+    assert n_attached_hooks(model) == hooks_before

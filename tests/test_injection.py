@@ -104,3 +104,47 @@ def test_gradients_reach_the_prefix_only(family):
     loss.backward()
     assert prefix.resid.grad is not None and prefix.resid.grad.abs().sum() > 0
     assert all(p.grad is None for p in model.parameters())
+
+
+def test_no_prefix_is_the_plain_run(family, dtype):
+    """``prefix=None`` is ``model(x)``: ids, an explicit mask on a ragged batch (each row equals the row
+    alone, at its real positions), the loss, and ``run_with_cache``."""
+    model = build(family, dtype)
+    x = random_tokens((3, 6), seed=5)
+    with torch.no_grad():
+        assert (pl.run_with_prefix(model, x, None) - model(x)).abs().max() <= TOL[dtype]
+        loss = pl.run_with_prefix(model, x, None, return_type="loss")
+        assert (loss - model(x, return_type="loss")).abs() <= TOL[dtype]
+        logits, cache = pl.run_with_cache(model, x, None, names_filter="blocks.1.hook_resid_pre")
+        _, own = model.run_with_cache(x, names_filter="blocks.1.hook_resid_pre")
+        assert (logits - model(x)).abs().max() <= TOL[dtype]
+        assert (cache["blocks.1.hook_resid_pre"] - own["blocks.1.hook_resid_pre"]).abs().max() <= TOL[dtype]
+        lengths = [6, 2, 4]  # left padding
+        mask = torch.stack([(torch.arange(6) >= 6 - n).long() for n in lengths])
+        padded = pl.run_with_prefix(model, x, None, attention_mask=mask)
+        for i, n in enumerate(lengths):
+            alone = model(x[i : i + 1, -n:])
+            assert (padded[i, -n:] - alone[0]).abs().max() <= TOL[dtype], (family, i)
+    assert n_attached_hooks(model) == 0
+
+
+@pytest.mark.parametrize("family", ["gpt2", "llama_gqa"])
+def test_no_prefix_takes_text_as_the_start_of_a_sequence(family):
+    """Text without a prefix starts the sequence: the model's default BOS, as ``model(text)`` and
+    ``generate`` without a prefix; a ragged list equals each row alone."""
+    model = build(family)
+    with torch.no_grad():
+        assert (pl.run_with_prefix(model, "3 5 7", None) - model("3 5 7")).abs().max() <= 1e-5
+        texts = ["3 5 7 9", "39", "43 45"]
+        batch = pl.run_with_prefix(model, texts, None)
+        loss = pl.run_with_prefix(model, texts, None, return_type="loss", loss_per_token=True)
+        for i, t in enumerate(texts):
+            n = len(t.split()) + 1  # BOS
+            assert (batch[i, -n:] - model(t)[0]).abs().max() <= 1e-5
+            assert (loss[i, -(n - 1):] - model(t, return_type="loss", loss_per_token=True)[0]).abs().max() <= 1e-5
+        no_bos = pl.run_with_prefix(model, "3 5 7", None, prepend_bos=False)
+        assert (no_bos - model(ids_of("3 5 7"))).abs().max() <= 1e-5
+
+
+def ids_of(text: str):
+    return torch.tensor([[int(t) for t in text.split()]])

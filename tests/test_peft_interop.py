@@ -380,3 +380,33 @@ def test_malformed_adapter_files_are_named(tmp_path):
     weights.write_bytes(weights.read_bytes()[:40])  # truncated weights
     with pytest.raises(ValueError, match="adapter_model.safetensors"):
         kv_prefix_from_peft(tmp_path, bridge)
+
+
+@pytest.mark.parametrize("kind", ["llama", "gpt2"])
+def test_peft_agreement_under_left_padding_depends_on_the_position_convention(kind):
+    """docs/reliability.md's statement, both halves. PEFT's forward without ``position_ids`` puts content
+    token ``t`` at ``P + t`` counting the padding columns; prefixlens by default derives positions from the
+    mask (each row as it runs alone). So: unpadded and right-padded rows agree by default; a left-padded row
+    agrees only when PEFT gets ``position_ids = cumsum(mask) - 1`` (HF generate's convention), or prefixlens
+    gets ``position_ids = arange(T)`` (PEFT's default), and differs by O(1) otherwise."""
+    from tests.test_masks import LEN, padded
+
+    peft_model = prefix_peft(hf_model(kind, torch.float32), False, torch.float32)
+    x, mask = padded("left")
+    x = x.clamp(max=49)
+    mask[2] = torch.tensor([1, 1, 1, 1, 0, 0])  # row 2 right-padded; row 1 left-padded by 2; row 0 unpadded
+    x[2, 4:] = 0
+    with torch.no_grad():
+        peft_default = peft_model(input_ids=x, attention_mask=mask).logits
+        peft_mask_positions = peft_model(input_ids=x, attention_mask=mask, position_ids=(mask.cumsum(-1) - 1).clamp_min(0)).logits
+    bridge = bridge_of(peft_model.get_base_model(), torch.float32)
+    prefix = kv_prefix_from_peft(peft_model, bridge)
+    with torch.no_grad():
+        ours = pl.run_with_prefix(bridge, x, prefix, attention_mask=mask)
+        ours_arange = pl.run_with_prefix(bridge, x, prefix, attention_mask=mask, position_ids=torch.arange(LEN))
+    real = mask.bool()
+    for row in (0, 2):  # unpadded, right-padded: the default conventions agree
+        assert (ours[row] - peft_default[row])[real[row]].abs().max() <= 1e-5
+    assert (ours[1] - peft_default[1])[real[1]].abs().max() > 0.1  # left-padded: they do not
+    assert (ours - peft_mask_positions)[real].abs().max() <= 1e-5
+    assert (ours_arange - peft_default)[real].abs().max() <= 1e-5

@@ -187,3 +187,64 @@ def test_from_prompt_accepts_any_integer_dtype():
     for given in (ids[0].to(torch.int16), ids[0].tolist()):
         got = pl.ResidualPrefix.from_prompt(model, given)
         assert not got.batched and torch.equal(got.resid, resid.resid)
+
+
+def _model_of(family, dtype):
+    from tests.conftest import build_hf
+
+    return build(family, dtype) if family in ("gpt2", "llama_gqa", "native") else build_hf(family, dtype)
+
+
+@pytest.mark.parametrize(
+    "family",
+    ["gpt2", "llama_gqa", "native", "qwen2", "qwen3", "mistral", "gemma", "gemma2", "phi", "phi3", "gpt_neox",
+     "gptj", "opt", "bloom"],
+)
+def test_soft_prompt_lives_in_hf_inputs_embeds_space(family, dtype):
+    """A SoftPrompt of rows R runs as HuggingFace's own ``model(inputs_embeds=[R, embed(content)])`` on every
+    family (Bloom: before ``word_embeddings_layernorm``; Gemma: the √d-scaled rows), for real token rows and
+    for arbitrary rows; ``from_prompt`` gives HF's rows and ``random`` draws at their scale. The native bridge
+    has no HF model: its oracle is the real prompt and its embedding matrix."""
+    from tests.conftest import TOL
+
+    model = _model_of(family, dtype)
+    slots, content = random_tokens((3,), seed=1), random_tokens((2, 5), seed=2)
+    hf = None if family == "native" else model.original_model
+    with torch.no_grad():
+        if hf is None:  # native
+            real = model.W_E[slots]
+            expected_real = model(torch.cat([slots.expand(2, -1), content], 1))[:, 3:]
+            vocab = model.W_E
+        else:
+            embed = hf.get_input_embeddings()
+            real = embed(slots)
+            expected_real = hf(inputs_embeds=torch.cat([real.expand(2, -1, -1), embed(content)], 1)).logits[:, 3:]
+            vocab = embed(torch.arange(model.cfg.d_vocab))
+            arbitrary = torch.randn(3, model.cfg.d_model, generator=torch.Generator().manual_seed(3), dtype=dtype)
+            got = pl.run_with_prefix(model, content, pl.SoftPrompt(arbitrary, pl.signature_of(model)))
+            want = hf(inputs_embeds=torch.cat([arbitrary.expand(2, -1, -1), embed(content)], 1)).logits[:, 3:]
+            assert (got - want).abs().max() <= TOL[dtype], family
+        got_real = pl.run_with_prefix(model, content, pl.SoftPrompt(real.clone(), pl.signature_of(model)))
+        assert (got_real - expected_real).abs().max() <= TOL[dtype], family
+        assert (pl.SoftPrompt.from_prompt(model, slots).embeddings - real).abs().max() <= TOL[dtype], family
+        drawn = pl.SoftPrompt.random(model, 4, seed=5).embeddings
+        at_hf_scale = pl.SoftPrompt.random(model, 4, seed=5, scale=float(vocab.double().std())).embeddings
+        assert (drawn - at_hf_scale).abs().max() <= TOL[dtype], family
+
+
+def test_soft_prompt_refuses_a_projected_embedding():
+    """OPT with word_embed_proj_dim != hidden_size: inputs_embeds is narrower than d_model (project_in
+    follows), so a [P, d_model] soft prompt has no inputs_embeds equivalent: refused by name."""
+    import transformers
+
+    config = transformers.OPTConfig(
+        vocab_size=61, hidden_size=32, ffn_dim=64, word_embed_proj_dim=16, num_hidden_layers=2,
+        num_attention_heads=4, max_position_embeddings=64,
+    )
+    torch.manual_seed(0)
+    model = models._bridge("prefixlens-test-opt-proj", transformers.OPTForCausalLM(config), torch.float32, None)
+    soft = pl.SoftPrompt.zeros(model, 2)
+    with pytest.raises(ValueError, match="project_in.*ResidualPrefix or a KVPrefix"):
+        pl.run_with_prefix(model, random_tokens((1, 4)), soft)
+    with pytest.raises(ValueError, match="project_in"):
+        pl.SoftPrompt.random(model, 2)

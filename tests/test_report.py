@@ -380,3 +380,83 @@ def test_bad_figures():
         report.render_html([report.Figure("x", "Bad name();", {})])
     with pytest.raises(ValueError, match="svg"):
         report.svg_figure("x", "<div/>")
+
+
+def test_figures_take_text_like_the_rest_of_the_api(setup):
+    """A string or a list of strings works wherever ids do (content after the prefix: no BOS), and gives
+    the figure the ids give; a ragged list shows the chosen example without its padding."""
+    model, _, _, prefixes, dtype = setup
+    prefix = prefixes["prompt"]
+    # ids without the digits 0, 1, 2: the toy tokenizer's special tokens "0", "1", "2" split words like "14"
+    tokens = torch.tensor([[3, 5, 7, 9, 33, 35], [4, 6, 8, 34, 36, 38], [39, 44, 45, 46, 47, 48]])
+    texts = [" ".join(str(int(t)) for t in row) for row in tokens]
+    by_ids = report.attention_figure(model, tokens[1:2], prefix, layer=1)
+    by_text = report.attention_figure(model, texts[1], prefix, layer=1)
+    for a, b in zip(by_ids.figures, by_text.figures):
+        assert a.props["tokens"] == b.props["tokens"] and torch.equal(a.props["attention"], b.props["attention"])
+    ragged = [texts[0], " ".join(texts[1].split()[:3])]
+    short = report.attention_figure(model, ragged, prefix, layer=1, example=1)
+    alone = report.attention_figure(model, tokens[1:2, :3], prefix, layer=1)
+    for a, b in zip(short.figures, alone.figures):
+        assert a.props["tokens"] == b.props["tokens"]
+        torch.testing.assert_close(a.props["attention"], b.props["attention"], atol=TOL[dtype], rtol=0)
+    fig_t = report.bias_shift_figure(model, texts, prefixes, layer=1)
+    fig_i = report.bias_shift_figure(model, tokens, prefixes, layer=1)
+    torch.testing.assert_close(fig_t.data["points"], fig_i.data["points"], atol=0, rtol=0)
+    d = pl.decompose(model, tokens[:1], prefix)
+    mass_t = report.prefix_mass_figure(d, texts[0], model=model, interactive=False)
+    mass_i = report.prefix_mass_figure(d, tokens[:1], model=model, interactive=False)
+    assert mass_t.data["tokens"] == mass_i.data["tokens"]
+    with pytest.raises(ValueError, match="needs model="):
+        report.prefix_mass_figure(d, texts[0])
+    assert _hook_count(model) == 0
+
+
+def test_figures_without_a_prefix(setup):
+    """``prefix=None``: the plain run's attention, P = 0 (the baseline view)."""
+    model, tokens, _, _, dtype = setup
+    row = report.attention_figure(model, tokens, None, layer=1, head=0)
+    with torch.no_grad():
+        _, cache = model.run_with_cache(tokens[:1], names_filter="blocks.1.attn.hook_pattern")
+    own = cache["blocks.1.attn.hook_pattern"][0, 0]
+    torch.testing.assert_close(row.figures[0].props["attention"], own.float(), atol=TOL[dtype], rtol=0)
+    assert "P = 0" in row.figures[0].title
+    text_row = report.attention_figure(model, "3 5 7", None, layer=1)  # text starts the sequence: BOS first
+    assert len(text_row.figures[1].props["tokens"]) == 4
+
+
+@pytest.mark.parametrize(
+    "call, error, match",
+    [
+        (lambda m, t, p, d: report.attention_figure(m, t, p, layer=2, decomposition=d), IndexError, r"layer 2 .*0\.\.1"),
+        pytest.param(lambda m, t, p, d: report.attention_figure(m, t, p, layer=1.0, decomposition=d), TypeError, r"layer must be an int in 0\.\.1", marks=pytest.mark.wrong_types_on_purpose),
+        pytest.param(lambda m, t, p, d: report.attention_figure(m, t, p, layer="1", decomposition=d), TypeError, "layer must be an int", marks=pytest.mark.wrong_types_on_purpose),
+        (lambda m, t, p, d: report.attention_figure(m, t, p, head=-5, decomposition=d), IndexError, r"head -5 .*-4\.\.-1"),
+        (lambda m, t, p, d: report.attention_figure(m, t, p, example=N, decomposition=d), IndexError, r"example 5 .*0\.\.4"),
+        pytest.param(lambda m, t, p, d: report.prefix_mass_figure(d, layer=2.5), TypeError, "layer must be an int", marks=pytest.mark.wrong_types_on_purpose),
+        (lambda m, t, p, d: report.prefix_mass_figure(d, heads=[(2, 0)]), IndexError, "heads: layer 2"),
+        (lambda m, t, p, d: report.prefix_mass_grid_figure(d, example=N), IndexError, r"example 5 .*0\.\.4"),
+        (lambda m, t, p, d: report.prefix_mass_grid_figure(d, highlight=[(0, 4)]), IndexError, "highlight: head 4"),
+        (lambda m, t, p, d: report.select_heads(d, example=N), IndexError, r"example 5 .*0\.\.4"),
+        pytest.param(lambda m, t, p, d: report.bias_shift_figure(m, t, [p], layer=[0, 1]), TypeError, "layer must be one int", marks=pytest.mark.wrong_types_on_purpose),
+        (lambda m, t, p, d: report.attention_output_shift(m, t, [p], layers=[3]), IndexError, r"layer 3 .*0\.\.1"),
+        (lambda m, t, p, d: report.prefix_mass_figure(d, ["a", "b"]), ValueError, "tokens: got 2 token labels.*7 content"),
+        (lambda m, t, p, d: report.attention_figure(m, t, p, slot_names=["a"], decomposition=d), ValueError, "slot_names: got 1"),
+        (lambda m, t, p, d: report.svg.heatmap_svg(torch.zeros(2, 3), ["a", "b"], ["x"], 0, 1), ValueError, "cols: 1 labels for 3"),
+    ],
+)
+def test_index_and_label_errors_name_the_argument_and_the_range(setup, call, error, match):
+    model, tokens, _, prefixes, _ = setup
+    d = pl.decompose(model, tokens, prefixes["prompt"])
+    with pytest.raises(error, match=match):
+        call(model, tokens, prefixes["prompt"], d)
+
+
+def test_negative_layer_and_head_count_from_the_end(setup):
+    model, tokens, _, prefixes, _ = setup
+    d = pl.decompose(model, tokens, prefixes["prompt"])
+    last = report.attention_figure(model, tokens, prefixes["prompt"], layer=-1, head=-1, decomposition=d)
+    explicit = report.attention_figure(model, tokens, prefixes["prompt"], layer=1, head=3, decomposition=d)
+    assert last.title == explicit.title and torch.equal(last.figures[0].props["attention"], explicit.figures[0].props["attention"])
+    grid = report.prefix_mass_grid_figure(d, example=-1)
+    torch.testing.assert_close(grid.data["A"], d.prefix_attention[:, N - 1].double().mean(-1), atol=0, rtol=0)

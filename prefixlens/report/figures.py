@@ -8,6 +8,7 @@ of them) whose ``data`` keeps the numbers; drawing is in :mod:`prefixlens.report
 from __future__ import annotations
 
 import html as _html
+import operator
 from collections.abc import Mapping, Sequence
 
 import torch
@@ -15,10 +16,11 @@ from jaxtyping import Float, Int
 from torch import Tensor
 
 from prefixlens.decomposition import HeadDecomposition, decompose
-from prefixlens.injection import check_tokens, run_with_cache
+from prefixlens.injection import check_tokens, full_attention_mask, n_slots, run_with_cache
 from prefixlens.prefixes import Prefix
 from prefixlens.report.base import Figure, Row
 from prefixlens.report.svg import heatmap_svg, scatter_svg
+from prefixlens.text import tokens_and_mask
 
 __all__ = [
     "readable_token",
@@ -62,7 +64,10 @@ def slot_labels(n_slots: int, names: Sequence[str] | None = None) -> list[str]:
         return [f"<p{i}>" for i in range(n_slots)]
     names = list(names)
     if len(names) != n_slots:
-        raise ValueError(f"{len(names)} slot names for {n_slots} prefix slots.")
+        raise ValueError(
+            f"slot_names: got {len(names)} slot names but the prefix has {n_slots} slots; give one name per slot "
+            f"(or None for <p0>, <p1>, ...)."
+        )
     return [f"[{n}]" for n in names]
 
 
@@ -123,7 +128,8 @@ def entropy_deficit(
     """
     pattern = decomposition.content_pattern.double()  # [L, B, H, T, T]
     if example is not None:
-        pattern = pattern[:, example : example + 1 if example != -1 else None]
+        example = _index_in_range(example, pattern.shape[1], "example")
+        pattern = pattern[:, example : example + 1]
     n_keys = (pattern > 0).sum(-1)  # [L, B, H, T]
     entropy = -(pattern * pattern.clamp_min(1e-300).log()).sum(-1)
     deficit = n_keys.clamp_min(1).double().log() - entropy
@@ -158,7 +164,9 @@ def select_heads(
     """
     deficit = entropy_deficit(decomposition, example=example)
     A = decomposition.prefix_attention.double()
-    A = (A if example is None else A[:, example : example + 1 if example != -1 else None]).mean(dim=(1, 3))
+    if example is not None:
+        example = _index_in_range(example, A.shape[1], "example")
+    A = (A if example is None else A[:, example : example + 1]).mean(dim=(1, 3))
     lo, hi = mass_range
     order = sorted(  # largest deficit first; ties in layer, then head order
         (-float(deficit[l, h]), l, h) for l in range(deficit.shape[0]) for h in range(deficit.shape[1])
@@ -179,28 +187,67 @@ def select_heads(
 # --------------------------------------------------------------------------------------------- figures
 
 
-def _example_tokens(model, tokens, prefix, example: int) -> Tensor:
+def _index_in_range(value, n: int, what: str) -> int:
+    """``value`` as an index into ``n`` items (``layer``, ``head``, ``example``, ...): an int (a numpy
+    integer or a 0-d integer tensor too); negatives count from the end, as in Python (``-1``: the last).
+    Anything else, or an index outside ``-n..n-1``, is refused with a message naming ``what`` and the
+    valid range."""
+    try:
+        if isinstance(value, bool):  # True is not layer 1
+            raise TypeError
+        i = operator.index(value)
+    except TypeError:
+        raise TypeError(
+            f"{what} must be an int in 0..{n - 1} (or -{n}..-1, counting from the end), got {value!r}."
+        ) from None
+    if not -n <= i < n:
+        raise IndexError(f"{what} {i} is out of range: valid are 0..{n - 1} (or -{n}..-1, counting from the end).")
+    return i % n
+
+
+def _is_one_index(value) -> bool:
+    """Whether ``value`` is one index (an int-like or a 0-d tensor), not ``None`` or a list of them."""
+    if isinstance(value, Tensor):
+        return value.ndim == 0
+    return value is not None and (hasattr(value, "__index__") or not hasattr(value, "__iter__") or isinstance(value, str))
+
+
+def _indices(value, n: int, what: str) -> list[int]:
+    """``None`` (all), one index, or a sequence of them, each checked by ``_index_in_range``."""
+    if value is None:
+        return list(range(n))
+    if _is_one_index(value):
+        return [_index_in_range(value, n, what)]  # refuses a float or a string by name
+    return [_index_in_range(v, n, what) for v in value]
+
+
+def _content(model, tokens, prefix, continuation: bool | None = None):
+    """Content ids ``[batch, pos]`` and the full ``[batch, P + pos]`` mask (or ``None``) for a figure:
+    ids, a string or a list of strings (:func:`prefixlens.text.tokens_and_mask`; a ragged list is
+    left-padded with a mask). Text after a prefix gets no BOS; without one (``prefix=None``) it starts the
+    sequence, with the model's default BOS, unless ``continuation`` says otherwise."""
+    continuation = prefix is not None if continuation is None else continuation
+    tokens, mask = tokens_and_mask(model, tokens, continuation=continuation)
     tokens = check_tokens(model, tokens, prefix)
-    if not -tokens.shape[0] <= example < tokens.shape[0]:
-        raise IndexError(f"example {example} is out of range for a batch of {tokens.shape[0]}.")
-    return tokens
+    return tokens, full_attention_mask(mask, tokens, n_slots(prefix))
+
+
+def _example_tokens(model, tokens, prefix, example: int) -> tuple[Tensor, int]:
+    """The content of one example, unpadded (text is encoded), and its index in it."""
+    tokens, mask = _content(model, tokens, prefix)
+    example = _index_in_range(example, tokens.shape[0], "example")
+    if mask is not None:  # the figure shows one example: its real tokens, without padding
+        tokens = tokens[example : example + 1, mask[example, n_slots(prefix):].bool()]
+        example = 0
+    return tokens, example
 
 
 def _layers(model, layer: int | Sequence[int] | None) -> list[int]:
-    n = int(model.cfg.n_layers)
-    layers = list(range(n)) if layer is None else [layer] if isinstance(layer, int) else list(layer)
-    for l in layers:
-        if not 0 <= l < n:
-            raise IndexError(f"layer {l} is out of range for a model with {n} layers.")
-    return layers
+    return _indices(layer, int(model.cfg.n_layers), "layer")
 
 
 def _heads(n_heads: int, head: int | Sequence[int] | None) -> list[int]:
-    heads = list(range(n_heads)) if head is None else [head] if isinstance(head, int) else list(head)
-    for h in heads:
-        if not 0 <= h < n_heads:
-            raise IndexError(f"head {h} is out of range for {n_heads} heads.")
-    return heads
+    return _indices(head, n_heads, "head")
 
 
 def _heads_name(layer: int, heads: list[int], n_heads: int) -> str:
@@ -228,8 +275,8 @@ def _attention_view(title: str, pattern: Tensor, tokens: list[str], names: list[
 
 def attention_figure(
     model,
-    tokens: Int[Tensor, "batch pos"],
-    prefix: Prefix,
+    tokens: "Int[Tensor, 'batch pos'] | str | list[str]",
+    prefix: Prefix | None,
     layer: int | Sequence[int] | None = 0,
     head: int | Sequence[int] | None = None,
     example: int = 0,
@@ -250,9 +297,11 @@ def attention_figure(
 
     Args:
         model (TransformerBridge): the model to run.
-        tokens: the content, ``[batch, pos]`` token ids.
-        prefix: the prefix the content runs after.
-        layer: the layer, several layers, or ``None`` for every layer.
+        tokens: the content: ``[batch, pos]`` token ids, a string or a list of strings (after a prefix
+            no BOS, without one the model's default; a ragged list shows the chosen example without its
+            padding).
+        prefix: the prefix the content runs after (``None``: the plain run, ``P = 0``).
+        layer: the layer, several layers, or ``None`` for every layer (negatives count from the end).
         head: the head(s) to show (``None``: all).
         example: the row of ``tokens`` to show.
         decomposition: the decomposition of this run, if already made (``None``: made here).
@@ -262,11 +311,11 @@ def attention_figure(
     Returns:
         One row of three views, or one row per layer when ``layer`` is a list or ``None``.
     """
-    tokens = _example_tokens(model, tokens, prefix, example)
+    tokens, example = _example_tokens(model, tokens, prefix, example)
     layers = _layers(model, layer)
     n_heads = int(model.cfg.n_heads)
     heads = _heads(n_heads, head)
-    P = prefix.length
+    P = n_slots(prefix)
     slots = slot_labels(P, slot_names)
     if decomposition is None:
         decomposition = decompose(model, tokens, prefix, baseline=True)
@@ -317,19 +366,28 @@ def attention_figure(
                 layout="main-stack",
             )
         )
-    return rows[0] if isinstance(layer, int) else rows
+    return rows[0] if _is_one_index(layer) else rows
 
 
-def _content_labels(tokens, model, example: int, T: int) -> list[str]:
+def _content_labels(tokens, model, example: int, T: int, P: int = 0) -> list[str]:
     if tokens is None:
         return [str(i) for i in range(T)]
+    if isinstance(tokens, str):
+        if model is None:
+            raise ValueError(
+                "tokens: a string needs model= to be tokenized (or pass the ids, or a list of ready-made labels)."
+            )
+        tokens, mask = tokens_and_mask(model, tokens, continuation=P > 0)
     if isinstance(tokens, Tensor):
         t = tokens if tokens.ndim == 1 else tokens[example]
         labels = token_labels(model, t) if model is not None else [str(int(i)) for i in t.tolist()]
     else:
         labels = [str(s) for s in tokens]
     if len(labels) != T:
-        raise ValueError(f"got {len(labels)} token labels for {T} content positions.")
+        raise ValueError(
+            f"tokens: got {len(labels)} token labels but the decomposition has {T} content positions; pass the "
+            f"content the decomposition was made on (its ids, its text, or one label per position)."
+        )
     return labels
 
 
@@ -351,7 +409,8 @@ def prefix_mass_figure(
 
     Args:
         decomposition: the decomposition of the prefixed run.
-        tokens: the content ids ``[batch, pos]``, or the position labels.
+        tokens: the content ids ``[batch, pos]``, its text (one string, tokenized with ``model``), or
+            one label per content position.
         model (TransformerBridge | None): the model whose tokenizer labels the ids.
         example: the row to show.
         layer: keep every head of this layer or these layers (``None``: all layers).
@@ -363,20 +422,14 @@ def prefix_mass_figure(
     """
     A = decomposition.prefix_attention  # [layer, batch, head, pos]
     n_layers, B, H, T = A.shape
-    if not -B <= example < B:
-        raise IndexError(f"example {example} is out of range for a batch of {B}.")
+    example = _index_in_range(example, B, "example")
     if heads is not None:
-        pairs = [(int(l), int(h)) for l, h in heads]
+        pairs = [(_index_in_range(l, n_layers, "heads: layer"), _index_in_range(h, H, "heads: head")) for l, h in heads]
         layers = sorted({l for l, _ in pairs})
     else:
-        layers = list(range(n_layers)) if layer is None else [layer] if isinstance(layer, int) else list(layer)
+        layers = _indices(layer, n_layers, "layer")
         pairs = [(l, h) for l in layers for h in range(H)]
-    for l, h in pairs:
-        if not 0 <= l < n_layers:
-            raise IndexError(f"layer {l} is out of range for {n_layers} layers.")
-        if not 0 <= h < H:
-            raise IndexError(f"head {h} is out of range for {H} heads.")
-    labels = _content_labels(tokens, model, example, T)
+    labels = _content_labels(tokens, model, example, T, decomposition.n_slots)
     values = A[layers, example].detach().double().cpu()  # [L, H, T]
     rows = torch.stack([A[l, example, h].detach().double().cpu() for l, h in pairs])  # [rows, T]
     row_names = [head_label(l, h) for l, h in pairs]
@@ -428,10 +481,12 @@ def prefix_mass_grid_figure(
         caption: the figure's caption (default: what the grid averages over).
     """
     A = decomposition.prefix_attention.double().cpu()  # [L, B, H, T]
+    L, B, H, _ = A.shape
     if example is not None:
-        A = A[:, example : example + 1 if example != -1 else None]
+        example = _index_in_range(example, B, "example")
+        A = A[:, example : example + 1]
     grid = A.mean(dim=(1, 3))  # [L, H]
-    L, H = grid.shape
+    highlight = [(_index_in_range(l, L, "highlight: layer"), _index_in_range(h, H, "highlight: head")) for l, h in highlight]
     svg = heatmap_svg(
         grid.T,
         [f"H{h}" for h in range(H)],
@@ -455,7 +510,7 @@ def prefix_mass_grid_figure(
 
 def attention_output_shift(
     model,
-    tokens: Int[Tensor, "sample pos"],
+    tokens: "Int[Tensor, 'sample pos'] | str | list[str]",
     prefixes: Mapping[str, Prefix] | Sequence[Prefix],
     layers: int | Sequence[int] | None = None,
     position: int = -1,
@@ -469,7 +524,8 @@ def attention_output_shift(
 
     Args:
         model (TransformerBridge): the model to run.
-        tokens: the samples, ``[sample, pos]`` token ids.
+        tokens: the samples: ``[sample, pos]`` token ids, or a list of strings (content after the
+            prefixes, no BOS; a ragged list is left-padded with a mask).
         prefixes: the prefixes by name, or a sequence of them (named by position).
         layers: the layer(s) to read (``None``: all).
         position: the content position to read (``-1``: the last).
@@ -477,20 +533,26 @@ def attention_output_shift(
     named = list(prefixes.items()) if isinstance(prefixes, Mapping) else [(f"prefix {i}", p) for i, p in enumerate(prefixes)]
     if not named:
         raise ValueError("give at least one prefix.")
-    tokens = check_tokens(model, tokens)
+    tokens, mask = _content(model, tokens, None, continuation=True)  # the content after each prefix
     N, T = tokens.shape
-    if not -T <= position < T:
-        raise IndexError(f"position {position} is out of range for {T} content positions.")
-    pos = position % T
+    pos = _index_in_range(position, T, "position")
+    if mask is not None and not bool(mask[:, pos].all()):
+        raise ValueError(
+            f"position {position} is padding in some rows of the (ragged) text; choose a position that is a real "
+            f"token in every row (with left padding, -1 is the last real token of every row)."
+        )
     layers = _layers(model, layers)
     names = {f"blocks.{l}.hook_attn_out": l for l in layers}
     with torch.no_grad():
-        _, cache = model.run_with_cache(tokens, names_filter=lambda n: n in names)
+        # the plain run: the same content tokens (no BOS: they are the content after each prefix)
+        _, cache = run_with_cache(model, tokens, None, names_filter=lambda n: n in names, attention_mask=mask)
         plain = {l: cache[n][:, pos].detach().double().cpu() for n, l in names.items()}
         shifted = {l: [] for l in layers}
         for _, prefix in named:
             check_tokens(model, tokens, prefix)
-            _, pcache = run_with_cache(model, tokens, prefix, names_filter=lambda n: n in names)
+            _, pcache = run_with_cache(
+                model, tokens, prefix, names_filter=lambda n: n in names, attention_mask=mask
+            )
             for n, l in names.items():
                 shifted[l].append(pcache[n][:, prefix.length + pos].detach().double().cpu())
     shifted = {l: torch.stack(v) for l, v in shifted.items()}
@@ -507,7 +569,7 @@ def attention_output_shift(
 
 def bias_shift_figure(
     model,
-    tokens: Int[Tensor, "sample pos"],
+    tokens: "Int[Tensor, 'sample pos'] | str | list[str]",
     prefixes: Mapping[str, Prefix] | Sequence[Prefix],
     layer: int = 0,
     position: int = -1,
@@ -523,12 +585,15 @@ def bias_shift_figure(
 
     Args:
         model (TransformerBridge): the model to run.
-        tokens: the samples, ``[sample, pos]`` token ids.
+        tokens: the samples: ``[sample, pos]`` token ids, or a list of strings, as in
+            :func:`attention_output_shift`.
         prefixes: the prefixes by name, or a sequence of them (named by position).
         layer: the layer whose attention output is shown.
         position: the content position to read (``-1``: the last).
         title: the figure's title (default: a description of the view).
     """
+    if not _is_one_index(layer):
+        raise TypeError(f"layer must be one int (bias_shift_figure shows one layer), got {layer!r}.")
     (layer,) = _layers(model, layer)
     shift_data = attention_output_shift(model, tokens, prefixes, layers=[layer], position=position)
     names, pos = shift_data["names"], shift_data["position"]

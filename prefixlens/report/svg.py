@@ -98,7 +98,10 @@ def heatmap_svg(
     """
     n_r, n_c = values.shape
     if len(rows) != n_r or len(cols) != n_c:
-        raise ValueError(f"{len(rows)} row and {len(cols)} column labels for a {n_r} × {n_c} heatmap.")
+        wrong = [f"{name}: {len(labels)} labels for {n} {name}" for name, labels, n in (("rows", rows, n_r), ("cols", cols, n_c)) if len(labels) != n]
+        raise ValueError(
+            f"heatmap_svg: {'; '.join(wrong)} of the {n_r} × {n_c} values; give one label per row and per column."
+        )
     fs = 11
     sin, cos = math.sin(math.radians(60)), math.cos(math.radians(60))
     col_w = max((text_width(c, fs) for c in cols), default=0.0)
