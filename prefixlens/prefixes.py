@@ -46,7 +46,17 @@ from prefixlens.serialization import CorruptFileError, load_tensors, save_tensor
 from prefixlens.signature import ModelSignature, model_dtype_device, signature_of
 from prefixlens.text import chat_ids, tokens_and_mask
 
-__all__ = ["Prefix", "KVPrefix", "ResidualPrefix", "SoftPrompt", "FORMS", "form_class", "soft_prompt_hook"]
+__all__ = [
+    "Prefix",
+    "KVPrefix",
+    "ResidualPrefix",
+    "SoftPrompt",
+    "FORMS",
+    "form_class",
+    "soft_prompt_hook",
+    "input_embeddings",
+    "input_embedding_std",
+]
 
 Hook = tuple[str, Callable]
 FORMAT_VERSION = "2"  # 2: the signature carries a weights fingerprint and the file a checksum

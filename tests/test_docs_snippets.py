@@ -25,7 +25,7 @@ def _snippets() -> list:
     found = []
     for page in PAGES:
         text = page.read_text(encoding="utf-8")
-        for i, match in enumerate(FENCE.finditer(text)):
+        for match in FENCE.finditer(text):
             line = text[: match.start()].count("\n") + 1
             code = match.group(1)
             marks = [pytest.mark.slow] if "train_prefix(" in code or "prefixlens run" in code else []
