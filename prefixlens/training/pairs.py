@@ -57,7 +57,7 @@ from prefixlens.prefixes import KVPrefix, Prefix
 from prefixlens.signature import model_dtype_device
 from prefixlens.text import encode
 from prefixlens.training.checkpoints import run_id
-from prefixlens.training.config import TrainConfig, TrainResult
+from prefixlens.training.config import TrainConfig, TrainResult, check_init_scale, check_reparam
 from prefixlens.training.fast_kv import logits_with_cache_prefix, supports_cache_prefix
 from prefixlens.training.loss import lm_loss, logits_of
 from prefixlens.training.methods import PREFIX_FORMS
@@ -387,6 +387,8 @@ def train_on_pairs(
     config.validate()
     if form not in METHODS:
         raise ValueError(f"form must be one of {METHODS}, got {form!r}.")
+    check_init_scale(init_scale)
+    check_reparam(reparam)
     if reparam is not None and (form not in ("kv", "residual") or init != "random"):
         raise ValueError("reparam (Li & Liang's MLP) trains a kv or residual prefix from its own random init.")
     pairs = Pairs.from_data(model, data, prepend_bos)
