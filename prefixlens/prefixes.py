@@ -343,7 +343,10 @@ class Prefix(nn.Module):
     def load(cls, path: str | os.PathLike, model, device=None, allow_other_weights: bool = False) -> "Prefix":
         """Read a prefix written by :meth:`save`, refusing one made for another model.
 
-        Called on :class:`Prefix` it returns whichever form the file holds. Refused, with an error
+        Called on :class:`Prefix` it returns whichever form the file holds, in the model's dtype and on
+        its device. The same weights in another dtype are the same model: a prefix saved on float32
+        weights loads on their bfloat16 or float16 conversion (and the reverse), its tensors converted
+        (the signature records the weights' fingerprint as converted to each dtype). Refused, with an error
         naming the file: a model of other shapes (always); other weights of the same shapes
         (the signature's weights fingerprint differs; ``allow_other_weights=True`` loads it anyway,
         e.g. to transfer a prefix to a fine-tuned model, and the prefix keeps the fingerprint of the
@@ -398,12 +401,14 @@ class Prefix(nn.Module):
                     UserWarning,
                     stacklevel=2,
                 )
-            saved = dataclasses.replace(saved, weights=theirs.weights)
-        elif not allow_other_weights and saved.weights != theirs.weights:
+            saved = dataclasses.replace(saved, weights=theirs.weights, weights_dtype=theirs.weights_dtype,
+                                        weights_as=theirs.weights_as)
+        elif not allow_other_weights and not saved.same_weights(theirs):
             raise ValueError(
                 f"{path} holds a {form} made for other weights of this architecture: "
                 f"{saved.weights_mismatch(theirs)}. The model is another checkpoint, or its weights were changed "
-                f"(training, edits, compatibility mode, attached adapters) since the prefix was made. Load it onto "
+                f"(training, edits, compatibility mode, attached adapters) since the prefix was made (the same "
+                f"weights converted to another dtype are accepted: float32 -> bfloat16 / float16). Load it onto "
                 f"the model it was made for, or pass allow_other_weights=True to use it on these weights anyway."
             )
         dtype, model_device = model_dtype_device(model)
