@@ -205,7 +205,7 @@ def check_identities(
     ``models.load(dir, dtype=torch.float64)``) to see the identities hold to ~1e-15.
     ``attention_mask`` (``[B, T]`` or ``[B, P + T]``): padded positions are left out of every error and mean.
     ``tokens`` may be text (a string or a list of strings, left-padded with a mask when ragged); after
-    the prefix it gets no BOS unless ``prepend_bos=True`` (:mod:`prefixlens.text`).
+    the prefix it gets the prefix's trained BOS policy (``content_bos``; else no BOS; :mod:`prefixlens.text`).
 
     Args:
         model (TransformerBridge): the model to check.
@@ -216,12 +216,12 @@ def check_identities(
         batch_size: how many inputs to run at a time.
         progress: show a progress bar over the batches.
         attention_mask: 1 for real tokens, 0 for padding: ``[batch, pos]`` or ``[batch, P + pos]``.
-        prepend_bos: give text content a BOS token after the prefix (default: no).
+        prepend_bos: give text content a BOS token after the prefix (default: the prefix's ``content_bos``, else no).
 
     Returns:
         The errors of both identities (and of the decomposition) per layer and head.
     """
-    tokens, attention_mask = tokens_and_mask(model, tokens, attention_mask, prepend_bos, continuation=prefix is not None)
+    tokens, attention_mask = tokens_and_mask(model, tokens, attention_mask, prepend_bos, after=prefix)
     tokens = check_tokens(model, tokens, prefix)
     mask = full_attention_mask(attention_mask, tokens, n_slots(prefix))
     if batch_size < 1:
@@ -422,7 +422,7 @@ def slot_statistics(
     ``attention_mask`` (``[B, T]`` or ``[B, P + T]``): the selected positions must be real tokens in
     every row (e.g. ``-1`` with left padding); a padded one is refused.
     ``tokens`` may be text (a string or a list of strings, left-padded with a mask when ragged, so
-    ``-1`` is every row's last real token); after the prefix it gets no BOS unless ``prepend_bos=True``.
+    ``-1`` is every row's last real token); after the prefix it gets the prefix's ``content_bos`` (else no BOS).
 
     Args:
         model (TransformerBridge): the model to run.
@@ -433,7 +433,7 @@ def slot_statistics(
         batch_size: how many inputs to run at a time.
         progress: show a progress bar over the batches.
         attention_mask: 1 for real tokens, 0 for padding: ``[batch, pos]`` or ``[batch, P + pos]``.
-        prepend_bos: give text content a BOS token after the prefix (default: no).
+        prepend_bos: give text content a BOS token after the prefix (default: the prefix's ``content_bos``, else no).
 
     Returns:
         The per-slot weights, realised biases and prefix values of every head, with their summaries.
@@ -443,7 +443,7 @@ def slot_statistics(
             "slot_statistics studies the attention over a prefix's slots, and prefix=None has none; pass a prefix "
             "(for the plain run's attention use prefixlens.decompose(model, tokens, None).content_pattern)."
         )
-    tokens, attention_mask = tokens_and_mask(model, tokens, attention_mask, prepend_bos, continuation=True)
+    tokens, attention_mask = tokens_and_mask(model, tokens, attention_mask, prepend_bos, after=prefix)
     tokens = check_tokens(model, tokens, prefix)
     if prefix.batched:
         raise ValueError("slot_statistics takes one prefix for all inputs; pass an unbatched prefix.")

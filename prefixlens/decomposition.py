@@ -336,7 +336,7 @@ def decompose(
     ``attention_mask`` (``[B, T]`` or ``[B, P + T]``, see :mod:`prefixlens.injection`): padded keys get
     no attention, and every quantity at a padded query position is set to 0 (undefined there).
     ``tokens`` may be text (a string or a list of strings, left-padded with a mask when ragged;
-    :mod:`prefixlens.text`); after the prefix it gets no BOS unless ``prepend_bos=True``.
+    :mod:`prefixlens.text`); after the prefix it gets the prefix's trained BOS policy (``content_bos``; else no BOS).
 
     ``prefix=None`` decomposes the plain run (the baseline): there are no slots, so ``A = 0``, the
     content output ``t`` is the head's output ``z``, and ``b``, an average over no slots, is undefined
@@ -352,12 +352,12 @@ def decompose(
             (``A = 0``, ``t = z``, ``b = 0``, ``n_slots = 0``; see above).
         baseline: make the checks against the run without the prefix available (run when first used).
         attention_mask: 1 for real tokens, 0 for padding: ``[batch, pos]`` or ``[batch, P + pos]``.
-        prepend_bos: give text content a BOS token after the prefix (default: no).
+        prepend_bos: give text content a BOS token after the prefix (default: the prefix's ``content_bos``, else no).
 
     Returns:
         The decomposition of every layer and head at the content positions.
     """
-    tokens, attention_mask = tokens_and_mask(model, tokens, attention_mask, prepend_bos, continuation=prefix is not None)
+    tokens, attention_mask = tokens_and_mask(model, tokens, attention_mask, prepend_bos, after=prefix)
     tokens = check_tokens(model, tokens, prefix)
     P, n_layers = n_slots(prefix), int(model.cfg.n_layers)
     mask = full_attention_mask(attention_mask, tokens, P)

@@ -142,7 +142,7 @@ def _demo_real(out, instruction: str, n_samples: int, max_new_tokens: int, quiet
     contents = [f"<|im_start|>user\n{q}<|im_end|>\n<|im_start|>assistant\n" for q in questions]
     prompt = torch.tensor(text.encode(model, prompt_text))
     neutral = torch.tensor(text.encode(model, neutral_text))
-    tokens, mask = text.tokens_and_mask(model, contents)
+    tokens, mask = text.tokens_and_mask(model, contents, continuation=True)  # the questions follow the prompt
     if mask is not None:  # the built-in questions all have 15 tokens
         raise DemoError("the demo questions must have the same number of tokens.")
     N, T, P = tokens.shape[0], tokens.shape[1], prompt.numel()

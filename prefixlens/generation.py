@@ -99,7 +99,7 @@ def generate(
     """Generate ``max_new_tokens`` after ``tokens`` with ``prefix`` in place.
 
     ``tokens``: ids, a string or a list of strings (left-padded with a mask when ragged;
-    :mod:`prefixlens.text`). ``prepend_bos=None``: no BOS after a prefix (the text continues it), the
+    :mod:`prefixlens.text`). ``prepend_bos=None``: after a prefix its trained policy (``content_bos``; no BOS for others), the
     model's default without one (the text starts the sequence).
     ``return_text=True`` returns one string per row: the decoded **new tokens only** (the
     continuation, without the input or its padding, as HF's text-generation pipeline with
@@ -148,7 +148,7 @@ def generate(
         batch_size: generate in chunks of this many rows (``None``: the whole batch at once).
         progress: show a progress bar over the chunks.
         attention_mask: 1 for real tokens, 0 for (left) padding: ``[batch, pos]`` or ``[batch, P + pos]``.
-        prepend_bos: give text input a BOS token (``None``: none after a prefix, the model's default
+        prepend_bos: give text input a BOS token (``None``: after a prefix its ``content_bos`` (else none), the model's default
             without one).
         return_text: return the decoded new tokens, one string per row, instead of ids.
         skip_special_tokens: with ``return_text``, drop special tokens from the text.
@@ -158,7 +158,7 @@ def generate(
         ``return_text=True`` one string per row.
     """
     check_not_attached(model, "prefixlens.generate")
-    tokens, attention_mask = tokens_and_mask(model, tokens, attention_mask, prepend_bos, continuation=prefix is not None)
+    tokens, attention_mask = tokens_and_mask(model, tokens, attention_mask, prepend_bos, after=prefix)
     if return_text and getattr(model, "tokenizer", None) is None:
         raise ValueError("return_text=True needs the model's tokenizer to decode; this model has none (use the ids).")
     tokens = check_tokens(model, tokens, prefix)

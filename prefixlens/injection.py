@@ -16,7 +16,8 @@ slot, or with a row that has no real token is refused.
 
 **Text.** Every entry point also takes a string or a list of strings (:mod:`prefixlens.text`): a
 ragged list is left-padded and its mask flows into the machinery above. Content after a prefix gets
-no BOS unless ``prepend_bos=True`` (it continues the prefix's prompt).
+the BOS policy the prefix was trained with (``prefix.content_bos``), and no BOS for any other prefix (it
+continues the prefix's prompt); an explicit ``prepend_bos=`` wins.
 
 **No prefix.** ``prefix=None`` (in ``run_with_prefix``, ``run_with_cache``, ``generate``, ``decompose``,
 ``check_identities`` and the report figures) is the plain run with ``P = 0``: the same inputs, masks,
@@ -280,7 +281,7 @@ def run_with_prefix(
 
     Equals ``model(prompt + tokens)[:, P:]`` when ``prefix`` comes from ``from_prompt(model, prompt)``.
     ``tokens``: ids, a string or a list of strings (left-padded with a mask when ragged; see
-    :mod:`prefixlens.text`). Text after a prefix is a continuation: ``prepend_bos=None`` adds no BOS.
+    :mod:`prefixlens.text`). Text after a prefix is a continuation: ``prepend_bos=None`` uses the prefix's trained BOS policy (no BOS for an untrained prefix).
     ``attention_mask``: ``[B, T]`` (content) or ``[B, P + T]`` (full), see the module docstring.
     ``position_ids``: ``[B, T]`` content positions counted from the first content token (PEFT's
     convention: content token ``t`` sits at ``P + position_ids[:, t]``; default ``arange(T)``) or full
@@ -303,14 +304,14 @@ def run_with_prefix(
             positions ``[batch, P + pos]`` (default: ``arange(pos)`` after the slots).
         return_type: ``"logits"``, ``"loss"``, ``"both"`` or ``None``.
         loss_per_token: with a loss, return it per token ``[batch, pos - 1]`` instead of the mean.
-        prepend_bos: give text content a BOS token after the prefix (default: no).
+        prepend_bos: give text content a BOS token after the prefix (default: the prefix's ``content_bos``, else no).
         **kwargs (Any): passed on to the model's forward.
 
     Returns:
         The content logits ``[batch, pos, d_vocab]``, the loss, ``(logits, loss)`` or ``None``, as
         ``return_type`` asks.
     """
-    tokens, attention_mask = tokens_and_mask(model, tokens, attention_mask, prepend_bos, continuation=prefix is not None)
+    tokens, attention_mask = tokens_and_mask(model, tokens, attention_mask, prepend_bos, after=prefix)
     tokens = check_tokens(model, tokens, prefix)
     _check_return_type(return_type)
     extra, content_mask = _forward_kwargs(model, tokens, n_slots(prefix), attention_mask, position_ids, kwargs)
@@ -358,14 +359,14 @@ def run_with_cache(
             :func:`run_with_prefix`.
         return_type: ``"logits"``, ``"loss"``, ``"both"`` or ``None``.
         loss_per_token: with a loss, return it per token ``[batch, pos - 1]`` instead of the mean.
-        prepend_bos: give text content a BOS token after the prefix (default: no).
+        prepend_bos: give text content a BOS token after the prefix (default: the prefix's ``content_bos``, else no).
         **kwargs (Any): passed on to the model's ``run_with_cache``.
 
     Returns:
         ``(output, cache)``: what ``return_type`` asks for, as in :func:`run_with_prefix`, and the
         activation cache over all ``P + pos`` positions.
     """
-    tokens, attention_mask = tokens_and_mask(model, tokens, attention_mask, prepend_bos, continuation=prefix is not None)
+    tokens, attention_mask = tokens_and_mask(model, tokens, attention_mask, prepend_bos, after=prefix)
     tokens = check_tokens(model, tokens, prefix)
     _check_return_type(return_type)
     extra, content_mask = _forward_kwargs(model, tokens, n_slots(prefix), attention_mask, position_ids, kwargs)

@@ -55,6 +55,7 @@ from torch import Tensor
 
 from prefixlens.prefixes import KVPrefix
 from prefixlens.signature import ModelSignature, model_dtype_device, signature_of
+from prefixlens.text import default_prepend_bos
 
 __all__ = ["kv_prefix_from_peft", "peft_prompt_to_kv"]
 
@@ -77,7 +78,9 @@ def kv_prefix_from_peft(
     ``model``: a raw ``TransformerBridge`` of the same base model (a bridge over a HuggingFace model;
     TL-native bridges are refused). Returns keys and values ``[n_layers, P, n_kv_heads, d_head]``
     (keys pre-rotary) in the model's dtype and device, such that ``run_with_prefix(model, tokens,
-    prefix)`` equals the PEFT model's logits on ``tokens``.
+    prefix)`` equals the PEFT model's logits on ``tokens``. Text after the prefix gets PEFT's BOS policy
+    (``prefix.content_bos``: a BOS iff the model's tokenizer adds one), so ``run_with_prefix(model, text,
+    prefix)`` equals the PEFT model on ``tokenizer(text)``.
 
     ``adapter_name``: ``None`` (default) means ``"default"``; for an in-memory ``PeftModel`` whose
     active adapter is another one this is refused (pass the name). A name that does not exist raises
@@ -111,6 +114,8 @@ def kv_prefix_from_peft(
     prefix = peft_prompt_to_kv(flat, config, model, base_config=base_config)
     if peft_model is not None and check_base_weights:
         _check_base_weights(peft_model.get_base_model(), model)
+    # PEFT runs the tokenizer's encoding after the prefix: a BOS iff the checkpoint's tokenizer adds one
+    prefix.content_bos = default_prepend_bos(model)
     return prefix
 
 

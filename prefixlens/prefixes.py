@@ -178,6 +178,12 @@ class Prefix(nn.Module):
     that make the prefix, in constructor order) and the dimensions below, and defines
     ``injection_hooks``. Declaring ``name`` registers the class in :data:`FORMS` (look forms up with
     :func:`form_class`). ``form``, the class name, is what error messages and prefix files say.
+
+    ``content_bos``: the BOS policy of text after this prefix, as it was trained (``True``: a BOS after
+    the prefix; ``False``: none; ``None``: not recorded, e.g. a prefix from a prompt: no BOS). Set by
+    :func:`prefixlens.train_prefix` on text, kept by :meth:`save` / :meth:`load`, ``to_kv`` and
+    ``batch_slice``, and applied by every entry point that takes text after a prefix
+    (:func:`prefixlens.text.content_prepend_bos`; an explicit ``prepend_bos=`` wins).
     """
 
     name: ClassVar[str]  # the short name in FORMS
@@ -205,6 +211,12 @@ class Prefix(nn.Module):
     def __init__(self, signature: ModelSignature):
         super().__init__()
         self.signature = signature
+        self.content_bos: bool | None = None
+
+    def _keeps_policy(self, other: "Prefix") -> "Prefix":
+        """``other`` (made from this prefix) with this prefix's ``content_bos``."""
+        other.content_bos = self.content_bos
+        return other
 
     # ---- shape -------------------------------------------------------------------------------
     @property
@@ -253,7 +265,7 @@ class Prefix(nn.Module):
         """The prefixes of the selected batch rows (a batched prefix only); shares storage."""
         if not self.batched:
             raise ValueError(f"batch_slice needs a batched {self.form}; this one has no batch dimension.")
-        return type(self)(**{n: getattr(self, n)[rows] for n in self.tensor_names}, signature=self.signature)
+        return self._keeps_policy(type(self)(**{n: getattr(self, n)[rows] for n in self.tensor_names}, signature=self.signature))
 
     def n_parameters(self) -> int:
         """The number of scalars in the prefix (what a training run optimises)."""
@@ -335,23 +347,25 @@ class Prefix(nn.Module):
     # ---- persistence -------------------------------------------------------------------------
     def save(self, path: str | os.PathLike) -> None:
         """Write the prefix to a safetensors file (atomically; through a symlink), with the model's
-        signature (shapes and weights fingerprint) and a checksum of the content."""
-        save_tensors(
-            path,
-            {n: getattr(self, n) for n in self.tensor_names},
-            {
-                "prefixlens_format": FORMAT_VERSION,
-                "form": self.form,
-                "signature": self.signature.to_json(),
-                "key_convention": "hook_k (pre-rotary)",
-            },
-        )
+        signature (shapes and weights fingerprint), its ``content_bos`` policy and a checksum of the content."""
+        meta = {
+            "prefixlens_format": FORMAT_VERSION,
+            "form": self.form,
+            "signature": self.signature.to_json(),
+            "key_convention": "hook_k (pre-rotary)",
+        }
+        if self.content_bos is not None:
+            meta["content_bos"] = "true" if self.content_bos else "false"
+        save_tensors(path, {n: getattr(self, n) for n in self.tensor_names}, meta)
 
     @classmethod
     def load(cls, path: str | os.PathLike, model, device=None, allow_other_weights: bool = False) -> "Prefix":
         """Read a prefix written by :meth:`save`, refusing one made for another model.
 
-        Called on :class:`Prefix` it returns whichever form the file holds. Refused, with an error
+        Called on :class:`Prefix` it returns whichever form the file holds, in the model's dtype and on
+        its device. The same weights in another dtype are the same model: a prefix saved on float32
+        weights loads on their bfloat16 or float16 conversion (and the reverse), its tensors converted
+        (the signature records the weights' fingerprint as converted to each dtype). Refused, with an error
         naming the file: a model of other shapes (always); other weights of the same shapes
         (the signature's weights fingerprint differs; ``allow_other_weights=True`` loads it anyway,
         e.g. to transfer a prefix to a fine-tuned model, and the prefix keeps the fingerprint of the
@@ -406,20 +420,28 @@ class Prefix(nn.Module):
                     UserWarning,
                     stacklevel=2,
                 )
-            saved = dataclasses.replace(saved, weights=theirs.weights)
-        elif not allow_other_weights and saved.weights != theirs.weights:
+            saved = dataclasses.replace(saved, weights=theirs.weights, weights_dtype=theirs.weights_dtype,
+                                        weights_as=theirs.weights_as)
+        elif not allow_other_weights and not saved.same_weights(theirs):
             raise ValueError(
                 f"{path} holds a {form} made for other weights of this architecture: "
                 f"{saved.weights_mismatch(theirs)}. The model is another checkpoint, or its weights were changed "
-                f"(training, edits, compatibility mode, attached adapters) since the prefix was made. Load it onto "
+                f"(training, edits, compatibility mode, attached adapters) since the prefix was made (the same "
+                f"weights converted to another dtype are accepted: float32 -> bfloat16 / float16). Load it onto "
                 f"the model it was made for, or pass allow_other_weights=True to use it on these weights anyway."
             )
         dtype, model_device = model_dtype_device(model)
+        policy = meta.get("content_bos")
+        if policy not in (None, "true", "false"):
+            raise ValueError(f"{path} has a malformed 'content_bos' metadata entry {policy!r} (expected 'true' or "
+                             f"'false'); re-save the prefix.")
         tensors = {k: v.to(dtype=dtype, device=device or model_device) for k, v in tensors.items()}
         try:
-            return target(**tensors, signature=saved)
+            prefix = target(**tensors, signature=saved)
         except (ValueError, TypeError) as e:
             raise ValueError(f"{path} holds tensors that do not form a valid {form}: {e}") from None
+        prefix.content_bos = None if policy is None else policy == "true"
+        return prefix
 
     def extra_repr(self) -> str:
         shapes = ", ".join(f"{n}={tuple(getattr(self, n).shape)}" for n in self.tensor_names)
@@ -553,7 +575,7 @@ class _ConvertibleToKV(Prefix):
             model.run_with_hooks(placeholders, return_type=None, fwd_hooks=[(n, grab) for n in names])
         k = torch.stack([captured[_canonical(model, f"blocks.{l}.attn.hook_k")] for l in range(s.n_layers)], 1)
         v = torch.stack([captured[_canonical(model, f"blocks.{l}.attn.hook_v")] for l in range(s.n_layers)], 1)
-        return KVPrefix(k if self.batched else k[0], v if self.batched else v[0], s)
+        return self._keeps_policy(KVPrefix(k if self.batched else k[0], v if self.batched else v[0], s))
 
 
 class ResidualPrefix(_ConvertibleToKV):

@@ -17,13 +17,17 @@ strings, turned into ids here and nowhere else:
 **Which default BOS.** Text that *starts* a sequence (a prompt given to ``from_prompt``, or the input
 of ``generate`` without a prefix) gets the model's default. Text that comes *after* a prefix
 (``run_with_prefix``, ``run_with_cache``, ``generate``/``decompose``/the analysis functions with a
-prefix) is a continuation and gets **no BOS** by default (``continuation=True`` below): the prefix
-stands for the start of the sequence, so ``run_with_prefix(m, content, KVPrefix.from_prompt(m, prompt))``
+prefix) is a continuation and gets the **prefix's own policy** (``after=prefix`` below): a prefix
+trained on text records the BOS policy its inputs were trained with (``prefix.content_bos``, saved in
+its file; PEFT's convention is a BOS after the prefix when the tokenizer adds one, and so is
+:func:`prefixlens.train_prefix`'s default), and text after it gets exactly that BOS policy, so the
+documented calls reproduce the training format. Every other prefix (``content_bos=None``: from a
+prompt, random, made of ids) gets **no BOS**: the prefix stands for the start of the sequence, so ``run_with_prefix(m, content, KVPrefix.from_prompt(m, prompt))``
 equals the model on ``encode(prompt) + encode(content, prepend_bos=False)``. That is the concatenation of
 the two texts' tokens, which can differ from tokenising ``prompt + content`` jointly where a token would
 merge across the boundary (e.g. ``"Hello"`` + ``" world"`` splits as the joint text does, but ``"Hel"`` +
-``"lo"`` does not); the prefix is then exact for the token concatenation. Pass ``prepend_bos=True`` to
-put a BOS after a trained prefix (PEFT's convention with a tokenizer that adds one).
+``"lo"`` does not); the prefix is then exact for the token concatenation. An explicit ``prepend_bos=``
+always wins over the prefix's policy (e.g. ``prepend_bos=True`` after a PEFT prefix imported without one).
 
 **Chat models.** :func:`chat_prefix` makes a prefix of a system prompt (or any leading turns) rendered
 by the tokenizer's chat template, and :func:`chat_continuation` the ids of the turns that follow it, so
@@ -42,6 +46,7 @@ __all__ = [
     "is_text",
     "checkpoint_prepends_bos",
     "default_prepend_bos",
+    "content_prepend_bos",
     "encode",
     "tokens_and_mask",
     "decode",
@@ -74,6 +79,14 @@ def checkpoint_prepends_bos(tokenizer) -> bool:
 def default_prepend_bos(model) -> bool:
     """The BOS policy used when ``prepend_bos=None``: ``model.cfg.default_prepend_bos``."""
     return bool(getattr(model.cfg, "default_prepend_bos", True))
+
+
+def content_prepend_bos(prefix, prepend_bos: bool | None = None) -> bool:
+    """Whether text after ``prefix`` gets a BOS: ``prepend_bos`` when given, else the policy the prefix
+    was trained with (``prefix.content_bos``), else no BOS (the text continues the prefix)."""
+    if prepend_bos is not None:
+        return bool(prepend_bos)
+    return bool(getattr(prefix, "content_bos", None))
 
 
 def _tokenizer(model):
@@ -115,11 +128,13 @@ def tokens_and_mask(
     attention_mask: Shaped[Tensor, "batch mask_pos"] | None = None,
     prepend_bos: bool | None = None,
     continuation: bool = False,
+    after=None,
 ) -> tuple[Tensor | Sequence[int] | Sequence[Sequence[int]], Shaped[Tensor, "batch mask_pos"] | None]:
     """``inputs`` as ids, with the attention mask to use.
 
-    ``prepend_bos=None`` means :func:`default_prepend_bos` for text that starts a sequence, and no BOS
-    when ``continuation`` (content after a prefix: see the module docstring).
+    ``prepend_bos=None`` means :func:`default_prepend_bos` for text that starts a sequence, and for
+    text that continues a prefix (``continuation``, or ``after`` = that prefix) the prefix's trained
+    policy, :func:`content_prepend_bos` (no BOS for a prefix without one: see the module docstring).
 
     Text: a string gives ``[1, T]``; a list of strings gives ``[B, T_max]``, left-padded, with a
     ``[B, T_max]`` mask when the lengths differ (``None`` when they do not). A mask may not be passed
@@ -133,6 +148,8 @@ def tokens_and_mask(
         attention_mask: the mask that goes with ids (refused with text).
         prepend_bos: give text a BOS token (``None``: see above; refused with ids).
         continuation: the text continues a prefix (no BOS by default).
+        after (Prefix | None): the prefix the text continues (its ``content_bos`` is the default; implies
+            ``continuation``).
 
     Returns:
         ``(ids, mask)``: the ids on the model's device and the mask (``None`` without padding).
@@ -153,8 +170,8 @@ def tokens_and_mask(
             "attention_mask was given with text: the mask of a list of strings is built from the text (left "
             "padding); pass token ids to use your own mask."
         )
-    if prepend_bos is None and continuation:
-        prepend_bos = False
+    if prepend_bos is None and (continuation or after is not None):
+        prepend_bos = content_prepend_bos(after)
     texts = [inputs] if isinstance(inputs, str) else list(inputs)
     return _padded(model, [encode(model, t, prepend_bos) for t in texts])
 

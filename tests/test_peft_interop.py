@@ -105,6 +105,21 @@ def test_imported_prefix_reproduces_peft_logits(kind, dtype, projection, tmp_pat
     assert pl.KVPrefix.from_peft(tmp_path, bridge).keys.shape == prefix.keys.shape
 
 
+def test_text_after_an_imported_prefix_gets_pefts_bos(tmp_path):
+    """Issue 21 (1), PEFT's side: PEFT runs ``tokenizer(text)`` after its prefix, with a BOS when the
+    tokenizer adds one (the toy's does); on main ``run_with_prefix(bridge, text, prefix)`` put none."""
+    peft_model = prefix_peft(hf_model("llama", torch.float32), False, torch.float32)
+    bridge = bridge_of(peft_model.get_base_model(), torch.float32)
+    assert bridge.cfg.default_prepend_bos
+    with torch.no_grad():
+        reference = peft_model(input_ids=torch.tensor([[1, 5, 6, 7]])).logits
+    peft_model.save_pretrained(tmp_path)
+    for prefix in (kv_prefix_from_peft(peft_model, bridge), kv_prefix_from_peft(tmp_path, bridge)):
+        assert prefix.content_bos is True
+        with torch.no_grad():
+            torch.testing.assert_close(pl.run_with_prefix(bridge, "5 6 7", prefix), reference, rtol=0, atol=TOL[torch.float32])
+
+
 @pytest.mark.parametrize("kind", ["llama", "gpt2"])
 def test_a_peft_model_keeps_working_after_its_base_is_bridged(kind):
     """models' bridges wrap the HF modules in place; PEFT's prefix, handed to them as a cache, still applies."""

@@ -102,6 +102,55 @@ def test_load_refuses_other_weights_of_the_same_architecture(tmp_path):
         pl.Prefix.load(path, a)
 
 
+@pytest.mark.parametrize("make", [models.toy_gpt2, models.toy_llama], ids=["gpt2", "llama"])
+def test_a_prefix_saved_on_float32_loads_on_the_same_weights_in_half_precision_and_back(make, tmp_path):
+    """Issue 21 (9): on main the same weights in bfloat16 / float16 were refused as "another checkpoint".
+    The signature records the fingerprint of the weights converted to each dtype: the loaded prefix is
+    the in-memory conversion, bit for bit, and gives the same outputs; other weights are still refused."""
+    import copy
+
+    a = make(**_TINY, seed=1)
+    prefix = pl.KVPrefix.random(a, 2)
+    prefix.save(tmp_path / "p.safetensors")
+    x = torch.tensor([[3, 4, 5, 6]])
+    for dtype in (torch.bfloat16, torch.float16):
+        for half in (make(**_TINY, seed=1, dtype=dtype), make(**_TINY, seed=1).to(dtype)):
+            loaded = pl.Prefix.load(tmp_path / "p.safetensors", half)
+            converted = copy.deepcopy(prefix).to(dtype)
+            assert loaded.dtype == dtype and torch.equal(loaded.keys, converted.keys)
+            assert torch.equal(pl.run_with_prefix(half, x, loaded), pl.run_with_prefix(half, x, converted))
+        # the reverse: made on the half-precision weights, loaded on the float32 ones they came from
+        pl.KVPrefix.random(half, 2).save(tmp_path / "h.safetensors")
+        assert pl.Prefix.load(tmp_path / "h.safetensors", a).dtype == torch.float32
+        # another checkpoint in that dtype is refused, and the error names both dtypes
+        other = make(**_TINY, seed=2, dtype=dtype)
+        with pytest.raises(ValueError, match=f"made for other weights.*made on float32 weights and the model is {str(dtype)[6:]}"):
+            pl.Prefix.load(tmp_path / "p.safetensors", other)
+    # bfloat16 and float16 copies of one float32 model are not conversions of each other: refused, named
+    pl.KVPrefix.random(make(**_TINY, seed=1, dtype=torch.bfloat16), 2).save(tmp_path / "b.safetensors")
+    with pytest.raises(ValueError, match="made on bfloat16 weights and the model is float16"):
+        pl.Prefix.load(tmp_path / "b.safetensors", make(**_TINY, seed=1, dtype=torch.float16))
+    # weights changed after conversion: refused
+    edited = make(**_TINY, seed=1, dtype=torch.bfloat16)
+    with torch.no_grad():
+        next(p for n, p in edited.named_parameters() if p.ndim == 2).mul_(1.5)
+    with pytest.raises(ValueError, match="made for other weights"):
+        pl.Prefix.load(tmp_path / "p.safetensors", edited)
+
+
+def test_converted_fingerprints_match_their_definition():
+    """``weights_as[dtype]`` is the exact fingerprint of the model converted to that dtype."""
+    from prefixlens.signature import CONVERSION_DTYPES
+
+    model = models.toy_llama(**_TINY, seed=1, dtype=torch.float64)
+    sig = pl.signature_of(model)
+    assert sig.weights_dtype == "float64" and sig.weights == weights_fingerprint(model)
+    for dtype in CONVERSION_DTYPES:
+        converted = models.toy_llama(**_TINY, seed=1, dtype=torch.float64).to(dtype)
+        assert dict(sig.weights_as)[str(dtype)[6:]] == _independent_fingerprint(converted)
+    assert pl.ModelSignature.from_json(sig.to_json()) == sig
+
+
 def test_runtime_validation_checks_shapes_not_weights():
     """In memory a prefix runs on other weights of the same shapes (a transfer experiment); the
     per-call check stays shape-only and never hashes the weights."""

@@ -285,11 +285,44 @@ def test_shared_pads_are_not_used_when_rows_differ():
         ({"target_accuracy": 0.9}, "eval_every"),  # would silently never stop early
         ({"schedule": "linear"}, "schedule"),
         ({"checkpoint_every": -1}, "checkpoint_every"),
+        # issue 21 (14): finite but out of range, found only when torch overflowed
+        ({"lr": 3e38}, "lr"),
+        ({"lr": 11.0}, "lr"),
+        ({"lr": float("inf")}, "lr"),
+        ({"lr": 1.0, "weight_decay": 2.0}, "lr \\* weight_decay"),
+        ({"seed": -1}, "seed"),
+        ({"seed": 2**70}, "seed"),
+        ({"grad_clip": float("inf")}, "grad_clip"),
     ],
 )
 def test_train_config_refuses_bad_settings(kw, match):
     with pytest.raises(ValueError, match=match):
         cfg(**kw)
+
+
+@pytest.mark.parametrize(
+    "kw,match",
+    [
+        ({"init_scale": float("nan")}, "init_scale"),
+        ({"init_scale": float("inf")}, "init_scale"),
+        ({"init_scale": -1.0}, "init_scale"),
+        ({"reparam": {"d_small": -1, "hidden": 8}}, "reparam"),
+        ({"reparam": {"d_small": 0, "hidden": 8}}, "reparam"),
+        ({"reparam": {"width": 8}}, "reparam"),
+    ],
+)
+@pytest.mark.parametrize("entry", ["task", "pairs"])
+def test_train_prefix_refuses_bad_numeric_arguments_up_front(kw, match, entry):
+    """Issue 21 (14): the arguments of train_prefix are checked before anything runs (a nan/inf
+    init_scale failed as "loss became nan", a negative reparam width deep inside torch, a zero
+    width trained silently)."""
+    model = tiny()
+    form = "kv" if "reparam" in kw else "residual"
+    with pytest.raises(ValueError, match=match):
+        if entry == "task":
+            train.train_prefix(model, "add1", P, cfg(iters=1), form=form, **kw)
+        else:
+            train.train_prefix(model, [([5, 6], [7])], form=form, length=P, config=cfg(iters=1, batch_size=1), **kw)
 
 
 def test_a_config_changed_after_construction_is_checked_before_anything_changes():
@@ -434,3 +467,96 @@ def test_resume_falls_back_from_a_damaged_newest_checkpoint(tmp_path, damage):
         r = train.train_model(model, "add2", P, cfg(**kw))
     assert r.resumed_from == 10 and r.losses == straight.losses
     assert train.train_model(tiny(), "add2", P, cfg(**kw)).resumed_from == 20  # the bad file was rewritten
+
+
+# ---- issue 21 (6, 8): half-precision training --------------------------------------------------------
+
+HALF = [torch.float16, torch.bfloat16]
+PAIRS = [([5, 6, 7], [8]), ([9, 3], [4, 2]), ([3, 4, 5, 6], [7])]
+
+
+def _finite(module) -> bool:
+    return all(bool(torch.isfinite(p).all()) for p in module.parameters())
+
+
+@pytest.mark.parametrize("dtype", HALF, ids=["fp16", "bf16"])
+@pytest.mark.parametrize(
+    "entry,form",
+    [("task", f) for f in ("kv", "residual", "soft", "lora", "full")] + [("pairs", f) for f in ("kv", "residual", "soft", "lora", "full")],
+)
+def test_half_precision_training_returns_finite_trained_values(entry, form, dtype):
+    """On main, one float16 AdamW step turned every trained value into nan/-inf (eps = 1e-8 underflows)
+    and iters=1 returned them without an error. Half-precision tensors now train through float32
+    masters: finite, still in the model's dtype, and moved by the step."""
+    model = tiny(dtype=dtype)
+    model.requires_grad_(False)
+    config = cfg(iters=2, batch_size=3)
+    before = _state(model)
+    if entry == "task":
+        if form == "full":
+            train.train_model(model, "add1", P, config)
+            trained = model
+        elif form == "lora":
+            trained, _ = train.train_lora(model, "add1", P, config)
+            trained.remove()
+        else:
+            trained, _ = train.train_prefix(model, "add1", P, config, form=form)
+    else:
+        trained = train.train_prefix(model, PAIRS, form=form, length=P, config=config).trained
+    assert _finite(trained)
+    assert all(p.dtype == dtype for p in trained.parameters())
+    if form == "full":
+        changed = [k for k in before if not torch.equal(before[k], trained.state_dict()[k])]
+        assert changed and all(bool(torch.isfinite(v).all()) for v in trained.state_dict().values() if v.is_floating_point())
+    else:
+        assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())  # the base is untouched
+
+
+@pytest.mark.parametrize("dtype", HALF, ids=["fp16", "bf16"])
+def test_half_precision_first_step_is_adamw_in_float32_rounded_to_the_models_dtype(dtype):
+    """AdamW's first step moves every value by lr·g/(|g| + eps) (bias-corrected): computed here in
+    float32 from the gradient of the model's own half-precision loss, then rounded to the model's dtype."""
+    from prefixlens.training.pairs import Pairs, initial_prefix, pairs_loss
+
+    model = tiny(dtype=dtype)
+    model.requires_grad_(False)
+    config = cfg(iters=1, batch_size=3, grad_clip=0.0, weight_decay=0.0, lr=1e-3)
+    trained = train.train_prefix(model, PAIRS, form="kv", length=P, config=config).prefix
+    start = initial_prefix(model, "kv", P, "random", config.seed)
+    batch = next(Pairs.from_data(model, PAIRS).stream(config.batch_size, config.seed))
+    pairs_loss(model, batch, start).backward()
+    for n in start.tensor_names:
+        x, g = getattr(start, n).detach().float(), getattr(start, n).grad.float()
+        expected = (x - config.lr * g / (g.abs() + 1e-8)).to(dtype)
+        assert torch.equal(getattr(trained, n), expected), n
+
+
+def test_a_step_that_makes_a_trained_value_non_finite_is_refused_the_last_one_too():
+    """The trained values are checked after every step: here the second (last) step takes a float16
+    value (65504 + 10 + 10 in its float32 master) past 65504 (inf); on main the run returned nan
+    (eps underflow) without an error."""
+    x = torch.nn.Parameter(torch.tensor([65500.0], dtype=torch.float16))
+
+    def stream(gen, start):
+        while True:
+            yield None
+
+    with pytest.raises(FloatingPointError, match=r"step 1 .*'x' non-finite.*float16.*65504.*bfloat16"):
+        train.train_loop({"x": x}, lambda b: -(x.float() * 1e-3).sum(), stream, cfg(iters=2, lr=10.0),
+                         "run", "overflow", weight_decay=0.0)
+
+
+def test_float16_non_finite_loss_says_why_and_what_to_do():
+    """Issue 21 (8): on main "loss became nan at step 1." without a reason or a fix. Fine-tuning a float16
+    model at lr 10 overflows its activations after one step."""
+    model = tiny(dtype=torch.float16)
+    model.requires_grad_(False)
+    with pytest.raises(FloatingPointError, match=r"loss became nan at step 1: .*lr 10.*float16.*65504.*bfloat16.*float32"):
+        train.train_prefix(model, PAIRS, form="full", config=cfg(iters=30, batch_size=3, lr=10.0, weight_decay=0.0))
+
+
+def test_non_finite_starting_values_are_refused_before_the_first_step():
+    model = tiny(dtype=torch.float16)
+    model.requires_grad_(False)
+    with pytest.raises(ValueError, match="inf/nan before the first step.*float16.*65504"):
+        train.train_prefix(model, PAIRS, form="residual", length=P, init_scale=1e6, config=cfg(iters=1, batch_size=3))

@@ -8,7 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from prefixlens import KVPrefix, ResidualPrefix, SoftPrompt, models, run_with_prefix, train
+from prefixlens import KVPrefix, ResidualPrefix, SoftPrompt, models, run_with_prefix, tasks, train
 from prefixlens.training import fast_kv
 from prefixlens.training.pairs import Pairs, Trained, pairs_loss
 
@@ -160,6 +160,101 @@ def test_native_bridges_use_the_placeholder_route():
     assert not fast_kv.supports_cache_prefix(model)
     out = train.train_prefix(model, ragged_pairs(4), form="kv", length=2, config=cfg(iters=2, batch_size=4))
     assert len(out.losses) == 2
+
+
+# ---- issue 21 (1): the BOS policy a prefix was trained with is the one its text is run with ------------
+
+
+def text_pairs(n=6, seed=0):
+    """Text pairs for the toy tokenizer (word-level on the integers; it adds BOS, token 1)."""
+    return [(" ".join(map(str, x)), " " + " ".join(map(str, y))) for x, y in ragged_pairs(n, seed)]
+
+
+def no_bos_toy():
+    """A toy whose checkpoint tokenizer adds no BOS (SmolLM2's kind): ``cfg.default_prepend_bos = False``."""
+    model = models.toy_llama(n_layers=2, d_model=32, n_heads=4, n_kv_heads=2, d_vocab=V, n_ctx=64, seed=3, init_range=0.3)
+    model.requires_grad_(False)
+    model.cfg.default_prepend_bos = False
+    return model
+
+
+@pytest.mark.parametrize(
+    "form,tokenizer,bos",
+    [(f, "adds_bos", None) for f in ("kv", "residual", "soft")]
+    + [("kv", "adds_bos", False), ("kv", "no_bos", None), ("kv", "no_bos", True)],
+)
+def test_the_documented_call_on_text_reproduces_the_training_format_loss(form, tokenizer, bos):
+    """On main ``run_with_prefix(model, text, prefix)`` gave text after a prefix no BOS while training had
+    put one there (a toy whose tokenizer adds BOS): the trained prefix scored 26.6 % instead of 78.1 %
+    on its own training set. The policy now travels with the prefix (and its file)."""
+    model = toy("llama") if tokenizer == "adds_bos" else no_bos_toy()
+    data = text_pairs()
+    out = train.train_prefix(model, data, form=form, length=3, prepend_bos=bos, config=cfg(iters=3))
+    policy = (tokenizer == "adds_bos") if bos is None else bos
+    assert out.settings["prepend_bos"] is policy and out.prefix.content_bos is policy
+    pairs = Pairs.from_data(model, data, bos)
+    for i, (x, y) in enumerate(data):
+        batch = pairs.batch([i])  # one row: no padding; the training format's ids
+        trained_format = pairs_loss(model, batch, out.prefix, cache_prefix=False)
+        documented = run_with_prefix(model, x + y, out.prefix)[:, :-1]  # input + target, as text
+        assert documented.shape[1] == batch.tokens.shape[1]
+        # the same ids (one trailing token more, which causal attention hides): float32 precision
+        torch.testing.assert_close(F.cross_entropy(documented[0], batch.labels[0], ignore_index=tasks.IGNORE), trained_format)
+
+
+def test_every_text_entry_point_after_a_trained_prefix_uses_its_policy_and_prepend_bos_wins(tmp_path):
+    from prefixlens import analysis, decompose, generate, run_with_cache
+    from prefixlens.prefixes import Prefix
+
+    model = toy("llama")
+    prefix = train.train_prefix(model, text_pairs(), form="kv", length=3, config=cfg(iters=2)).prefix
+    assert prefix.content_bos is True
+    prefix.save(tmp_path / "p.safetensors")
+    loaded = Prefix.load(tmp_path / "p.safetensors", model)
+    text = ["5 6 7", "8 9"]
+    calls = {
+        "run_with_prefix": lambda p, **kw: run_with_prefix(model, text, p, **kw),
+        "run_with_cache": lambda p, **kw: run_with_cache(model, text, p, **kw)[0],
+        "generate": lambda p, **kw: generate(model, text, p, max_new_tokens=2, **kw),
+        "decompose": lambda p, **kw: decompose(model, text, p, **kw).prefix_attention,
+        "check_identities": lambda p, **kw: analysis.check_identities(model, text, p, **kw).cross_layer_shift,
+        "slot_statistics": lambda p, **kw: analysis.slot_statistics(model, text, p, **kw).weights,
+    }
+    for name, call in calls.items():
+        with_bos, without = call(prefix, prepend_bos=True), call(prefix, prepend_bos=False)
+        assert with_bos.shape != without.shape or not torch.equal(with_bos, without), name
+        for p in (prefix, loaded, prefix.to_kv() if hasattr(prefix, "to_kv") else prefix):
+            assert torch.equal(call(p), with_bos), name  # the default is the trained policy
+    # forms converted or sliced keep it; a prefix from a prompt records none (no BOS after it)
+    soft = train.train_prefix(model, text_pairs(), form="soft", length=3, config=cfg(iters=1)).prefix
+    assert soft.to_kv(model).content_bos is True
+    assert KVPrefix.from_prompt(model, "5 6").content_bos is None
+    torch.testing.assert_close(run_with_prefix(model, "7 8", KVPrefix.from_prompt(model, "5 6")),
+                               model(torch.tensor([[1, 5, 6, 7, 8]]))[:, 3:])
+
+
+def test_prefix_files_keep_the_bos_policy_and_refuse_a_malformed_one(tmp_path):
+    from prefixlens.prefixes import Prefix
+    from prefixlens.serialization import load_tensors, save_tensors
+
+    model = toy("llama")
+    for policy in (True, False, None):
+        p = KVPrefix.random(model, 2)
+        p.content_bos = policy
+        p.save(tmp_path / "p.safetensors")
+        assert Prefix.load(tmp_path / "p.safetensors", model).content_bos is policy
+    tensors, meta = load_tensors(tmp_path / "p.safetensors")
+    save_tensors(tmp_path / "bad.safetensors", tensors, {**meta, "content_bos": "yes"})
+    with pytest.raises(ValueError, match="content_bos"):
+        Prefix.load(tmp_path / "bad.safetensors", model)
+
+
+def test_reparametrised_and_id_trained_prefixes_record_their_policy():
+    model = toy("llama")
+    mlp = train.train_prefix(model, text_pairs(), form="kv", length=2, reparam={"d_small": 4, "hidden": 8}, config=cfg(iters=1))
+    assert mlp.prefix.content_bos is True and mlp.settings["prepend_bos"] is True
+    ids = train.train_prefix(model, ragged_pairs(), form="kv", length=2, config=cfg(iters=1))
+    assert ids.prefix.content_bos is None and ids.settings["prepend_bos"] is None  # ids are used as given
 
 
 # ---- initialisation, evaluation, checkpoints, dispatch ---------------------------------------------------

@@ -224,10 +224,12 @@ def _indices(value, n: int, what: str) -> list[int]:
 def _content(model, tokens, prefix, continuation: bool | None = None):
     """Content ids ``[batch, pos]`` and the full ``[batch, P + pos]`` mask (or ``None``) for a figure:
     ids, a string or a list of strings (:func:`prefixlens.text.tokens_and_mask`; a ragged list is
-    left-padded with a mask). Text after a prefix gets no BOS; without one (``prefix=None``) it starts the
-    sequence, with the model's default BOS, unless ``continuation`` says otherwise."""
+    left-padded with a mask). Text after a prefix gets the prefix's BOS policy (none unless it was trained
+    with one); without one (``prefix=None``) it starts the sequence, with the model's default BOS, unless
+    ``continuation`` says otherwise."""
     continuation = prefix is not None if continuation is None else continuation
-    tokens, mask = tokens_and_mask(model, tokens, continuation=continuation)
+    # text after a prefix gets that prefix's BOS policy (a trained prefix's, else none)
+    tokens, mask = tokens_and_mask(model, tokens, continuation=continuation, after=prefix if continuation else None)
     tokens = check_tokens(model, tokens, prefix)
     return tokens, full_attention_mask(mask, tokens, n_slots(prefix))
 

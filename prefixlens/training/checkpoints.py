@@ -63,7 +63,8 @@ def run_id(kind: str, task: str, n_pad: int, config: TrainConfig, model, extra: 
         "task": task,
         "n_pad": n_pad,
         "config": config.identity(),
-        "signature": json.loads(signature_of(model).to_json()),  # shapes and the weights fingerprint
+        # shapes and the weights fingerprint (not the converted ones: they add nothing, and run ids stay as they were)
+        "signature": {k: v for k, v in json.loads(signature_of(model).to_json()).items() if k not in ("weights_dtype", "weights_as")},
         "base": fingerprint(model),
         "dtype": str(model_dtype_device(model)[0]),  # a float64 run is not a float32 run's continuation
         "act_fn": str(getattr(model.cfg, "act_fn", None)),  # not in the weights, but changes the function

@@ -7,7 +7,10 @@ import math
 from dataclasses import dataclass, field
 from typing import Any
 
-__all__ = ["TrainConfig", "TrainResult"]
+__all__ = ["TrainConfig", "TrainResult", "MAX_LR", "MAX_SEED", "check_init_scale", "check_reparam"]
+
+MAX_LR = 10.0  # AdamW moves each trained value by about lr per step: more is a typo, and overflows
+MAX_SEED = 2**32  # seeds are mixed with step and epoch numbers into torch's 64-bit seeds
 
 
 @dataclass
@@ -46,8 +49,11 @@ class TrainConfig:
 
         if not is_int(self.iters) or self.iters < 0:
             problems.append(f"iters={self.iters!r} must be an int >= 0")
-        if not is_real(self.lr) or self.lr <= 0:
-            problems.append(f"lr={self.lr!r} must be a finite number > 0")
+        if not is_real(self.lr) or not 0 < self.lr <= MAX_LR:
+            problems.append(
+                f"lr={self.lr!r} must be a finite number in (0, {MAX_LR:g}] (AdamW moves each trained value by about "
+                f"lr per step; a larger lr overflows the update)"
+            )
         if not is_int(self.batch_size) or self.batch_size < 1:
             problems.append(f"batch_size={self.batch_size!r} must be an int >= 1")
         betas = tuple(self.betas) if isinstance(self.betas, (tuple, list)) else None
@@ -57,8 +63,14 @@ class TrainConfig:
             problems.append(f"weight_decay={self.weight_decay!r} must be None or a finite number >= 0")
         if self.grad_clip is not None and (not is_real(self.grad_clip) or self.grad_clip < 0):
             problems.append(f"grad_clip={self.grad_clip!r} must be None/0 (no clipping) or a finite number > 0")
-        if not is_int(self.seed):
-            problems.append(f"seed={self.seed!r} must be an int")
+        if (is_real(self.lr) and self.weight_decay is not None and is_real(self.weight_decay)
+                and self.lr * self.weight_decay > 1):
+            problems.append(
+                f"lr * weight_decay = {self.lr * self.weight_decay:g} must be <= 1 (AdamW multiplies every decayed "
+                f"value by 1 - lr * weight_decay each step: above 1 it flips sign and grows without bound)"
+            )
+        if not is_int(self.seed) or not 0 <= self.seed < MAX_SEED:
+            problems.append(f"seed={self.seed!r} must be an int in [0, 2**32)")
         if not is_int(self.eval_every) or self.eval_every < 0:
             problems.append(f"eval_every={self.eval_every!r} must be an int >= 0 (0: no periodic evaluation)")
         if not is_int(self.eval_items) or self.eval_items < 1:
@@ -100,3 +112,25 @@ class TrainResult:
     def final_loss(self) -> float:
         tail = self.losses[-50:]
         return float(sum(tail) / len(tail)) if tail else float("nan")
+
+
+def check_init_scale(init_scale) -> None:
+    """Refuse an ``init_scale`` (the standard deviation of a random start) that is not a finite number >= 0."""
+    ok = init_scale is None or (
+        isinstance(init_scale, (int, float)) and not isinstance(init_scale, bool) and math.isfinite(init_scale)
+        and init_scale >= 0
+    )
+    if not ok:
+        raise ValueError(f"init_scale={init_scale!r} must be None (the form's default) or a finite number >= 0 "
+                         f"(the standard deviation of the random start).")
+
+
+def check_reparam(reparam) -> None:
+    """Refuse a ``reparam`` that is not ``None`` or a dict of ``d_small`` / ``hidden`` ints >= 1."""
+    if reparam is None:
+        return
+    if not isinstance(reparam, dict) or set(reparam) - {"d_small", "hidden"}:
+        raise ValueError(f"reparam={reparam!r} must be None or a dict with keys 'd_small' and/or 'hidden'.")
+    bad = {k: v for k, v in reparam.items() if not isinstance(v, int) or isinstance(v, bool) or v < 1}
+    if bad:
+        raise ValueError(f"reparam: {bad} must be ints >= 1 (the MLP's table width and hidden size).")

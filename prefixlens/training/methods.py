@@ -21,7 +21,7 @@ from prefixlens.lora import LoRA, add_lora
 from prefixlens.prefixes import FORMS, Prefix
 from prefixlens.signature import signature_of
 from prefixlens.training.checkpoints import run_id
-from prefixlens.training.config import TrainConfig, TrainResult
+from prefixlens.training.config import TrainConfig, TrainResult, check_init_scale, check_reparam
 from prefixlens.training.evaluation import evaluate, validation_batch
 from prefixlens.training.loss import batch_loss
 from prefixlens.training.reparametrisation import PrefixMLP
@@ -147,6 +147,8 @@ def train_prefix_on_task(
     config.validate()
     if form not in PREFIX_FORMS:
         raise ValueError(f"form must be one of {list(PREFIX_FORMS)}, got {form!r}.")
+    check_init_scale(init_scale)
+    check_reparam(reparam)
     length = n_pad if length is None else length
     if not 1 <= length <= n_pad:
         raise ValueError(f"prefix length must be in 1..n_pad={n_pad}, got {length}.")

@@ -7,8 +7,17 @@
 
 **Data.** A sequence (or torch ``Dataset``) of ``(input, target)`` pairs, or of dicts with ``"input"``
 and ``"target"``; each side is a string or token ids. Strings are encoded with
-:func:`prefixlens.text.encode`: the input with ``prepend_bos`` (``None``: the model's default), the
-target without BOS, each alone (so ``input + target`` is exactly the two encodings joined). A row is
+:func:`prefixlens.text.encode`: the input with ``prepend_bos`` (``None``: the model's default, i.e.
+BOS iff the checkpoint's tokenizer adds one: PEFT's format, where the BOS follows the prefix), the
+target without BOS, each alone (so ``input + target`` is exactly the two encodings joined).
+
+**The BOS policy travels with the prefix.** The policy the text inputs were encoded with is
+``result.settings["prepend_bos"]`` (``None`` when every input was ids) and the trained prefix's
+``content_bos`` (saved in its file): ``run_with_prefix``, ``run_with_cache``, ``generate``,
+``decompose`` and the analysis functions give text after that prefix the same BOS by default, so the
+documented calls reproduce the training format exactly (an explicit ``prepend_bos=`` wins). LoRA and
+full fine-tuning have no prefix to carry it: text without a prefix gets the model's default, the
+training default too; a run with another ``prepend_bos`` needs the same ``prepend_bos`` at inference. A row is
 ``input + target``, left-padded to the batch's longest row with a mask; the loss is the mean
 cross-entropy over the **target tokens only** (each predicted from everything before it), which is
 what a HuggingFace / PEFT model computes with ``labels = -100`` on the input and the padding.
@@ -55,9 +64,9 @@ from prefixlens.injection import run_with_prefix
 from prefixlens.lora import LoRA, add_lora
 from prefixlens.prefixes import KVPrefix, Prefix
 from prefixlens.signature import model_dtype_device
-from prefixlens.text import encode
+from prefixlens.text import default_prepend_bos, encode
 from prefixlens.training.checkpoints import run_id
-from prefixlens.training.config import TrainConfig, TrainResult
+from prefixlens.training.config import TrainConfig, TrainResult, check_init_scale, check_reparam
 from prefixlens.training.fast_kv import logits_with_cache_prefix, supports_cache_prefix
 from prefixlens.training.loss import lm_loss, logits_of
 from prefixlens.training.methods import PREFIX_FORMS
@@ -117,11 +126,13 @@ def _item(data, i: int) -> tuple[Any, Any]:
 
 @dataclass
 class Pairs:
-    """Tokenised ``(input, target)`` pairs (see the module docstring for the encoding)."""
+    """Tokenised ``(input, target)`` pairs (see the module docstring for the encoding). ``bos``: the
+    BOS policy the text inputs were encoded with (``None`` when every input was given as ids)."""
 
     inputs: list[list[int]]
     targets: list[list[int]]
     pad_id: int = 0
+    bos: bool | None = None
 
     @classmethod
     def from_data(cls, model, data, prepend_bos: bool | None = None) -> "Pairs":
@@ -134,9 +145,10 @@ class Pairs:
             )
         if len(data) == 0:
             raise ValueError("data is empty: give at least one (input, target) pair.")
-        inputs, targets = [], []
+        inputs, targets, any_text = [], [], False
         for i in range(len(data)):
             x, y = _item(data, i)
+            any_text = any_text or isinstance(x, str)
             inputs.append(encode(model, x, prepend_bos) if isinstance(x, str) else _ids(x, f"data[{i}] input"))
             targets.append(encode(model, y, False) if isinstance(y, str) else _ids(y, f"data[{i}] target"))
         vocab = int(model.cfg.d_vocab)
@@ -145,7 +157,8 @@ class Pairs:
             raise ValueError(f"data rows {bad[:10]} have token ids outside [0, {vocab}).")
         tokenizer = getattr(model, "tokenizer", None)
         pad = getattr(tokenizer, "pad_token_id", None) if tokenizer is not None else None
-        return cls(inputs, targets, 0 if pad is None else int(pad))
+        bos = (default_prepend_bos(model) if prepend_bos is None else bool(prepend_bos)) if any_text else None
+        return cls(inputs, targets, 0 if pad is None else int(pad), bos)
 
     def __len__(self) -> int:
         return len(self.inputs)
@@ -222,7 +235,8 @@ def pairs_loss(model, batch: PairBatch, prefix: Prefix | None = None, cache_pref
 class Trained:
     """What :func:`train_on_pairs` returns: the trained object, the run's history and its settings.
 
-    ``trained``: a :class:`~prefixlens.Prefix` (``form`` kv/residual/soft), a detached
+    ``trained``: a :class:`~prefixlens.Prefix` (``form`` kv/residual/soft; its ``content_bos`` is the BOS
+    policy of the training inputs, ``settings["prepend_bos"]``), a detached
     :class:`~prefixlens.lora.LoRA` (``with result.lora: ...`` attaches it) or a fine-tuned copy of the
     model (``full``). ``result``: the :class:`TrainResult` (``losses`` per step, ``evals`` as
     ``[step, metrics]``). ``config`` and ``settings`` (length, init, ...) are what the run used.
@@ -377,7 +391,8 @@ def train_on_pairs(
         eval_fn: ``eval_fn(step, trained)`` returns metrics to log (a dict or a number).
         eval_data (Sequence | Dataset | None): held-out pairs; their loss is logged as ``eval_loss``.
         cache_prefix: run a KV prefix as the model's key/value cache (``None``: wherever the model supports it).
-        prepend_bos: give each input a BOS token (``None``: the model's default).
+        prepend_bos: give each input a BOS token (``None``: the model's default); recorded as the
+            trained prefix's ``content_bos`` and ``settings["prepend_bos"]``.
         name: the run's name, which labels its progress bar and checkpoints (default: from the settings).
 
     Returns:
@@ -387,6 +402,8 @@ def train_on_pairs(
     config.validate()
     if form not in METHODS:
         raise ValueError(f"form must be one of {METHODS}, got {form!r}.")
+    check_init_scale(init_scale)
+    check_reparam(reparam)
     if reparam is not None and (form not in ("kv", "residual") or init != "random"):
         raise ValueError("reparam (Li & Liang's MLP) trains a kv or residual prefix from its own random init.")
     pairs = Pairs.from_data(model, data, prepend_bos)
@@ -422,7 +439,16 @@ def train_on_pairs(
         target.requires_grad_(True)
         params = {n: p for n, p in target.named_parameters() if ".qkv." not in n}
     run = run_id(form, f"pairs:{pairs.digest()}", 0, config, model, {k: (str(v) if k == "targets" else v) for k, v in settings.items()})
+    settings["prepend_bos"] = pairs.bos  # (the ids, hashed above, already differ with it)
     trained = holder if holder is not None else (lora if lora is not None else target)
+
+    def with_policy(prefix):
+        """The trained prefix, carrying the BOS policy of the text it trains on."""
+        prefix.content_bos = pairs.bos
+        return prefix
+
+    if form in PREFIX_FORMS and reparam is None:
+        with_policy(holder)
 
     def loss_fn(batch: PairBatch) -> Tensor:
         return pairs_loss(target, batch, get_prefix(), cache_prefix)
@@ -433,7 +459,7 @@ def train_on_pairs(
             if held_out is not None:
                 metrics["eval_loss"] = _eval_loss(target, held_out, get_prefix, cache_prefix, config.batch_size)
             if eval_fn is not None:
-                out = eval_fn(step, (holder.export() if reparam is not None else trained))
+                out = eval_fn(step, (with_policy(holder.export()) if reparam is not None else trained))
                 metrics.update(out if isinstance(out, dict) else {"metric": float(out)})
         return metrics
 
@@ -452,7 +478,7 @@ def train_on_pairs(
         if lora is not None:
             lora.remove()
     if reparam is not None:
-        trained = holder.export()
+        trained = with_policy(holder.export())
     for p in list(params.values()) + list(trained.parameters()):
         p.grad = None  # the last step's gradients are not part of the result
     trained.requires_grad_(False)

@@ -3,6 +3,15 @@
 AdamW, a constant or cosine learning rate, global grad-norm clipping, a seeded data stream, periodic
 evaluation, and checkpoints that resume exactly (see :mod:`.checkpoints`). The loop reads in one
 screen; a step (:func:`train_step`) and the evaluation (:func:`_evaluate`) are their own functions.
+
+**Half precision.** Trained tensors in float16 or bfloat16 are optimised through float32 master
+copies (:class:`Masters`): the forward and backward run in the model's dtype, the gradients are
+copied to float32, AdamW's state and update are float32, and the result is rounded back into the
+half-precision tensors after each step. In float16 itself AdamW's ``eps=1e-8`` underflows to 0
+(``0/0`` on a zero gradient) and bfloat16 loses updates smaller than its precision (about 0.4 % of
+a value). **Every step is checked:** the loss before it, the gradient norm and every trained value
+after it; a non-finite one stops the run with a ``FloatingPointError`` that says what overflowed and
+what to do (float16's range ends at 65504: train in bfloat16 or float32, or lower ``lr``).
 """
 
 from __future__ import annotations
@@ -20,7 +29,9 @@ from prefixlens.training.checkpoints import Checkpointer
 from prefixlens.training.config import TrainConfig, TrainResult
 from prefixlens.training.state import keeps_global_rng
 
-__all__ = ["train_loop", "fit", "train_step", "make_optimizer", "learning_rate"]
+__all__ = ["train_loop", "fit", "train_step", "make_optimizer", "learning_rate", "Masters", "HALF_DTYPES"]
+
+HALF_DTYPES = (torch.float16, torch.bfloat16)
 
 # stream(generator, start_step) -> an iterator of batches from step `start_step` on
 Stream = Callable[[torch.Generator, int], Iterator[Any]]
@@ -42,30 +53,94 @@ def learning_rate(config: TrainConfig, step: int) -> float:
     return config.lr
 
 
-def train_step(loss_fn: Callable[[Any], Tensor], batch: Any, opt: torch.optim.Optimizer, params: list[Tensor],
-               config: TrainConfig, step: int, name: str = "train") -> float:
-    """One optimiser step on ``batch`` (``params``: the trained tensors, clipped together); returns the
-    loss before the step.
+class Masters:
+    """The tensors the optimiser updates: ``params`` themselves, or for the float16/bfloat16 ones
+    float32 copies (``masters[name]``) whose gradients are the half-precision gradients in float32
+    and whose values are rounded back into ``params`` after each step (:meth:`write_back`)."""
+
+    def __init__(self, params: dict[str, Tensor], upcast: bool = True):
+        self.params = params
+        self.half = {n for n, p in params.items() if p.dtype in HALF_DTYPES} if upcast else set()
+        self.masters = {
+            n: (p.detach().float().clone().requires_grad_(True) if n in self.half else p) for n, p in params.items()
+        }
+
+    def gather_grads(self) -> None:
+        for n in self.half:
+            g = self.params[n].grad
+            self.masters[n].grad = None if g is None else g.float()
+            self.params[n].grad = None
+
+    def write_back(self) -> None:
+        with torch.no_grad():
+            for n in self.half:
+                self.params[n].copy_(self.masters[n])
+
+    def dtype_advice(self) -> str:
+        """What to do about a non-finite value in a run of this dtype."""
+        dtypes = {p.dtype for p in self.params.values()}
+        if torch.float16 in dtypes:
+            return (
+                " The model runs in float16, whose largest value is 65504 (smallest normal 6e-5): an activation, "
+                "gradient or trained value overflowed. Train in bfloat16 (float32's range, same memory: "
+                "model.to(torch.bfloat16)) or float32, or lower lr / the prefix's init_scale."
+            )
+        return " Lower lr (or init_scale), keep grad_clip on, or train in float32 or float64."
+
+
+def _first_nonfinite(tensors: dict[str, Tensor]) -> str | None:
+    """The name of the first tensor holding an inf or nan (``None``: all finite; one device sync)."""
+    if not tensors:
+        return None
+    with torch.no_grad():
+        finite = torch.stack([torch.isfinite(t).all() for t in tensors.values()]).tolist()
+    return next((n for n, ok in zip(tensors, finite) if not ok), None)
+
+
+def train_step(loss_fn: Callable[[Any], Tensor], batch: Any, opt: torch.optim.Optimizer,
+               params: list[Tensor] | Masters, config: TrainConfig, step: int, name: str = "train") -> float:
+    """One optimiser step on ``batch``; returns the loss before the step.
+
+    ``params``: the trained tensors (clipped together), or their :class:`Masters` (the optimiser then
+    holds the masters). The loss, the gradient norm and every trained value after the step must be
+    finite, else a ``FloatingPointError`` names the step, what became non-finite and what to do.
 
     Args:
         loss_fn: the loss of a batch.
         batch: the batch to train on.
         opt: the optimiser.
-        params: the trained tensors.
+        params: the trained tensors, or their float32 masters.
         config: the training settings (learning-rate schedule, gradient clipping).
-        step: the step's number (sets the learning rate; named when the loss is not finite).
-        name: the run's name (named when the loss is not finite).
+        step: the step's number (sets the learning rate; named when something is not finite).
+        name: the run's name (named when something is not finite).
     """
+    masters = params if isinstance(params, Masters) else Masters({str(i): p for i, p in enumerate(params)}, upcast=False)
+    lr = learning_rate(config, step)
     for group in opt.param_groups:
-        group["lr"] = learning_rate(config, step)
+        group["lr"] = lr
     loss = loss_fn(batch)
     if not torch.isfinite(loss):
-        raise FloatingPointError(f"{name}: loss became {float(loss)} at step {step}.")
+        cause = ("the trained values are finite, so the forward pass overflowed" if step == 0 else
+                 f"the previous steps (lr {config.lr:g}) drove the model's activations out of range")
+        raise FloatingPointError(f"{name}: the loss became {float(loss)} at step {step}: {cause}.{masters.dtype_advice()}")
     opt.zero_grad(set_to_none=True)
     loss.backward()
-    if config.grad_clip:
-        torch.nn.utils.clip_grad_norm_(params, config.grad_clip)
+    masters.gather_grads()
+    trained = list(masters.masters.values())
+    norm = torch.nn.utils.clip_grad_norm_(trained, config.grad_clip if config.grad_clip else float("inf"))
+    if not torch.isfinite(norm):
+        raise FloatingPointError(
+            f"{name}: the gradient became non-finite at step {step} (norm {float(norm)}; loss {float(loss):.4g}), "
+            f"before the update: the backward pass overflowed.{masters.dtype_advice()}"
+        )
     opt.step()
+    masters.write_back()
+    bad = _first_nonfinite(masters.params) or _first_nonfinite(masters.masters)
+    if bad is not None:
+        raise FloatingPointError(
+            f"{name}: step {step} (lr {lr:g}) made the trained tensor {bad!r} non-finite, so the trained result would "
+            f"hold inf/nan.{masters.dtype_advice()}"
+        )
     return float(loss.detach())
 
 
@@ -116,32 +191,38 @@ def train_loop(
     config.validate()
     if not params:
         raise ValueError("nothing to train: params is empty.")
-    opt = make_optimizer(params, config, decay, weight_decay)
+    masters = Masters(params)  # float32 copies of float16/bfloat16 tensors (the module docstring)
+    bad = _first_nonfinite(params)
+    if bad is not None:
+        raise ValueError(f"{name}: the trained tensor {bad!r} holds inf/nan before the first step: start from finite "
+                         f"values (a smaller init_scale, or another init).{masters.dtype_advice()}")
+    opt = make_optimizer(masters.masters, config, decay, weight_decay)
     gen = torch.Generator().manual_seed(config.seed)
     torch.manual_seed(config.seed)
     result = TrainResult(steps=0, run_id=run_id, n_trainable=sum(p.numel() for p in params.values()))
     ckpt = Checkpointer(config, name, run_id)
-    start, finished = ckpt.resume(params, opt, gen, result)
+    start, finished = ckpt.resume(masters.masters, opt, gen, result)
+    masters.write_back()
     if finished:  # e.g. stopped early: the run is complete, do not train on
         result.steps, result.stopped_early = start, start < config.iters
         return result
-    batches, plist = stream(gen, start), list(params.values())
+    batches = stream(gen, start)
     if set_mode:
         set_mode()
     bar = tqdm(range(start, config.iters), desc=name, disable=not config.progress, leave=False, mininterval=2.0)
     done = start
     for step in bar:
-        result.losses.append(train_step(loss_fn, next(batches), opt, plist, config, step, name))
+        result.losses.append(train_step(loss_fn, next(batches), opt, masters, config, step, name))
         done = step + 1
         if eval_fn is not None and config.eval_every and (done % config.eval_every == 0 or done == config.iters):
             value = _evaluate(eval_fn, done, result, bar, set_mode)
             accuracy = value.get("accuracy") if isinstance(value, dict) else value
             if config.target_accuracy is not None and accuracy is not None and accuracy >= config.target_accuracy:
                 result.stopped_early = done < config.iters
-                ckpt.save(done, params, opt, gen, result, finished=True)
+                ckpt.save(done, masters.masters, opt, gen, result, finished=True)
                 break
         if ckpt.due(done, config.iters):
-            ckpt.save(done, params, opt, gen, result, finished=done == config.iters)
+            ckpt.save(done, masters.masters, opt, gen, result, finished=done == config.iters)
     bar.close()
     result.steps = done
     return result
