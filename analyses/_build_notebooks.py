@@ -1,7 +1,8 @@
 """Writes the section notebooks (unexecuted) from the cells below: ``python analyses/_build_notebooks.py``.
 
-section4_bias_only, section5_toy_tasks, section6_prefix_vs_lora, appendixB_longer_prefixes (the
-section-3 notebook is ``constructions.ipynb``). Each runs top to bottom on a laptop CPU in minutes;
+demo (the tour on SmolLM2: load, run with and without a prefix, decompose, look), section4_bias_only,
+section5_toy_tasks, section6_prefix_vs_lora, appendixB_longer_prefixes (the section-3 notebook is
+``constructions.ipynb``). Each runs top to bottom on a laptop CPU in minutes;
 ``PREFIXLENS_NOTEBOOK_SCALE`` (default 1) scales every training budget (the tests use a small one),
 and pretrained models and prefixes are cached as training checkpoints under ``runs/notebooks``
 (``PREFIXLENS_NOTEBOOK_CACHE``), so the notebooks share one pretrained toy model.
@@ -337,7 +338,90 @@ initialisations: how much of the 10-dimensional span does training make the pref
     ]
 
 
+def demo() -> list:
+    return [
+        md("""
+# A prefix, mechanistically — the prefixlens tour on SmolLM2-135M-Instruct
+
+Load a real model, turn an instruction into a prefix, run with and without it, decompose every head
+into `(1 − A)·t + A·b` (Petrov, Torr & Bibi, ICLR 2024), and look: where the prefix's attention goes
+(the attention sink vs the instruction) and which heads' biases move the answer. Runs on a laptop CPU
+in about a minute (the first use converts the built-in model once, ≈ 30 s).
+"""),
+        code('''import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+import torch
+
+import prefixlens as pl
+from prefixlens import attribution, models, report, text
+
+model = models.load("smollm2-135m")          # the built-in real model: no hub needed
+print(model.cfg.n_layers, "layers ×", model.cfg.n_heads, "heads")'''),
+        md("""
+## A prefix from an instruction, exact against the real prompt
+
+`KVPrefix.from_prompt` keeps the keys and values the system prompt writes in every layer. The
+questions that follow are a continuation (no BOS): prefix + question is the model on the whole prompt.
+"""),
+        code('''prompt_text = "<|im_start|>system\\nYou are a pirate. Talk like a pirate.<|im_end|>\\n"
+prompt = torch.tensor(text.encode(model, prompt_text))
+questions = ["What is your favourite food?", "Tell me about your ship."]
+content = [f"<|im_start|>user\\n{q}<|im_end|>\\n<|im_start|>assistant\\n" for q in questions]
+tokens, _ = text.tokens_and_mask(model, content, continuation=True)
+prefix = pl.KVPrefix.from_prompt(model, prompt)
+
+with torch.no_grad():
+    with_prefix = pl.run_with_prefix(model, tokens, prefix)
+    with_prompt = model(torch.cat([prompt.expand(len(questions), -1), tokens], 1))[:, len(prompt):]
+print("max |Δ logits| prefix vs real prompt:", float((with_prefix - with_prompt).abs().max()))'''),
+        code('''for q, plain, pirate in zip(
+    questions,
+    pl.generate(model, tokens, None, max_new_tokens=12, return_text=True),
+    pl.generate(model, tokens, prefix, max_new_tokens=12, return_text=True),
+):
+    print(q, "\\n  without:", repr(plain[len(q):][-60:]), "\\n  with:   ", repr(pirate[len(q):][-60:]))'''),
+        md("""
+## Every head: `z = (1 − A)·t + A·b`
+
+`A` is the share of a head's attention on the prefix, `t` what the head gives over the content alone
+(the same attention as without the prefix, for the same layer input), `b` the prefix's bias.
+"""),
+        code('''d = pl.decompose(model, tokens, prefix)
+print("reconstruction error:", d.reconstruction_error())
+print("relative attention unchanged, max error per layer:", float(d.relative_attention_error().max()))
+print("mean A over all heads:", round(float(d.prefix_attention.mean()), 3))'''),
+        md("""
+## A sink is not an instruction
+
+Most of `A` sits on the first slot, `<|im_start|>`, an attention sink that many heads use whatever
+token is there. Split `A` by slot groups and compare with the template alone (an empty instruction).
+"""),
+        code('''neutral = torch.tensor(text.encode(model, "<|im_start|>system\\n<|im_end|>\\n"))
+with torch.no_grad():
+    answer = pl.run_with_prefix(model, tokens, prefix)[:, -1].argmax(-1)    # first answer token with the prefix
+    contrast = model(tokens)[:, -1].argmax(-1)                             # ... and without it
+story = attribution.compare_with_neutral(model, tokens, prompt, neutral, answer=answer, contrast=contrast)
+print(story.groups)
+print({k: round(v, 3) for k, v in story.summary().items()})
+report.slot_groups_figure(story.split, story.neutral_mass)'''),
+        md("""
+## Which heads' biases move the answer
+
+The direct effect of each head's bias `A·b·W_O` on the answer-vs-contrast logit difference, net of
+the template, per layer and head; then the attention of the head with the largest effect.
+"""),
+        code('''top = attribution.top_heads(story.net_effect(), k=3)
+print("heads by effect:", [report.head_label(l, h) for l, h in top])
+report.head_effect_figure(story.net_effect(), highlight=top)'''),
+        code('''layer, head = top[0]
+report.attention_figure(model, tokens, prefix, layer=layer, head=head, decomposition=d,
+                        slot_names=report.token_labels(model, prompt))'''),
+    ]
+
+
 NOTEBOOKS = {
+    "demo": demo,
     "section4_bias_only": section4,
     "section5_toy_tasks": section5,
     "section6_prefix_vs_lora": section6,

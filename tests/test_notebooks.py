@@ -1,4 +1,5 @@
-"""The section notebooks: in sync with their builder, valid, unexecuted; and (slow) they run top to bottom."""
+"""The notebooks: in sync with their builder, valid, unexecuted; and they run top to bottom (the tour on
+SmolLM2 in the default run, the section notebooks, which train, marked slow)."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ import nbformat
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-NAMES = ["section4_bias_only", "section5_toy_tasks", "section6_prefix_vs_lora", "appendixB_longer_prefixes"]
+NAMES = ["demo", "section4_bias_only", "section5_toy_tasks", "section6_prefix_vs_lora", "appendixB_longer_prefixes"]
 
 
 def builder():
@@ -34,8 +35,7 @@ def test_notebook_is_current_and_valid(name):
     assert any("import prefixlens" in c.source for c in code)
 
 
-@pytest.mark.slow
-@pytest.mark.parametrize("name", NAMES)
+@pytest.mark.parametrize("name", [pytest.param(n, marks=[] if n == "demo" else [pytest.mark.slow]) for n in NAMES])
 def test_notebook_runs(name, tmp_path_factory, monkeypatch):
     """Execute the notebook in a fresh python3 kernel. The notebooks share one cache of trained models
     (a temporary directory for the session); PREFIXLENS_NOTEBOOK_SCALE (default 1, the notebooks'
@@ -53,6 +53,9 @@ def test_notebook_runs(name, tmp_path_factory, monkeypatch):
     errors = [o for c in nb.cells if c.cell_type == "code" for o in c.outputs if o.output_type == "error"]
     assert not errors
     text = "".join(o.get("text", "") for c in nb.cells if c.cell_type == "code" for o in c.outputs)
+    if name == "demo":  # the tour: exact against the prompt, every head decomposed, heads ranked by effect
+        assert "max |Δ logits| prefix vs real prompt:" in text and "heads by effect:" in text
+        assert float(text.split("max |Δ logits| prefix vs real prompt:")[1].split()[0]) <= 1e-3
     if name == "section4_bias_only":
         assert "identity 1, max error" in text and "float64" in text
     if name == "section6_prefix_vs_lora":
