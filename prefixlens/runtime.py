@@ -42,6 +42,7 @@ __all__ = [
 ]
 
 _LOCK = threading.Lock()  # guards the edits of HookPoints' hook lists by thread_hooks
+_EVAL: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # model -> [open evaluation_mode blocks, saved modes]
 _LOCAL = threading.local()  # per thread: .attached, model -> the prefix an open ``attached`` block holds
 
 
@@ -100,16 +101,27 @@ def evaluation_mode(model) -> Iterator[None]:
     Every analysis entry point (:func:`~prefixlens.decompose`, ``prefixed_scores``, ``from_prompt``,
     the ``prefixlens.analysis`` functions) measures the model's deterministic function this way: with
     dropout the model's own ``hook_z`` is a random draw and no decomposition of it is exact.
+
+    Blocks open in several threads at once share one saving of the modes: the first to enter saves
+    them, the last to leave restores them (train/eval mode is model state, the same in every thread).
     """
-    modules = {id(m): m for root in module_roots(model) for m in root.modules()}
-    modes = [(m, m.training) for m in modules.values()]
+    with _LOCK:
+        state = _EVAL.get(model)
+        if state is None:
+            modules = {id(m): m for root in module_roots(model) for m in root.modules()}
+            state = _EVAL[model] = [0, [(m, m.training) for m in modules.values()]]
+            for m, _ in state[1]:
+                m.training = False
+        state[0] += 1
     try:
-        for m, _ in modes:
-            m.training = False
         yield
     finally:
-        for m, training in modes:
-            m.training = training
+        with _LOCK:
+            state[0] -= 1
+            if state[0] == 0:
+                del _EVAL[model]
+                for m, training in state[1]:
+                    m.training = training
 
 
 def attached_prefix(model):

@@ -144,3 +144,35 @@ def test_a_prefix_attached_in_another_thread_is_no_obstacle():
         t.join()
     with pl.attached(model, prefix), pytest.raises(RuntimeError, match="attached` block of this thread"):
         pl.run_with_prefix(model, x, prefix)
+
+
+def test_evaluation_mode_in_two_threads_restores_the_modes_once():
+    """Two overlapping blocks: the model stays in eval mode until the last one leaves, then every module
+    gets its own mode back (before, the first to leave put dropout back on under the other thread)."""
+    from prefixlens.runtime import evaluation_mode
+
+    model = build("gpt2")
+    first_in, second_in, first_out = threading.Event(), threading.Event(), threading.Event()
+    seen = []
+
+    def first():
+        with evaluation_mode(model):
+            first_in.set()
+            second_in.wait(30)
+        first_out.set()
+
+    model.train()
+    try:
+        t = threading.Thread(target=first)
+        t.start()
+        assert first_in.wait(30)
+        with evaluation_mode(model):
+            second_in.set()
+            assert first_out.wait(30)
+            seen.append(any(m.training for m in model.modules()))
+        t.join()
+        assert seen == [False], "the first block to leave restored train mode under the second"
+        assert all(m.training for m in model.modules()), "the last block to leave restores every mode"
+    finally:
+        model.eval()
+
