@@ -245,3 +245,26 @@ def test_removing_hooks_inside_attached_keeps_the_prefix(family, form):
                 cached = slots.content(model.run_with_cache(slots.prepend(x), names_filter=[])[0])
                 assert torch.equal(cached, expected), what
             assert n_attached_hooks(model) == before, f"{what}: hooks left behind"
+
+
+@pytest.mark.parametrize("point", HOOK_POINTS)
+@pytest.mark.parametrize("form", FORMS, ids=lambda c: c.__name__)
+def test_user_edits_at_the_content_positions_equal_the_real_prompt(form, point):
+    """An edit of the content positions only, in the first layer, is the real prompt's run with that edit."""
+    model = build("llama_gqa", torch.float64)
+    P = 3
+    prompt, x = random_tokens((P,), seed=17), random_tokens((2, 5), seed=18)
+    name = f"blocks.0.{point}"
+    pos = -2 if point.endswith("pattern") else 1
+
+    def edit(act, hook):
+        n = act.shape[pos]  # the content is the last 5 positions, on the real prompt and with the slots alike
+        delta = torch.randn(act.narrow(pos, n - 5, 5).shape, generator=torch.Generator().manual_seed(6), dtype=act.dtype)
+        return torch.cat([act.narrow(pos, 0, n - 5), act.narrow(pos, n - 5, 5) * 0.5 + delta], dim=pos)
+
+    with torch.no_grad():
+        real = model.run_with_hooks(torch.cat([prompt.expand(2, -1), x], 1), fwd_hooks=[(name, edit)])[:, P:]
+        prefix = form.from_prompt(model, prompt)
+        for route, run in _user_hook_routes(model, x, prefix, [(name, edit)]).items():
+            err = (run() - real).abs().max().item()
+            assert err <= 1e-10, f"{route}: {form.__name__} with a content edit at {name}: max |Δ| = {err:.2e}"
