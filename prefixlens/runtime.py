@@ -184,24 +184,44 @@ def thread_hooks(model, fwd_hooks: Sequence[tuple[str, Callable]], first: bool =
     not) do not see them and cannot remove them.
     """
     owner = threading.get_ident()
-    added: list[tuple[Any, Any]] = []
+    added: list[tuple[str, Any, Any]] = []  # (name, HookPoint, LensHandle) or (name, HookPoint, torch handle)
+
+    def remove() -> list[str]:
+        """Remove every hook; the names of ``first`` hooks that were already gone (removed at the torch level)."""
+        lost = []
+        with _LOCK:
+            for name, hp, handle in added:
+                if first:
+                    if handle.id not in hp._forward_hooks:
+                        lost.append(name)
+                    handle.remove()
+                else:
+                    handle.hook.remove()
+                    hp.fwd_hooks = [h for h in hp.fwd_hooks if h is not handle]
+        return lost
+
     try:
         for name, fn in fwd_hooks:
             hp = _hook_point(model, name)
             with _LOCK:
                 if first:
-                    added.append((None, hp.register_forward_hook(_this_thread_only(hp, fn, owner, True), prepend=True)))
+                    handle = hp.register_forward_hook(_this_thread_only(hp, fn, owner, True), prepend=True)
                 else:
-                    added.append((hp, hp.add_hook(_this_thread_only(hp, fn, owner, False))))
+                    handle = hp.add_hook(_this_thread_only(hp, fn, owner, False))
+                added.append((name, hp, handle))
         yield
-    finally:
-        with _LOCK:
-            for hp, handle in added:
-                if hp is None:
-                    handle.remove()
-                else:
-                    handle.hook.remove()
-                    hp.fwd_hooks = [h for h in hp.fwd_hooks if h is not handle]
+    except BaseException:
+        remove()
+        raise
+    lost = remove()
+    if lost:
+        raise RuntimeError(
+            f"the hooks prefixlens placed at {lost[:3]}{' ...' if len(lost) > 3 else ''} were removed inside the "
+            f"block by something other than TransformerLens (e.g. HookPoint._forward_hooks.clear()), so forward "
+            f"passes after that ran without them (without the prefix) and their results are wrong. Remove hooks "
+            f"with TransformerLens's own calls (model.reset_hooks(), which leaves prefixlens's alone) or leave "
+            f"the block first."
+        )
 
 
 def cached_run(model, tokens: Tensor, names: Sequence[str], **kwargs) -> tuple[Any, dict[str, Tensor]]:

@@ -268,3 +268,17 @@ def test_user_edits_at_the_content_positions_equal_the_real_prompt(form, point):
         for route, run in _user_hook_routes(model, x, prefix, [(name, edit)]).items():
             err = (run() - real).abs().max().item()
             assert err <= 1e-10, f"{route}: {form.__name__} with a content edit at {name}: max |Δ| = {err:.2e}"
+
+
+def test_removing_the_prefix_hooks_below_transformerlens_is_reported_at_exit(family):
+    """Clearing a HookPoint's torch hooks directly does take the prefix away: the block's exit says so."""
+    model = build(family)
+    x = random_tokens((1, 4), seed=19)
+    prefix = pl.KVPrefix.random(model, 2, seed=20)
+    points = {id(hp): hp for hp in model.hook_dict.values()}.values()
+    with pytest.raises(RuntimeError, match=r"removed inside the block .*_forward_hooks\.clear\(\)"):
+        with pl.attached(model, prefix) as slots:
+            for hp in points:
+                hp._forward_hooks.clear()
+            model(slots.prepend(x))
+    assert n_attached_hooks(model) == 0
