@@ -18,9 +18,21 @@ slot, or with a row that has no real token is refused.
 ragged list is left-padded and its mask flows into the machinery above. Content after a prefix gets
 no BOS unless ``prepend_bos=True`` (it continues the prefix's prompt).
 
+**User hooks.** The prefix's hooks are torch forward hooks placed before every TransformerLens hook of
+their HookPoints: a user hook (``model.hooks``, ``add_hook``, ``run_with_hooks``, registered before or
+inside the block) sees the activation with the prefix written, and its edits stick. At the content
+positions that is exactly the real prompt's run; at the slots, the prompt's wherever the form fixes them.
+TransformerLens's ``reset_hooks`` / ``remove_all_hook_fns`` / ``HookPoint.remove_hooks`` and a
+``model.hooks()`` exit do not remove them; clearing a HookPoint's torch hooks directly does, and the
+block's exit then raises.
+
+**Threads.** The prefix acts only in the thread that attached it, and which prefix is attached is
+recorded per thread (:mod:`prefixlens.runtime`): other threads run the model without it, or with their
+own prefix. Hooks registered through TransformerLens itself act in every thread.
+
 **One prefix at a time.** Prefixes do not nest: every prefix writes slots ``0..P-1``, so an
 ``attached`` block (or ``run_with_prefix``, ``generate``, ``decompose``) inside another ``attached``
-block is refused; build one prefix that holds both (e.g. ``from_prompt`` on the joined prompts). A
+block of the same thread is refused; build one prefix that holds both (e.g. ``from_prompt`` on the joined prompts). A
 forward pass on top of a non-empty key/value cache inside ``attached`` (TransformerLens's own
 ``model.generate`` with its cache) is refused too, since the slot hooks would overwrite the new
 tokens; use :func:`prefixlens.generate`, or ``model.generate(..., use_past_kv_cache=False)`` on
