@@ -385,14 +385,14 @@ def run_with_cache(
     tokens = check_tokens(model, tokens, prefix)
     _check_return_type(return_type)
     extra, content_mask = _forward_kwargs(model, tokens, prefix.length, attention_mask, position_ids, kwargs)
-    names = hook_names(model, names_filter)
+    names = _hook_names(model, names_filter)
     with attached(model, prefix) as slots:
         logits, cache = cached_run(model, slots.prepend(tokens), names, **extra)
     output = _finish(model, slots.content(logits), tokens, content_mask, return_type, loss_per_token)
     return output, ActivationCache(cache, model, has_batch_dim=True)
 
 
-def hook_names(model, names_filter: Callable[[str], bool] | str | list[str] | None) -> list[str]:
+def _hook_names(model, names_filter: Callable[[str], bool] | str | list[str] | None) -> list[str]:
     """The hook points a ``names_filter`` selects (as ``model.run_with_cache`` takes it: a predicate on
     the name, a name, a list of names, or ``None`` for all); a name that is no hook point is refused."""
     if names_filter is None:

@@ -37,6 +37,7 @@ __all__ = [
     "evaluation_mode",
     "attached_prefix",
     "check_not_attached",
+    "set_attached",
     "thread_hooks",
     "cached_run",
 ]
