@@ -9,11 +9,12 @@ import warnings
 import weakref
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, no_type_check
+from typing import no_type_check
 
 import torch
 from jaxtyping import Float, Int, Integer, Shaped
 from torch import Tensor
+from transformer_lens import ActivationCache
 
 from prefixlens.attention_math import (
     bias_term,
@@ -28,12 +29,9 @@ from prefixlens.attention_math import (
 from prefixlens.generation import _last_logits_only
 from prefixlens.injection import check_tokens, full_attention_mask, maybe_attached, n_slots
 from prefixlens.prefixes import Prefix
-from prefixlens.runtime import evaluation_mode  # defined below the prefix forms; re-exported here
+from prefixlens.runtime import cached_run, evaluation_mode, thread_hooks  # evaluation_mode: re-exported here
 from prefixlens.signature import model_dtype_device
 from prefixlens.text import tokens_and_mask
-
-if TYPE_CHECKING:
-    from transformer_lens import ActivationCache
 
 __all__ = [
     "HeadDecomposition",
@@ -258,7 +256,7 @@ def attention_sources(model) -> list[str]:
     kinds = ("attn_scores", "pattern", "q", "k")
     names = {f"blocks.{l}.attn.hook_{h}" for l in range(n_layers) for h in kinds}
     with torch.no_grad(), evaluation_mode(model):
-        _, cache = model.run_with_cache(tokens, names_filter=lambda n: n in names)
+        _, cache = cached_run(model, tokens, [n for n in model.hook_dict if n in names], return_type=None)
     sources = []
     for l in range(n_layers):
         attn = f"blocks.{l}.attn"
@@ -427,8 +425,9 @@ def prefixed_cache(
     # the logits are not used: compute the unembedding at the last position only (when no unembed hook is asked for)
     keep = {} if any("unembed" in n for n in names) else _last_logits_only(model)
     with torch.no_grad(), evaluation_mode(model), maybe_attached(model, prefix) as slots:
-        _, cache = model.run_with_cache(slots.prepend(tokens), names_filter=lambda n: n in names, **keep, **masked)
-    return cache
+        _, cache = cached_run(model, slots.prepend(tokens), [n for n in model.hook_dict if n in names],
+                              return_type=None, **keep, **masked)
+    return ActivationCache(cache, model, has_batch_dim=True)
 
 
 def prefixed_scores(
@@ -537,9 +536,9 @@ def _baseline_run(model, tokens, prefixed_inputs: list[Tensor], P: int, mask: Te
     if mask is not None:
         positions = (mask.cumsum(-1) - 1).clamp_min(0)[:, P:].repeat(2, 1)
         masked = {"attention_mask": mask[:, P:].repeat(2, 1)}
-    with evaluation_mode(model):
-        model.run_with_hooks(
-            torch.cat([tokens, tokens]), return_type=None, fwd_hooks=hooks, position_ids=positions, **masked,
+    with evaluation_mode(model), thread_hooks(model, hooks):  # hooks that act in this thread only
+        model(
+            torch.cat([tokens, tokens]), return_type=None, position_ids=positions, **masked,
             **_last_logits_only(model),  # the logits are not used
         )
     if mask is not None:

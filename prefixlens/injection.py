@@ -24,9 +24,21 @@ continues the prefix's prompt); an explicit ``prepend_bos=`` wins.
 positions and return types, equal to ``model(tokens)``; text then starts the sequence and gets the
 model's default BOS.
 
+**User hooks.** The prefix's hooks are torch forward hooks placed before every TransformerLens hook of
+their HookPoints: a user hook (``model.hooks``, ``add_hook``, ``run_with_hooks``, registered before or
+inside the block) sees the activation with the prefix written, and its edits stick. At the content
+positions that is exactly the real prompt's run; at the slots, the prompt's wherever the form fixes them.
+TransformerLens's ``reset_hooks`` / ``remove_all_hook_fns`` / ``HookPoint.remove_hooks`` and a
+``model.hooks()`` exit do not remove them; clearing a HookPoint's torch hooks directly does, and the
+block's exit then raises.
+
+**Threads.** The prefix acts only in the thread that attached it, and which prefix is attached is
+recorded per thread (:mod:`prefixlens.runtime`): other threads run the model without it, or with their
+own prefix. Hooks registered through TransformerLens itself act in every thread.
+
 **One prefix at a time.** Prefixes do not nest: every prefix writes slots ``0..P-1``, so an
 ``attached`` block (or ``run_with_prefix``, ``generate``, ``decompose``) inside another ``attached``
-block is refused; build one prefix that holds both (e.g. ``from_prompt`` on the joined prompts). A
+block of the same thread is refused; build one prefix that holds both (e.g. ``from_prompt`` on the joined prompts). A
 forward pass on top of a non-empty key/value cache inside ``attached`` (TransformerLens's own
 ``model.generate`` with its cache) is refused too, since the slot hooks would overwrite the new
 tokens; use :func:`prefixlens.generate`, or ``model.generate(..., use_past_kv_cache=False)`` on
@@ -35,6 +47,7 @@ tokens; use :func:`prefixlens.generate`, or ``model.generate(..., use_past_kv_ca
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import dataclass
@@ -45,7 +58,14 @@ from torch import Tensor
 from transformer_lens import ActivationCache
 
 from prefixlens.prefixes import Prefix
-from prefixlens.runtime import _ATTACHED, attached_prefix, check_not_attached, check_token_ids
+from prefixlens.runtime import (
+    attached_prefix,
+    cached_run,
+    check_not_attached,
+    check_token_ids,
+    set_attached,
+    thread_hooks,
+)
 from prefixlens.text import tokens_and_mask
 
 __all__ = [
@@ -65,8 +85,8 @@ __all__ = [
 PLACEHOLDER_TOKEN = 0
 RETURN_TYPES = ("logits", "loss", "both", None)
 
-# model -> the prefix attached to it by an open ``attached`` block: ``prefixlens.runtime._ATTACHED``
-# (below the prefix forms, so that ``to_kv`` can refuse to run inside a block without importing this module)
+# which prefix is attached to a model, per thread: ``prefixlens.runtime.attached_prefix`` (below the prefix
+# forms, so that ``to_kv`` can refuse to run inside a block without importing this module)
 
 
 @dataclass(frozen=True)
@@ -175,15 +195,19 @@ def full_position_ids(position_ids, tokens: Int[Tensor, "batch pos"], n_slots: i
     return pos
 
 
-def _refuse_cached_steps(module, args, kwargs):
-    if kwargs.get("past_key_values") is not None:  # a step on top of earlier positions (even an empty cache)
-        raise RuntimeError(
-            "a forward pass on top of a key/value cache inside `prefixlens.attached`: the prefix hooks would "
-            "overwrite the new tokens with prefix slots (e.g. TransformerLens's model.generate with its cache). "
-            "Use prefixlens.generate(model, tokens, prefix), or model.generate(slots.prepend(tokens), "
-            "use_past_kv_cache=False) inside the block."
-        )
-    return None
+def _refuse_cached_steps(owner: int) -> Callable:
+    def guard(module, args, kwargs):
+        # a step on top of earlier positions (even an empty cache), in the thread that attached the prefix
+        if kwargs.get("past_key_values") is not None and threading.get_ident() == owner:
+            raise RuntimeError(
+                "a forward pass on top of a key/value cache inside `prefixlens.attached`: the prefix hooks would "
+                "overwrite the new tokens with prefix slots (e.g. TransformerLens's model.generate with its cache). "
+                "Use prefixlens.generate(model, tokens, prefix), or model.generate(slots.prepend(tokens), "
+                "use_past_kv_cache=False) inside the block."
+            )
+        return None
+
+    return guard
 
 
 @contextmanager
@@ -197,18 +221,23 @@ def attached(model, prefix: Prefix, placeholder: int = PLACEHOLDER_TOKEN) -> Ite
         with prefixlens.attached(model, prefix) as slots:
             logits, cache = model.run_with_cache(slots.prepend(tokens))
             content_resid = slots.content(cache["blocks.0.hook_resid_pre"])
+
+    The prefix acts only in the thread that opened the block (other threads run the model without it),
+    and it writes the slots before every other hook of its hook points, so user hooks see the slots as
+    the prefix wrote them, whenever they were registered. TransformerLens's ``reset_hooks`` and friends
+    do not remove it; the block does, on exit (see the module docstring).
     """
     if not isinstance(prefix, Prefix):
         raise TypeError(f"expected a prefixlens prefix, got {type(prefix).__name__}.")
     prefix.validate(model)
     check_not_attached(model, "attaching a prefix")
-    guard = model.register_forward_pre_hook(_refuse_cached_steps, with_kwargs=True)
-    _ATTACHED[model] = prefix
+    guard = model.register_forward_pre_hook(_refuse_cached_steps(threading.get_ident()), with_kwargs=True)
+    set_attached(model, prefix)
     try:
-        with model.hooks(fwd_hooks=prefix.injection_hooks(model)):
+        with thread_hooks(model, prefix.injection_hooks(model), first=True):
             yield Slots(prefix.length, placeholder)
     finally:
-        _ATTACHED.pop(model, None)
+        set_attached(model, None)
         guard.remove()
 
 
@@ -360,7 +389,8 @@ def run_with_cache(
         return_type: ``"logits"``, ``"loss"``, ``"both"`` or ``None``.
         loss_per_token: with a loss, return it per token ``[batch, pos - 1]`` instead of the mean.
         prepend_bos: give text content a BOS token after the prefix (default: the prefix's ``content_bos``, else no).
-        **kwargs (Any): passed on to the model's ``run_with_cache``.
+        **kwargs (Any): passed on to the model's forward (the cache is prefixlens's own, whose hooks act
+            in this thread only: ``model.run_with_cache``'s own options such as ``pos_slice`` do not apply).
 
     Returns:
         ``(output, cache)``: what ``return_type`` asks for, as in :func:`run_with_prefix`, and the
@@ -370,6 +400,25 @@ def run_with_cache(
     tokens = check_tokens(model, tokens, prefix)
     _check_return_type(return_type)
     extra, content_mask = _forward_kwargs(model, tokens, n_slots(prefix), attention_mask, position_ids, kwargs)
+    names = _hook_names(model, names_filter)
     with maybe_attached(model, prefix) as slots:
-        logits, cache = model.run_with_cache(slots.prepend(tokens), names_filter=names_filter, **extra)
-    return _finish(model, slots.content(logits), tokens, content_mask, return_type, loss_per_token), cache
+        logits, cache = cached_run(model, slots.prepend(tokens), names, **extra)
+    output = _finish(model, slots.content(logits), tokens, content_mask, return_type, loss_per_token)
+    return output, ActivationCache(cache, model, has_batch_dim=True)
+
+
+def _hook_names(model, names_filter: Callable[[str], bool] | str | list[str] | None) -> list[str]:
+    """The hook points a ``names_filter`` selects (as ``model.run_with_cache`` takes it: a predicate on
+    the name, a name, a list of names, or ``None`` for all); a name that is no hook point is refused."""
+    if names_filter is None:
+        return list(model.hook_dict)
+    if isinstance(names_filter, str):
+        names_filter = [names_filter]
+    if isinstance(names_filter, (list, tuple, set, frozenset)):
+        unknown = [n for n in names_filter if n not in model.hook_dict]
+        if unknown:
+            raise KeyError(f"names_filter names {unknown}, which are not hook points of this model (see model.hook_dict).")
+        return list(names_filter)
+    if callable(names_filter):
+        return [n for n in model.hook_dict if names_filter(n)]
+    raise TypeError(f"names_filter must be a callable, a name, a list of names or None, got {type(names_filter).__name__}.")

@@ -17,7 +17,9 @@ other bridge :func:`cached_forward` installs it for the call only.
 
 from __future__ import annotations
 
+import threading
 import warnings
+import weakref
 from collections.abc import Iterator
 from contextlib import contextmanager
 from importlib import metadata
@@ -67,19 +69,35 @@ def hand_cache_to_bridge_attention(model):
     return model
 
 
+_HANDOVER_LOCK = threading.Lock()
+_HANDOVER: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # model -> [open blocks, hook handles]
+
+
 @contextmanager
 def _bridge_attention_reads_cache(model) -> Iterator[None]:
-    """Make every bridge attention module see the cache under ``past_key_values`` too, for this block."""
-    attention = [m for m in _bridge_attention(model) if not _hands_cache_over(m)]
-    handles = [m.register_forward_pre_hook(_hand_cache_under_both_names, with_kwargs=True) for m in attention]
+    """Make every bridge attention module see the cache under ``past_key_values`` too, for this block.
+
+    Blocks open in several threads at once share the hooks: the first installs them, the last removes
+    them (so one thread's generation never loses them while another's runs)."""
+    with _HANDOVER_LOCK:
+        state = _HANDOVER.get(model)
+        if state is None:
+            attention = [m for m in _bridge_attention(model) if not _hands_cache_over(m)]
+            handles = [m.register_forward_pre_hook(_hand_cache_under_both_names, with_kwargs=True) for m in attention]
+            state = _HANDOVER[model] = [0, handles]
+        state[0] += 1
     try:
         with warnings.catch_warnings():
             # The bridge hands HF `past_key_values=`, which transformers >= 5.24 renames (with a warning).
             warnings.filterwarnings("ignore", message=r".*past_key_values.*deprecated", category=FutureWarning)
             yield
     finally:
-        for handle in handles:
-            handle.remove()
+        with _HANDOVER_LOCK:
+            state[0] -= 1
+            if state[0] == 0:
+                del _HANDOVER[model]
+                for handle in state[1]:
+                    handle.remove()
 
 
 def _versions() -> str:

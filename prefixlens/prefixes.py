@@ -41,7 +41,7 @@ import torch
 from jaxtyping import Float, Integer
 from torch import Tensor, nn
 
-from prefixlens.runtime import check_not_attached, check_token_ids, evaluation_mode
+from prefixlens.runtime import cached_run, check_not_attached, check_token_ids, evaluation_mode, thread_hooks
 from prefixlens.serialization import CorruptFileError, load_tensors, save_tensors
 from prefixlens.signature import ModelSignature, model_dtype_device, signature_of
 from prefixlens.text import chat_ids, tokens_and_mask
@@ -531,7 +531,7 @@ class KVPrefix(Prefix):
         s = _check_length(model, tokens.shape[-1])
         names = [f"blocks.{l}.attn.hook_{kv}" for l in range(s.n_layers) for kv in "kv"]
         with torch.no_grad(), evaluation_mode(model):
-            _, cache = model.run_with_cache(tokens, names_filter=lambda n: n in names)
+            _, cache = cached_run(model, tokens, names, return_type=None)
         k = torch.stack([cache[f"blocks.{l}.attn.hook_k"] for l in range(s.n_layers)], dim=1)
         v = torch.stack([cache[f"blocks.{l}.attn.hook_v"] for l in range(s.n_layers)], dim=1)
         return cls(k if batched else k[0], v if batched else v[0], s)
@@ -564,17 +564,22 @@ class _ConvertibleToKV(Prefix):
         P = self.length
         captured: dict[str, Tensor] = {}
 
-        def grab(act, hook):
-            captured[hook.name] = act[:, :P]
+        def grab(name):
+            def hook(act, hook):
+                captured[name] = act[:, :P]
+
+            return hook
 
         batch = self.batch_size or 1
         names = [f"blocks.{l}.attn.hook_{kv}" for l in range(s.n_layers) for kv in "kv"]
         # the slots alone, as inside ``prefixlens.attached`` (placeholder ids: the hooks overwrite them)
         placeholders = torch.zeros((batch, P), dtype=torch.long)
-        with evaluation_mode(model), model.hooks(fwd_hooks=self.injection_hooks(model)):
-            model.run_with_hooks(placeholders, return_type=None, fwd_hooks=[(n, grab) for n in names])
-        k = torch.stack([captured[_canonical(model, f"blocks.{l}.attn.hook_k")] for l in range(s.n_layers)], 1)
-        v = torch.stack([captured[_canonical(model, f"blocks.{l}.attn.hook_v")] for l in range(s.n_layers)], 1)
+        # (hooks that act in this thread only: see prefixlens.runtime)
+        with evaluation_mode(model), thread_hooks(model, self.injection_hooks(model), first=True):
+            with thread_hooks(model, [(n, grab(n)) for n in names]):
+                model(placeholders, return_type=None)
+        k = torch.stack([captured[f"blocks.{l}.attn.hook_k"] for l in range(s.n_layers)], 1)
+        v = torch.stack([captured[f"blocks.{l}.attn.hook_v"] for l in range(s.n_layers)], 1)
         return self._keeps_policy(KVPrefix(k if self.batched else k[0], v if self.batched else v[0], s))
 
 
@@ -638,7 +643,7 @@ class ResidualPrefix(_ConvertibleToKV):
         s = _check_length(model, tokens.shape[-1])
         names = [f"blocks.{l}.hook_resid_pre" for l in range(s.n_layers)]
         with torch.no_grad(), evaluation_mode(model):
-            _, cache = model.run_with_cache(tokens, names_filter=lambda n: n in names)
+            _, cache = cached_run(model, tokens, names, return_type=None)
         r = torch.stack([cache[n] for n in names], dim=1)
         return cls(r if batched else r[0], s)
 
@@ -712,7 +717,7 @@ class SoftPrompt(_ConvertibleToKV):
         s = _check_length(model, tokens.shape[-1])
         name = soft_prompt_hook(model)
         with torch.no_grad(), evaluation_mode(model):
-            _, cache = model.run_with_cache(tokens, names_filter=lambda n: n == name)
+            _, cache = cached_run(model, tokens, [name], return_type=None)
         e = cache[name]
         return cls(e if batched else e[0], s)
 
@@ -779,8 +784,3 @@ def _check_length(model, length: int) -> ModelSignature:
         )
     return s
 
-
-def _canonical(model, name: str) -> str:
-    """The name a hook fires under (aliases such as ``hook_k`` resolve to ``attn.k.hook_out``)."""
-    hp = model.hook_dict.get(name)
-    return hp.name if hp is not None and hp.name else name

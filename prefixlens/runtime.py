@@ -1,4 +1,5 @@
-"""What running a model needs below the prefix forms: token-id checks, eval mode, and which prefix is attached.
+"""What running a model needs below the prefix forms: token-id checks, eval mode, which prefix is
+attached, and hooks that act in one thread only.
 
 A low-level module: it imports nothing of prefixlens but :mod:`prefixlens.signature`, so that
 :mod:`prefixlens.prefixes` (``from_prompt``, ``to_kv``) and the machinery above it
@@ -7,12 +8,21 @@ the prefix forms importing the modules that run them. The public names are re-ex
 were first defined (``prefixlens.injection.check_tokens`` wraps :func:`check_token_ids`;
 ``evaluation_mode`` is importable from :mod:`prefixlens.decomposition`; ``attached_prefix`` and
 ``check_not_attached`` from :mod:`prefixlens.injection`).
+
+**Threads.** A model's hooks are model state, shared by every thread that runs it. Every hook
+prefixlens registers (the prefix's, and those of its own caching and patching runs) goes through
+:func:`thread_hooks`: it acts only in the thread that registered it and is removed by its own handle,
+so a plain ``model(x)`` in another thread is untouched and two threads with two prefixes each get
+their own exact answer. Which prefix is attached is recorded per thread too. Hooks registered through
+TransformerLens itself (``model.hooks``, ``run_with_hooks``, ``add_hook``, ``model.run_with_cache``)
+still act in every thread: that is TransformerLens's design, outside prefixlens's reach.
 """
 
 from __future__ import annotations
 
+import threading
 import weakref
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any
 
@@ -22,10 +32,35 @@ from torch import Tensor
 
 from prefixlens.signature import model_dtype_device, module_roots
 
-__all__ = ["check_token_ids", "evaluation_mode", "attached_prefix", "check_not_attached"]
+__all__ = [
+    "check_token_ids",
+    "evaluation_mode",
+    "attached_prefix",
+    "check_not_attached",
+    "set_attached",
+    "thread_hooks",
+    "cached_run",
+]
 
-# model -> the prefix attached to it by an open ``prefixlens.attached`` block
-_ATTACHED: weakref.WeakKeyDictionary[Any, Any] = weakref.WeakKeyDictionary()
+_LOCK = threading.Lock()  # guards the edits of HookPoints' hook lists by thread_hooks
+_EVAL: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # model -> [open evaluation_mode blocks, saved modes]
+_LOCAL = threading.local()  # per thread: .attached, model -> the prefix an open ``attached`` block holds
+
+
+def _attached_here() -> weakref.WeakKeyDictionary:
+    """This thread's ``model -> attached prefix`` map."""
+    attached = getattr(_LOCAL, "attached", None)
+    if attached is None:
+        attached = _LOCAL.attached = weakref.WeakKeyDictionary()
+    return attached
+
+
+def set_attached(model, prefix) -> None:
+    """Record (``prefix``) or forget (``None``) the prefix attached to ``model`` in this thread."""
+    if prefix is None:
+        _attached_here().pop(model, None)
+    else:
+        _attached_here()[model] = prefix
 
 
 def check_token_ids(model, tokens, n_slots: int = 0) -> Int[Tensor, "batch pos"]:
@@ -67,30 +102,140 @@ def evaluation_mode(model) -> Iterator[None]:
     Every analysis entry point (:func:`~prefixlens.decompose`, ``prefixed_scores``, ``from_prompt``,
     the ``prefixlens.analysis`` functions) measures the model's deterministic function this way: with
     dropout the model's own ``hook_z`` is a random draw and no decomposition of it is exact.
+
+    Blocks open in several threads at once share one saving of the modes: the first to enter saves
+    them, the last to leave restores them (train/eval mode is model state, the same in every thread).
     """
-    modules = {id(m): m for root in module_roots(model) for m in root.modules()}
-    modes = [(m, m.training) for m in modules.values()]
+    with _LOCK:
+        state = _EVAL.get(model)
+        if state is None:
+            modules = {id(m): m for root in module_roots(model) for m in root.modules()}
+            state = _EVAL[model] = [0, [(m, m.training) for m in modules.values()]]
+            for m, _ in state[1]:
+                m.training = False
+        state[0] += 1
     try:
-        for m, _ in modes:
-            m.training = False
         yield
     finally:
-        for m, training in modes:
-            m.training = training
+        with _LOCK:
+            state[0] -= 1
+            if state[0] == 0:
+                del _EVAL[model]
+                for m, training in state[1]:
+                    m.training = training
 
 
 def attached_prefix(model):
-    """The prefix an open :func:`prefixlens.attached` block has attached to ``model`` (``None``: none)."""
-    return _ATTACHED.get(model)
+    """The prefix an open :func:`prefixlens.attached` block of this thread has attached to ``model``
+    (``None``: none; a block in another thread does not act here)."""
+    return _attached_here().get(model)
 
 
 def check_not_attached(model, what: str) -> None:
-    """Refuse to run ``what`` while a prefix is attached (its hooks would overwrite content positions)."""
-    outer = _ATTACHED.get(model)
+    """Refuse to run ``what`` while this thread has a prefix attached (its hooks would overwrite content
+    positions). A prefix attached in another thread does not act in this one and is no obstacle."""
+    outer = _attached_here().get(model)
     if outer is not None:
         raise RuntimeError(
-            f"{what} inside a `prefixlens.attached` block: a {outer.form} (P={outer.length}) is already attached "
-            f"to this model, and prefixes do not nest (each writes slots 0..P-1, so the second would overwrite "
+            f"{what} inside a `prefixlens.attached` block of this thread: a {outer.form} (P={outer.length}) is "
+            f"already attached to this model, and prefixes do not nest (each writes slots 0..P-1, so the second would overwrite "
             f"content positions of the first). Leave the block first, or use one prefix that holds both "
             f"(e.g. from_prompt on the joined prompts)."
         )
+
+
+def _hook_point(model, name: str):
+    hp = model.hook_dict.get(name)
+    if hp is None:
+        raise KeyError(f"{name!r} is not a hook point of this model (see model.hook_dict).")
+    return hp
+
+
+def _this_thread_only(hp, fn: Callable, owner: int, direct: bool) -> Callable:
+    """``fn(activation, hook)`` acting only in thread ``owner``: a TransformerLens hook function, or
+    (``direct``) a raw torch forward hook that applies the HookPoint's conversion as TransformerLens does."""
+    if not direct:
+        def tl_hook(act, hook):
+            return fn(act, hook=hook) if threading.get_ident() == owner else None
+
+        return tl_hook
+
+    def torch_hook(module, args, output):
+        if threading.get_ident() != owner:
+            return None
+        conversion = hp.hook_conversion
+        result = fn(conversion.convert(output) if conversion is not None else output, hook=hp)
+        if result is not None and conversion is not None:
+            result = conversion.revert(result)
+        return result
+
+    return torch_hook
+
+
+@contextmanager
+def thread_hooks(model, fwd_hooks: Sequence[tuple[str, Callable]], first: bool = False) -> Iterator[None]:
+    """Forward hooks ``(hook_name, fn(activation, hook))`` for this block that act only in the calling thread.
+
+    ``first=False``: registered through TransformerLens (``HookPoint.add_hook``, so the model sees that the
+    point is hooked), run in registration order with the user's hooks, and removed by their own handles on
+    exit (never by another thread's exit, nor by a ``model.hooks()`` context's). ``first=True`` (a prefix's
+    writers): torch forward hooks placed before every TransformerLens hook of the point, so that any user
+    hook, whenever and however registered, sees the activation with the prefix written; TransformerLens's
+    ``reset_hooks`` / ``remove_all_hook_fns`` / ``HookPoint.remove_hooks`` (with ``including_permanent`` or
+    not) do not see them and cannot remove them.
+    """
+    owner = threading.get_ident()
+    added: list[tuple[str, Any, Any]] = []  # (name, HookPoint, LensHandle) or (name, HookPoint, torch handle)
+
+    def remove() -> list[str]:
+        """Remove every hook; the names of ``first`` hooks that were already gone (removed at the torch level)."""
+        lost = []
+        with _LOCK:
+            for name, hp, handle in added:
+                if first:
+                    if handle.id not in hp._forward_hooks:
+                        lost.append(name)
+                    handle.remove()
+                else:
+                    handle.hook.remove()
+                    hp.fwd_hooks = [h for h in hp.fwd_hooks if h is not handle]
+        return lost
+
+    try:
+        for name, fn in fwd_hooks:
+            hp = _hook_point(model, name)
+            with _LOCK:
+                if first:
+                    handle = hp.register_forward_hook(_this_thread_only(hp, fn, owner, True), prepend=True)
+                else:
+                    handle = hp.add_hook(_this_thread_only(hp, fn, owner, False))
+                added.append((name, hp, handle))
+        yield
+    except BaseException:
+        remove()
+        raise
+    lost = remove()
+    if lost:
+        raise RuntimeError(
+            f"the hooks prefixlens placed at {lost[:3]}{' ...' if len(lost) > 3 else ''} were removed inside the "
+            f"block by something other than TransformerLens (e.g. HookPoint._forward_hooks.clear()), so forward "
+            f"passes after that ran without them (without the prefix) and their results are wrong. Remove hooks "
+            f"with TransformerLens's own calls (model.reset_hooks(), which leaves prefixlens's alone) or leave "
+            f"the block first."
+        )
+
+
+def cached_run(model, tokens: Tensor, names: Sequence[str], **kwargs) -> tuple[Any, dict[str, Tensor]]:
+    """``model(tokens, **kwargs)`` and the (detached) activations at the hook points ``names``, cached by
+    hooks that act in this thread only (unlike ``model.run_with_cache``, whose hooks act in every thread)."""
+    cache: dict[str, Tensor] = {}
+
+    def saver(name: str) -> Callable:
+        def save(act, hook):
+            cache[name] = act.detach()
+
+        return save
+
+    with thread_hooks(model, [(n, saver(n)) for n in dict.fromkeys(names)]):
+        out = model(tokens, **kwargs)
+    return out, cache

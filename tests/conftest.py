@@ -46,9 +46,13 @@ def dtype(request) -> torch.dtype:
 
 
 def n_attached_hooks(model) -> int:
-    """Forward and backward hooks currently attached anywhere in ``model``."""
+    """Forward and backward hooks currently attached anywhere in ``model``'s HookPoints, counted at the
+    torch level (TransformerLens's own lists miss hooks registered on the module directly, as a prefix's are)."""
     points = {id(hp): hp for hp in model.hook_dict.values()}.values()  # aliases share a HookPoint
-    return sum(len(hp.fwd_hooks) + len(hp.bwd_hooks) for hp in points)
+    return sum(
+        len(hp._forward_hooks) + len(hp._forward_pre_hooks) + len(hp._backward_hooks) + len(hp._backward_pre_hooks)
+        for hp in points
+    )
 
 
 def random_tokens(shape, seed=0, low=3, high=61):

@@ -121,13 +121,13 @@ def test_unusable_attention_hooks_are_refused_by_name(monkeypatch):
     from prefixlens.decomposition import attention_sources
 
     model = models.toy_gpt2(n_layers=1, d_model=16, n_heads=2, d_vocab=20, n_ctx=16)
-    original = model.run_with_cache
+    original = pl.decomposition.cached_run  # the probe's (thread-local) caching run
 
     def without_pattern(*args, **kwargs):
         logits, cache = original(*args, **kwargs)
         return logits, {k: v for k, v in cache.items() if not k.endswith("hook_pattern")}
 
-    monkeypatch.setattr(model, "run_with_cache", without_pattern)
+    monkeypatch.setattr(pl.decomposition, "cached_run", without_pattern)
     with pytest.raises(ValueError, match=r"GPT2LMHeadModel: layer 0's attention fires no hook_pattern.*eager"):
         pl.decompose(model, random_tokens((1, 4), high=20), pl.KVPrefix.random(model, 2))
 
@@ -135,7 +135,7 @@ def test_unusable_attention_hooks_are_refused_by_name(monkeypatch):
         logits, cache = original(*args, **kwargs)
         return logits, {k: (v * 0.5 if k.endswith("hook_attn_scores") else v) for k, v in cache.items()}
 
-    monkeypatch.setattr(model, "run_with_cache", garbled_scores)
+    monkeypatch.setattr(pl.decomposition, "cached_run", garbled_scores)
     with pytest.raises(ValueError, match=r"GPT2LMHeadModel: layer 0's hook_attn_scores is neither"):
         attention_sources(model)
 

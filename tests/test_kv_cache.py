@@ -1,6 +1,8 @@
 """The key/value cache: cached and recomputed decoding agree on every family, and a cache that does not
 hold the positions it should is an error, never a silent wrong answer."""
 
+import threading
+
 import pytest
 import torch
 from transformers import DynamicCache
@@ -143,3 +145,33 @@ def test_generate_prints_no_deprecation_warning():
         warnings.simplefilter("always")
         pl.generate(model, random_tokens((2, 4), seed=5), pl.KVPrefix.random(model, 2), max_new_tokens=4)
     assert not [w for w in caught if issubclass(w.category, FutureWarning)], [str(w.message) for w in caught]
+
+
+def test_cache_handover_hooks_outlive_one_of_two_overlapping_generations():
+    """On a bridge without the permanent hand-over (one not built by prefixlens.models), one thread's
+    generation leaving must not take the hooks from under another's (transformers >= 5.24 would then
+    see an empty cache)."""
+    from prefixlens import models
+    from prefixlens.kv_cache import _bridge_attention, _bridge_attention_reads_cache, _hands_cache_over
+
+    model = models.toy_gpt2(n_layers=1, d_model=16, n_heads=2, d_vocab=31, n_ctx=16, seed=0)
+    for m in _bridge_attention(model):  # strip the permanent hand-over
+        m._forward_pre_hooks.clear()
+    assert not any(_hands_cache_over(m) for m in _bridge_attention(model))
+    first_in, second_in, first_out = threading.Event(), threading.Event(), threading.Event()
+
+    def first():
+        with _bridge_attention_reads_cache(model):
+            first_in.set()
+            second_in.wait(30)
+        first_out.set()
+
+    t = threading.Thread(target=first)
+    t.start()
+    assert first_in.wait(30)
+    with _bridge_attention_reads_cache(model):
+        second_in.set()
+        assert first_out.wait(30)
+        assert all(_hands_cache_over(m) for m in _bridge_attention(model))
+    t.join()
+    assert not any(_hands_cache_over(m) for m in _bridge_attention(model)), "removed by the last to leave"

@@ -1,0 +1,178 @@
+"""prefixlens.runtime: hooks that act in one thread only, so one model serves several threads (issue 21 item 2)."""
+
+import threading
+
+import pytest
+import torch
+
+import prefixlens as pl
+from prefixlens.runtime import attached_prefix, thread_hooks
+from tests.conftest import build, n_attached_hooks, random_tokens
+
+ITERATIONS = 12
+
+
+def _references(model, x, prompt, a, b):
+    """Single-threaded outputs of every route, the oracle of the concurrent runs."""
+    with torch.no_grad():
+        d = pl.decompose(model, x, a)
+        with pl.attached(model, b) as slots:
+            attached_logits = model(slots.prepend(x))
+        return {
+            "plain": model(x),
+            "run_with_prefix A": pl.run_with_prefix(model, x, a),
+            "run_with_prefix B": pl.run_with_prefix(model, x, b),
+            "run_with_cache A": pl.run_with_cache(model, x, a, names_filter="blocks.1.attn.hook_pattern")[1][
+                "blocks.1.attn.hook_pattern"
+            ],
+            "generate B": pl.generate(model, x, b, max_new_tokens=3),
+            "decompose A": (d.prefix_attention, d.z, d.layer_input_shift),
+            "attached B": attached_logits,
+            "from_prompt": pl.KVPrefix.from_prompt(model, prompt).keys,
+            "to_kv B": b.to_kv(model).values,
+        }
+
+
+def _routes(model, x, prompt, a, b):
+    def decompose_a():
+        d = pl.decompose(model, x, a)
+        return d.prefix_attention, d.z, d.layer_input_shift
+
+    def attached_b():
+        with pl.attached(model, b) as slots:
+            assert attached_prefix(model) is b
+            return model(slots.prepend(x))
+
+    return {
+        "plain": lambda: model(x),
+        "run_with_prefix A": lambda: pl.run_with_prefix(model, x, a),
+        "run_with_prefix B": lambda: pl.run_with_prefix(model, x, b),
+        "run_with_cache A": lambda: pl.run_with_cache(model, x, a, names_filter="blocks.1.attn.hook_pattern")[1][
+            "blocks.1.attn.hook_pattern"
+        ],
+        "generate B": lambda: pl.generate(model, x, b, max_new_tokens=3),
+        "decompose A": decompose_a,
+        "attached B": attached_b,
+        "from_prompt": lambda: pl.KVPrefix.from_prompt(model, prompt).keys,
+        "to_kv B": lambda: b.to_kv(model).values,
+    }
+
+
+def _same(got, want) -> bool:
+    if isinstance(want, tuple):
+        return all(_same(g, w) for g, w in zip(got, want, strict=True))
+    return torch.equal(got, want)
+
+
+@pytest.mark.parametrize("family", ["gpt2", "llama_gqa"])
+def test_threads_each_see_their_own_prefix_on_every_route(family):
+    """One thread per route, all at once on one model, many times: every output equals the route's
+    single-threaded output exactly (a plain forward sees no prefix, each prefix only its own thread)."""
+    model = build(family)
+    x, prompt = random_tokens((2, 6), seed=21), random_tokens((3,), seed=22)
+    a = pl.KVPrefix.from_prompt(model, prompt)
+    b = pl.ResidualPrefix.random(model, 2, seed=23)
+    want = _references(model, x, prompt, a, b)
+    before = n_attached_hooks(model)
+    routes = _routes(model, x, prompt, a, b)
+    start = threading.Barrier(len(routes))
+    wrong: list[str] = []
+
+    def work(name, run):
+        start.wait()
+        for i in range(ITERATIONS):
+            try:
+                with torch.no_grad():
+                    got = run()
+            except Exception as e:  # noqa: BLE001  (reported below, with the route)
+                wrong.append(f"{name} #{i}: {type(e).__name__}: {e}")
+                continue
+            if not _same(got, want[name]):
+                wrong.append(f"{name} #{i}: differs from the single-threaded output")
+
+    threads = [threading.Thread(target=work, args=item) for item in routes.items()]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not wrong, f"{len(wrong)} of {ITERATIONS * len(routes)} calls wrong: " + "; ".join(wrong[:6])
+    assert n_attached_hooks(model) == before
+
+
+def test_thread_hooks_act_in_their_thread_only():
+    model = build("gpt2")
+    x = random_tokens((1, 4), seed=24)
+    with torch.no_grad():
+        plain = model(x)
+        inside, outside = [], []
+
+        def other_thread():
+            outside.append(model(x))
+
+        with thread_hooks(model, [("hook_embed", lambda act, hook: act * 0)]):
+            inside.append(model(x))
+            t = threading.Thread(target=other_thread)
+            t.start()
+            t.join()
+    assert torch.equal(outside[0], plain)
+    assert not torch.equal(inside[0], plain)
+    assert n_attached_hooks(model) == 0
+
+
+def test_a_prefix_attached_in_another_thread_is_no_obstacle():
+    """The refusal of nested prefixes names this thread's block; another thread's block does not count."""
+    model = build("gpt2")
+    x = random_tokens((1, 4), seed=25)
+    prefix = pl.KVPrefix.random(model, 2, seed=26)
+    entered, leave = threading.Event(), threading.Event()
+
+    def hold():
+        with pl.attached(model, prefix):
+            entered.set()
+            leave.wait(30)
+
+    t = threading.Thread(target=hold)
+    t.start()
+    try:
+        assert entered.wait(30)
+        assert attached_prefix(model) is None
+        with torch.no_grad():
+            pl.run_with_prefix(model, x, prefix)  # was refused: "inside a `prefixlens.attached` block"
+            pl.generate(model, x, prefix, max_new_tokens=2)
+    finally:
+        leave.set()
+        t.join()
+    with pl.attached(model, prefix), pytest.raises(RuntimeError, match="attached` block of this thread"):
+        pl.run_with_prefix(model, x, prefix)
+
+
+def test_evaluation_mode_in_two_threads_restores_the_modes_once():
+    """Two overlapping blocks: the model stays in eval mode until the last one leaves, then every module
+    gets its own mode back (before, the first to leave put dropout back on under the other thread)."""
+    from prefixlens.runtime import evaluation_mode
+
+    model = build("gpt2")
+    first_in, second_in, first_out = threading.Event(), threading.Event(), threading.Event()
+    seen = []
+
+    def first():
+        with evaluation_mode(model):
+            first_in.set()
+            second_in.wait(30)
+        first_out.set()
+
+    model.train()
+    try:
+        t = threading.Thread(target=first)
+        t.start()
+        assert first_in.wait(30)
+        with evaluation_mode(model):
+            second_in.set()
+            assert first_out.wait(30)
+            seen.append(any(m.training for m in model.modules()))
+        t.join()
+        assert seen == [False], "the first block to leave restored train mode under the second"
+        assert all(m.training for m in model.modules()), "the last block to leave restores every mode"
+    finally:
+        model.eval()
+
