@@ -47,7 +47,6 @@ tokens; use :func:`prefixlens.generate`, or ``model.generate(..., use_past_kv_ca
 
 from __future__ import annotations
 
-import threading
 from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import dataclass
@@ -63,6 +62,7 @@ from prefixlens.runtime import (
     cached_run,
     check_not_attached,
     check_token_ids,
+    model_lock,
     set_attached,
     thread_hooks,
 )
@@ -195,21 +195,6 @@ def full_position_ids(position_ids, tokens: Int[Tensor, "batch pos"], n_slots: i
     return pos
 
 
-def _refuse_cached_steps(owner: int) -> Callable:
-    def guard(module, args, kwargs):
-        # a step on top of earlier positions (even an empty cache), in the thread that attached the prefix
-        if kwargs.get("past_key_values") is not None and threading.get_ident() == owner:
-            raise RuntimeError(
-                "a forward pass on top of a key/value cache inside `prefixlens.attached`: the prefix hooks would "
-                "overwrite the new tokens with prefix slots (e.g. TransformerLens's model.generate with its cache). "
-                "Use prefixlens.generate(model, tokens, prefix), or model.generate(slots.prepend(tokens), "
-                "use_past_kv_cache=False) inside the block."
-            )
-        return None
-
-    return guard
-
-
 @contextmanager
 def attached(model, prefix: Prefix, placeholder: int = PLACEHOLDER_TOKEN) -> Iterator[Slots]:
     """Attach ``prefix`` to ``model`` for the duration of a ``with`` block.
@@ -231,14 +216,15 @@ def attached(model, prefix: Prefix, placeholder: int = PLACEHOLDER_TOKEN) -> Ite
         raise TypeError(f"expected a prefixlens prefix, got {type(prefix).__name__}.")
     prefix.validate(model)
     check_not_attached(model, "attaching a prefix")
-    guard = model.register_forward_pre_hook(_refuse_cached_steps(threading.get_ident()), with_kwargs=True)
-    set_attached(model, prefix)
-    try:
-        with thread_hooks(model, prefix.injection_hooks(model), first=True):
-            yield Slots(prefix.length, placeholder)
-    finally:
-        set_attached(model, None)
-        guard.remove()
+    # the whole block holds the model's lock (runs of one model take turns across threads), whose
+    # forward pre-hook also refuses a cached step while this thread has the prefix attached
+    with model_lock(model):
+        set_attached(model, prefix)
+        try:
+            with thread_hooks(model, prefix.injection_hooks(model), first=True):
+                yield Slots(prefix.length, placeholder)
+        finally:
+            set_attached(model, None)
 
 
 def maybe_attached(model, prefix: Prefix | None) -> AbstractContextManager[Slots]:

@@ -15,7 +15,9 @@ prefixlens registers (the prefix's, and those of its own caching and patching ru
 so a plain ``model(x)`` in another thread is untouched and two threads with two prefixes each get
 their own exact answer. Which prefix is attached is recorded per thread too. Hooks registered through
 TransformerLens itself (``model.hooks``, ``run_with_hooks``, ``add_hook``, ``model.run_with_cache``)
-still act in every thread: that is TransformerLens's design, outside prefixlens's reach.
+still act in every thread: that is TransformerLens's design, outside prefixlens's reach. And since the
+bridge itself keeps per-call state on its modules, runs of one model take turns across threads
+(:func:`model_lock`): concurrent calls are correct, not parallel; for parallelism, one model per thread.
 """
 
 from __future__ import annotations
@@ -39,10 +41,12 @@ __all__ = [
     "check_not_attached",
     "set_attached",
     "thread_hooks",
+    "model_lock",
     "cached_run",
 ]
 
 _LOCK = threading.Lock()  # guards the edits of HookPoints' hook lists by thread_hooks
+_MODEL_LOCKS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # model -> RLock (see model_lock)
 _EVAL: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # model -> [open evaluation_mode blocks, saved modes]
 _LOCAL = threading.local()  # per thread: .attached, model -> the prefix an open ``attached`` block holds
 
@@ -172,6 +176,42 @@ def _this_thread_only(hp, fn: Callable, owner: int, direct: bool) -> Callable:
     return torch_hook
 
 
+def model_lock(model) -> threading.RLock:
+    """The lock that makes runs of ``model`` take turns across threads.
+
+    TransformerLens's bridge keeps per-call state on its modules during a forward pass, so two threads
+    running one model at once can corrupt each other's pass even with no hook involved (measured: a
+    plain ``model(x)`` crashing on another thread's batch size, and float32 outputs off by 7e-7). Every
+    prefixlens run holds this lock for its whole block (:func:`thread_hooks`), and from a model's first
+    prefixlens run on, a forward pre-hook and an always-called forward hook on the model itself hold it
+    for every forward pass, so a plain ``model(x)`` in another thread waits for a prefixlens block to
+    finish (and the other way round) instead of interleaving with it. Re-entrant: one thread's nested
+    runs do not wait for themselves. The same pre-hook refuses a forward pass on top of a key/value
+    cache while this thread has a prefix attached (the slots would overwrite the new tokens).
+    """
+    with _LOCK:
+        lock = _MODEL_LOCKS.get(model)
+        if lock is None:
+            lock = _MODEL_LOCKS[model] = threading.RLock()
+
+            def take(module, args, kwargs):
+                lock.acquire()  # released by give, also when this or the forward raises (always_call)
+                if kwargs.get("past_key_values") is not None and attached_prefix(module) is not None:
+                    raise RuntimeError(
+                        "a forward pass on top of a key/value cache inside `prefixlens.attached`: the prefix hooks "
+                        "would overwrite the new tokens with prefix slots (e.g. TransformerLens's model.generate with "
+                        "its cache). Use prefixlens.generate(model, tokens, prefix), or "
+                        "model.generate(slots.prepend(tokens), use_past_kv_cache=False) inside the block."
+                    )
+
+            def give(module, args, output):
+                lock.release()
+
+            model.register_forward_pre_hook(take, with_kwargs=True)
+            model.register_forward_hook(give, always_call=True)
+    return lock
+
+
 @contextmanager
 def thread_hooks(model, fwd_hooks: Sequence[tuple[str, Callable]], first: bool = False) -> Iterator[None]:
     """Forward hooks ``(hook_name, fn(activation, hook))`` for this block that act only in the calling thread.
@@ -184,6 +224,11 @@ def thread_hooks(model, fwd_hooks: Sequence[tuple[str, Callable]], first: bool =
     ``reset_hooks`` / ``remove_all_hook_fns`` / ``HookPoint.remove_hooks`` (with ``including_permanent`` or
     not) do not see them and cannot remove them.
     """
+    with model_lock(model):  # runs of one model take turns across threads (see model_lock)
+        yield from _thread_hooks(model, fwd_hooks, first)
+
+
+def _thread_hooks(model, fwd_hooks: Sequence[tuple[str, Callable]], first: bool) -> Iterator[None]:
     owner = threading.get_ident()
     added: list[tuple[str, Any, Any]] = []  # (name, HookPoint, LensHandle) or (name, HookPoint, torch handle)
 
