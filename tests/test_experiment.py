@@ -6,6 +6,7 @@ import dataclasses
 import json
 import random
 from importlib.metadata import version
+from pathlib import Path
 
 import pytest
 import torch
@@ -154,3 +155,86 @@ def test_hand_written_notes_survive_a_rewrite(tmp_path):
     assert md.read_text() == "# toy\n\ncount 6\n\n" + notes
     analysis.main(["--out", str(tmp_path), "--render-only"])
     assert md.read_text() == "# toy\n\ncount 6\n\n" + notes
+
+
+# --- checked option types and --out (issue 21: bad values were found deep inside a run, or never) ------
+
+
+def test_checked_types_accept_and_refuse():
+    import argparse
+
+    from prefixlens.experiment import (
+        int_at_least,
+        non_negative_int,
+        positive_float,
+        positive_int,
+        positive_ints,
+        probability,
+    )
+
+    assert positive_int("3") == 3 and non_negative_int("0") == 0 and int_at_least(2)("2") == 2
+    assert positive_float("1e-3") == 1e-3 and probability("0") == 0.0 and probability("1") == 1.0
+    assert positive_ints("1, 4,10") == [1, 4, 10]
+    for parse, bad, said in [(positive_int, "0", "must be >= 1, got 0"), (non_negative_int, "-2", "must be >= 0, got -2"),
+                             (int_at_least(2), "1", "must be >= 2, got 1"), (positive_int, "2.5", "not an integer"),
+                             (positive_float, "0", "must be > 0"), (positive_float, "nan", "must be finite"),
+                             (positive_float, "-inf", "must be finite"), (probability, "1.01", "must be in [0, 1]"),
+                             (positive_ints, "", "at least one"), (positive_ints, "1,-4", "must be >= 1, got -4")]:
+        with pytest.raises(argparse.ArgumentTypeError, match=said.replace("[", r"\[").replace("]", r"\]")):
+            parse(bad)
+
+
+def test_seeds_are_a_count_or_a_list():
+    import argparse
+
+    from prefixlens.experiment import seed_list
+
+    assert seed_list("3") == [0, 1, 2] and seed_list("1") == [0]
+    assert seed_list("11,12,13") == [11, 12, 13] and seed_list("7,") == [7] and seed_list("0, 5") == [0, 5]
+    for bad in ("0", "-1", "1,1", ",", "a,b", "-3,4", "2.0"):
+        with pytest.raises(argparse.ArgumentTypeError):
+            seed_list(bad)
+
+
+def test_runner_options_are_checked(capsys):
+    with pytest.raises(SystemExit) as exit_:
+        _analysis().main(["--threads", "-2"])
+    assert exit_.value.code == 2 and "argument --threads: must be >= 0, got -2" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("where", ["file", "under_a_file", "unwritable"])
+def test_a_bad_out_is_refused_before_the_run(tmp_path, where, capsys):
+    """An --out that is a file, is under a file, or cannot be written is refused before any work (it
+    was found only when the results were written, after the whole run)."""
+    ran = []
+    analysis = _analysis()
+    analysis = dataclasses.replace(analysis, run=lambda args: ran.append(1) or {"count": 0})
+    (tmp_path / "f").write_text("x")
+    out = {"file": tmp_path / "f", "under_a_file": tmp_path / "f" / "sub", "unwritable": tmp_path / "ro"}[where]
+    if where == "unwritable":
+        import os
+
+        out.mkdir()
+        out.chmod(0o500)
+        if os.access(out, os.W_OK):  # root ignores permissions: use a folder nobody can write to
+            out = Path("/proc/prefixlens-out")
+    with pytest.raises(SystemExit) as exit_:
+        analysis.main(["--out", str(out)])
+    err = capsys.readouterr().err
+    assert exit_.value.code == 2 and "argument --out:" in err and str(out) in err
+    assert ran == []
+    for mode in ([], ["--render-only"]):  # the same check before a re-render
+        with pytest.raises(SystemExit):
+            analysis.main(["--out", str(out), *mode])
+
+
+def test_out_is_created_when_missing(tmp_path):
+    _analysis().main(["--out", str(tmp_path / "a" / "b")])
+    assert (tmp_path / "a" / "b" / "toy.json").is_file()
+    assert [p.name for p in (tmp_path / "a" / "b").iterdir() if p.name.startswith(".write-check")] == []
+
+
+def test_render_only_of_a_broken_json_names_the_file(tmp_path):
+    (tmp_path / "toy.json").write_text("{not json")
+    with pytest.raises(SystemExit, match="cannot read .*toy.json"):
+        _analysis().main(["--out", str(tmp_path), "--render-only"])
