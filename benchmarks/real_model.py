@@ -382,6 +382,9 @@ def training_row(result: dict) -> Row:
     med = result.get("median_ms") or {}
     if "prefixlens_kv_cache" in med and "peft_prefix_tuning" in med:
         row.baseline_ms, row.prefixlens_ms = med["peft_prefix_tuning"], med["prefixlens_kv_cache"]
+        every = result.get("all_ms") or {}
+        row.baseline_ms_all = every.get("peft_prefix_tuning", [])
+        row.prefixlens_ms_all = every.get("prefixlens_kv_cache", [])
         cfg = result.get("config", {})
         row.note = f"batch {cfg.get('batch_shape')}, P {cfg.get('length')}, {cfg.get('repeats')} repeats (wall clock)"
     else:

@@ -13,7 +13,8 @@ and optimiser (AdamW) for every method; one step = forward + backward + AdamW st
 - ``peft_prefix_tuning``: PEFT's ``PrefixTuningConfig`` model on the same HF weights, its logits
   scored by the same loss function (so only the prefix mechanism differs).
 
-Prints the median times and the ratio prefixlens / PEFT (target <= 1.0).
+Prints the median times and the ratio prefixlens / PEFT (target <= 1.0), and records every repeat's time
+and the spread of the per-repeat ratios (min, median, max).
 """
 
 from __future__ import annotations
@@ -109,6 +110,10 @@ def main(argv=None) -> dict:
                                 "command": " ".join(["python"] + sys.argv)},
         "median_ms": {k: round(1000 * v, 2) for k, v in med.items()},
         "ratio_to_peft": {k: round(v / peft, 3) for k, v in med.items()},
+        "all_ms": {k: [round(1000 * t, 2) for t in v] for k, v in times.items()},
+        # each repeat's ratio (the calls of one round-robin round run back to back): the spread, not one run
+        "ratio_to_peft_per_repeat": {k: _spread([t / p for t, p in zip(v, times["peft_prefix_tuning"])])
+                                     for k, v in times.items() if k != "peft_prefix_tuning"},
         "environment": environment(),
     }
     atomic_write_text(args.out, json.dumps(result, indent=1) + "\n")
@@ -117,8 +122,15 @@ def main(argv=None) -> dict:
     print(f"{'method':<24}{'median ms':>11}{'× PEFT':>9}")
     for k in methods:
         print(f"{k:<24}{1000 * med[k]:>11.1f}{med[k] / peft:>9.2f}")
-    print(f"ratio prefixlens (train_prefix's KV step) / PEFT prefix tuning = {med['prefixlens_kv_cache'] / peft:.2f}")
+    spread = result["ratio_to_peft_per_repeat"]["prefixlens_kv_cache"]
+    print(f"ratio prefixlens (train_prefix's KV step) / PEFT prefix tuning = {med['prefixlens_kv_cache'] / peft:.2f} "
+          f"(per repeat: min {spread['min']:.3f}, median {spread['median']:.3f}, max {spread['max']:.3f})")
     return result
+
+
+def _spread(values: list[float]) -> dict[str, float]:
+    """Min, median and max of ``values``, rounded to 3 decimals."""
+    return {"min": round(min(values), 3), "median": round(statistics.median(values), 3), "max": round(max(values), 3)}
 
 
 if __name__ == "__main__":
