@@ -386,7 +386,7 @@ def training_row(result: dict) -> Row:
         row.baseline_ms_all = every.get("peft_prefix_tuning", [])
         row.prefixlens_ms_all = every.get("prefixlens_kv_cache", [])
         cfg = result.get("config", {})
-        row.note = f"batch {cfg.get('batch_shape')}, P {cfg.get('length')}, {cfg.get('repeats')} repeats (wall clock)"
+        row.note = f"batch {cfg.get('batch_shape')}, P {cfg.get('length')}, {cfg.get('repeats')} repeats ({cfg.get('clock', 'wall')} clock)"
     else:
         row.note = result.get("skipped") or result.get("failed", "not run")
     return row

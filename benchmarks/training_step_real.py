@@ -4,7 +4,8 @@
 
 The same model, batch (ragged real sentences, left-padded, loss on the target tokens), prefix length
 and optimiser (AdamW) for every method; one step = forward + backward + AdamW step, timed interleaved
-(round-robin) and summarised by the median, so background load affects every method alike. Methods:
+(round-robin) and summarised by the median, so background load affects every method alike; the clock is
+the process CPU time with one thread (``--clock auto``, the default), wall-clock time otherwise. Methods:
 
 - ``prefixlens_kv_cache``: :func:`prefixlens.training.trainer.train_step` on
   :func:`prefixlens.training.pairs.pairs_loss` with the KV prefix served as the key/value cache
@@ -31,7 +32,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from _timing import interleaved  # noqa: E402 (this folder's own helper)
+from _timing import CLOCKS, interleaved, pick_clock  # noqa: E402 (this folder's own helper)
 
 from prefixlens import KVPrefix, models  # noqa: E402
 from prefixlens.environment import environment  # noqa: E402
@@ -69,6 +70,9 @@ def main(argv=None) -> dict:
     ap.add_argument("--repeats", type=int, default=15)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--out", default="results/benchmark_training_step_real.json")
+    ap.add_argument("--clock", choices=CLOCKS, default="auto",
+                    help="cpu: process CPU time (robust on a shared machine; one thread); wall: perf_counter; "
+                         "auto: cpu for one thread, wall otherwise")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     model = models.load(args.model)
@@ -102,7 +106,8 @@ def main(argv=None) -> dict:
     }
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        times = interleaved(methods, warmup=2, repeats=args.repeats)
+        args.clock, clock = pick_clock(args.clock, args.threads)
+        times = interleaved(methods, warmup=2, repeats=args.repeats, clock=clock)
     med = {k: statistics.median(v) for k, v in times.items()}
     peft = med["peft_prefix_tuning"]
     result = {

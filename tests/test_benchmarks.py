@@ -66,3 +66,21 @@ def test_real_model_benchmark_quick_runs_on_a_local_checkpoint(tmp_path):
     assert result["memory"]["peak_ratio"] > 0 and result["memory"]["peak_mb"]["decompose"] > 0
     assert result["environment"]["packages"]["torch"]
     assert "| generate |" in out_md.read_text()
+
+
+def test_training_step_benchmark_records_its_clock_and_environment(tmp_path):
+    """benchmarks/training_step.py on a tiny model: the result says which clock timed it (the process
+    CPU time with one thread, robust to a loaded machine) and records its environment."""
+    import json
+
+    out = tmp_path / "step.json"
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]))
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "training_step.py"), "--d-model", "16", "--n-layers", "1",
+         "--n-heads", "2", "--n-pad", "2", "--batch", "4", "--repeats", "2", "--out", str(out)],
+        cwd=tmp_path, env=env, capture_output=True, text=True,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads(out.read_text())
+    assert result["config"]["clock"] == "cpu" and result["environment"]["packages"]["torch"]
+    assert all(v > 0 for v in result["median_ms"].values())
