@@ -52,6 +52,7 @@ import torch
 import prefixlens as pl
 from prefixlens import lexicons, models, tasks, train
 from prefixlens.analysis import slot_statistics
+from prefixlens.environment import describe
 from prefixlens.experiment import Analysis, non_negative_int, positive_float, positive_int, seed_list
 
 # Appendix B, GPT-2 on Emotion, mean p99 − p1 gap per layer (head ℓ of layer ℓ only).
@@ -141,6 +142,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--n-eval", type=positive_int, default=500, help="toy tasks: test inputs for the accuracies")
     parser.add_argument("--save-prefixes", help="directory to save the trained prefixes in")
     parser.add_argument("--progress", action="store_true", help="print the training progress")
+
+
+def _environment_lines(result: dict) -> list[str]:
+    """The page's environment line (what made the numbers: versions, commit; wall time), none if not recorded."""
+    if "environment" not in result:
+        return []
+    wall = result.get("wall_time_s")
+    return [f"Environment: {describe(result['environment'])}" + (f". Wall time: {wall:.0f} s." if wall is not None else "."), ""]
 
 
 def settle(args: argparse.Namespace) -> argparse.Namespace:
@@ -293,6 +302,7 @@ def toy_markdown(result: dict) -> str:
         "",
         f"Command: `{result['command']}`",
         "",
+        *_environment_lines(result),
         f"Model: {info['model']}.",
     ]
     if "accuracy_no_prefix" in info:
@@ -576,6 +586,7 @@ def real_markdown(result: dict) -> str:
         "",
         f"Command: `{result['command']}`",
         "",
+        *_environment_lines(result),
         f"Model: {info['model']} ({L} layers × {info['n_heads']} query heads, {info['n_kv_heads']} key/value heads), frozen, eval mode, float32.",
         "",
         "## Task (real labels from outside this project)",
