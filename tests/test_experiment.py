@@ -238,3 +238,62 @@ def test_render_only_of_a_broken_json_names_the_file(tmp_path):
     (tmp_path / "toy.json").write_text("{not json")
     with pytest.raises(SystemExit, match="cannot read .*toy.json"):
         _analysis().main(["--out", str(tmp_path), "--render-only"])
+
+
+# --- every committed result records its environment (issue 24) -------------------------------------------
+
+_ROOT = Path(__file__).resolve().parents[1]
+_RESULT_JSONS = sorted(p for folder in ("results", "benchmarks") for p in (_ROOT / folder).rglob("*.json"))
+
+
+def _lock() -> dict[str, str]:
+    """The pinned versions of ``constraints.txt`` (the lock)."""
+    pins = {}
+    for line in (_ROOT / "constraints.txt").read_text().splitlines():
+        name, sep, pinned = line.partition("==")
+        if sep:
+            pins[name.strip().lower()] = pinned.split(";")[0].strip()
+    return pins
+
+
+# Committed results not yet regenerated on the lock (issue 24), each with why. Their test below is a strict
+# xfail: it fails as soon as one is regenerated, so that its entry is removed and the list only shrinks.
+NOT_YET_RERUN = {
+    "results/table2.json": "quick profile ≈ 15 CPU-min: its rerun did not finish by the deadline on the loaded shared machine",
+    "results/figures/table2_mechanism.json": "written by table 2's run (seed 0)",
+    "results/table3.json": "quick profile ≈ 21 CPU-min (with section 6's shared checkpoints): not rerun yet",
+    "results/figures/table3_mechanism.json": "written by table 3's run (seed 0)",
+    "results/section6.json": "quick profile ≈ 73 CPU-min: not rerun yet",
+}
+
+
+def test_committed_results_are_found():
+    assert len(_RESULT_JSONS) >= 10 and any(p.parent.name == "figures" for p in _RESULT_JSONS)
+    assert {str(p.relative_to(_ROOT)) for p in _RESULT_JSONS} >= set(NOT_YET_RERUN)
+
+
+def _params():
+    for path in _RESULT_JSONS:
+        name = str(path.relative_to(_ROOT))
+        marks = [pytest.mark.xfail(strict=True, reason=NOT_YET_RERUN[name])] if name in NOT_YET_RERUN else []
+        yield pytest.param(path, id=name, marks=marks)
+
+
+@pytest.mark.parametrize("path", _params())
+def test_every_committed_result_records_its_environment(path):
+    """A committed results JSON (an analysis's, a benchmark's, a figure's data) says what made it: the
+    environment record of :func:`prefixlens.environment.environment`, with the versions of the packages
+    the numbers depend on and the commit. One made off the lock must say so on its page."""
+    from prefixlens.environment import PACKAGES
+
+    data = json.loads(path.read_text())
+    env = data.get("environment")
+    assert isinstance(env, dict), f"{path.name} records no environment: regenerate it on the lock and commit it"
+    assert set(PACKAGES) <= set(env["packages"]) and env["packages"]["transformers"], path.name
+    assert env.get("git_commit"), f"{path.name}: no commit recorded"
+    made_with = env["packages"]["transformers"]
+    if made_with != _lock()["transformers"]:
+        page = path.with_suffix(".md")
+        assert page.is_file() and f"transformers {made_with}" in page.read_text(), (
+            f"{path.name} was made with transformers {made_with}, not the lock's {_lock()['transformers']}: "
+            f"its page must say which versions made it (or rerun it on the lock)")
