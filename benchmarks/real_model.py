@@ -52,15 +52,13 @@ from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 ROOT = Path(__file__).resolve().parents[1]
-try:
-    import prefixlens as pl
-except ImportError:  # run from a checkout without installing
-    sys.path.insert(0, str(ROOT))
-    import prefixlens as pl
-
+# this checkout's prefixlens, even where another copy is installed: the numbers and the environment
+# record (its commit) must be the code next to this script
+sys.path.insert(0, str(ROOT))
 import torch  # noqa: E402
 from _timing import interleaved  # noqa: E402 (this folder's own helper)
 
+import prefixlens as pl  # noqa: E402
 from prefixlens import models  # noqa: E402
 from prefixlens.decomposition import attention_sources  # noqa: E402
 from prefixlens.environment import describe, environment  # noqa: E402
