@@ -19,7 +19,7 @@ from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 from prefixlens.environment import describe, environment
-from prefixlens.experiment import save_figure, write_json
+from prefixlens.experiment import positive_int, save_figure, seed_list, write_json
 from prefixlens.tasks import wilson_interval
 
 # two-sided 97.5% Student-t quantiles by degrees of freedom
@@ -29,10 +29,10 @@ _T975 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """The options the toy-task scripts share (the runner adds ``--profile``, ``--out``,
     ``--threads`` and ``--render-only``)."""
-    parser.add_argument("--seeds", type=int, default=3,
-                        help="number of seeds: the run trains seeds 0, 1, ..., N-1 and reports the mean and "
-                             "the 95%% interval over them")
-    parser.add_argument("--jobs", type=int, default=2,
+    parser.add_argument("--seeds", type=seed_list, default="3",
+                        help="the seeds: a number N trains seeds 0, 1, ..., N-1; a comma-separated list names them "
+                             "(11,12,13; one alone: 7,). The run reports the mean and the 95%% interval over them")
+    parser.add_argument("--jobs", type=positive_int, default=2,
                         help="seeds trained in parallel worker processes, each with --threads torch threads "
                              "(1: all seeds in this process)")
     parser.add_argument("--device", default="cpu", help="torch device of the models (cpu, cuda, cuda:1, ...)")
@@ -83,11 +83,11 @@ def _init_worker(threads: int) -> None:
 
 
 def run_seeds(fn: Callable[[argparse.Namespace, int], dict], args: argparse.Namespace) -> list[dict]:
-    """``[fn(args, seed) for seed in range(args.seeds)]``, in ``args.jobs`` worker processes (each with
+    """``[fn(args, seed) for seed in args.seeds]``, in ``args.jobs`` worker processes (each with
     ``args.threads`` torch threads), or in this process with ``--jobs 1`` (the runner has set its
     threads). ``fn`` and ``args`` (with its profile, ``args.settings``) are pickled for the workers, so
     both must be defined at module level."""
-    seeds = list(range(args.seeds))
+    seeds = list(args.seeds)
     if args.jobs <= 1 or len(seeds) <= 1:
         return [fn(args, s) for s in seeds]
     import multiprocessing as mp
@@ -95,6 +95,22 @@ def run_seeds(fn: Callable[[argparse.Namespace, int], dict], args: argparse.Name
     with ProcessPoolExecutor(min(args.jobs, len(seeds)), mp_context=mp.get_context("spawn"),
                              initializer=_init_worker, initargs=(args.threads,)) as ex:
         return list(ex.map(fn, [args] * len(seeds), seeds))
+
+
+def seed_record(args: argparse.Namespace) -> dict:
+    """What a result records of its seeds: ``seeds`` (how many) and ``seed_values`` (which)."""
+    return {"seeds": len(args.seeds), "seed_values": list(args.seeds)}
+
+
+def seed_values(result: dict) -> list[int]:
+    """The seeds a result was run with (results made before ``seed_values`` was recorded: ``0 .. seeds-1``)."""
+    return list(result.get("seed_values", range(result["seeds"])))
+
+
+def seeds_label(result: dict) -> str:
+    """``3 seeds``, or ``3 seeds: 11, 12, 13`` when they are not ``0 .. N-1``."""
+    values = seed_values(result)
+    return f"{len(values)} seeds" + ("" if values == list(range(len(values))) else ": " + ", ".join(map(str, values)))
 
 
 def cell(per_seed: list[tuple[int, int]]) -> dict:
@@ -136,7 +152,7 @@ def table_markdown(result: dict, *, paper: dict, columns: list[str], notes: Call
     experiment, rows = result["experiment"], result["rows"]
     cpu = result.get("cpu_time_s")
     lines = [
-        f"# {experiment} ({result['profile']} profile, {result['seeds']} seeds)",
+        f"# {experiment} ({result['profile']} profile, {seeds_label(result)})",
         "",
         f"Command: `{result['command']}`  ",
         f"Wall time: {result['wall_time_s'] / 60:.1f} min" + (f"; CPU time {cpu / 60:.1f} min" if cpu else "") + ".  ",
@@ -221,16 +237,16 @@ def mixture_then_prefixes(args: argparse.Namespace, seed: int, prefix_tasks: lis
 def mixture_result(args, run_seed) -> dict:
     """Run ``run_seed`` (a :func:`mixture_seed`) for every seed and aggregate: the result of tables 2 and 3."""
     out = run_seeds(run_seed, args)
-    return {"seeds": args.seeds, "rows": aggregate([o["rows"] for o in out]),
+    return {**seed_record(args), "rows": aggregate([o["rows"] for o in out]),
             "per_seed_logs": [o["logs"] for o in out],
             "mechanism": next((o["mechanism"] for o in out if "mechanism" in o), None)}
 
 
 def mixture_seed(args: argparse.Namespace, seed: int, experiment: str, prefix_tasks: list[str]) -> dict:
     """One seed of table 2 or 3: :func:`mixture_then_prefixes` on every prefix task (the columns are
-    the prefix tasks), and on seed 0 the :func:`mechanism` check and Figure 3."""
+    the prefix tasks), and on the first seed the :func:`mechanism` check and Figure 3."""
     model, prefixes, result = mixture_then_prefixes(args, seed, prefix_tasks, prefix_tasks)
-    if seed == 0:
+    if seed == args.seeds[0]:
         result["mechanism"] = mechanism(args, experiment, model, prefixes, args.settings.n_pad, seed)
     return result
 
@@ -294,7 +310,7 @@ def mechanism(args: argparse.Namespace, experiment: str, model, prefixes: dict, 
                  {"experiment": experiment, "seed": str(seed), "hook": hook, "position": str(last),
                   "task_ids": json.dumps(test.task_ids.tolist())})
     save_figure(figure3(experiment, hook, proj), out_dir / f"{experiment}_figure3.png", dpi=120)
-    report["environment"] = environment()
+    report["seed"], report["environment"] = seed, environment()
     write_json(out_dir / f"{experiment}_mechanism.json", report)
     return report
 
@@ -330,7 +346,7 @@ def mechanism_notes(mech: dict | None) -> list[str]:
     shift = mech["figure3"]["mean_shift_norm"]
     spread = mech["figure3"]["within_condition_spread"]
     return [
-        f"Mechanism (seed 0, `pl.decompose`, layer inputs held fixed): the prefixed model's content attention, "
+        f"Mechanism (seed {mech.get('seed', 0)}, `pl.decompose`, layer inputs held fixed): the prefixed model's content attention, "
         f"renormalised, equals the pretrained model's to {rel32:.1e} (float32) / {rel64:.1e} (float64), max over "
         f"prefixes, layers, heads and positions; head outputs equal (1 − A)·t + A·b to {rec32:.1e} (float32).",
         "Figure 3 (`results/figures/*_figure3.png`): at the last input position the attention block output moves "

@@ -52,7 +52,8 @@ import torch
 import prefixlens as pl
 from prefixlens import lexicons, models, tasks, train
 from prefixlens.analysis import slot_statistics
-from prefixlens.experiment import Analysis
+from prefixlens.environment import describe
+from prefixlens.experiment import Analysis, non_negative_int, positive_float, positive_int, seed_list
 
 # Appendix B, GPT-2 on Emotion, mean p99 − p1 gap per layer (head ℓ of layer ℓ only).
 REFERENCE_SPREAD = [0.016, 0.102, 0.174, 0.088, 0.076, 0.069, 0.080, 0.106, 0.163, 0.147, 0.156, 0.102]
@@ -111,35 +112,44 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", help="local checkpoint directory or a built-in model such as smollm2-135m "
                                         "(default: a toy GPT-2 pretrained here)")
     parser.add_argument("--prefixes", nargs="+", help="saved prefix files to analyse instead of training new ones (toy tasks)")
-    parser.add_argument("--length", type=int, default=10, help="prefix length P")
+    parser.add_argument("--length", type=positive_int, default=10, help="prefix length P")
     parser.add_argument("--task", choices=list(tasks.TASKS) + list(lexicons.TASKS),
                         help="task the prefixes are trained on (default: nrc-emotion for a built-in model, else ascending)")
-    parser.add_argument("--seeds", help="prefix-training seeds, comma-separated (default: 0,1,2,3,4 for a toy task, "
-                                        "the profile's for a real one)")
-    parser.add_argument("--steps", type=int, help="real tasks: training steps per seed (default: the profile's)")
-    parser.add_argument("--batch-size", type=int, help="real tasks: words per training step (default: the profile's)")
-    parser.add_argument("--lr", type=float, default=5e-3,
+    parser.add_argument("--seeds", type=seed_list,
+                        help="prefix-training seeds: a number N is seeds 0, ..., N-1, a comma-separated list names them "
+                             "(11,12,13; one alone: 7,) (default: 0,1,2,3,4 for a toy task, the profile's for a real one)")
+    parser.add_argument("--steps", type=non_negative_int, help="real tasks: training steps per seed (default: the profile's)")
+    parser.add_argument("--batch-size", type=positive_int, help="real tasks: words per training step (default: the profile's)")
+    parser.add_argument("--lr", type=positive_float, default=5e-3,
                         help="real tasks: Adam learning rate, relative to each initial vector's RMS")
     parser.add_argument("--init", choices=["prompt", "random"], default="prompt",
                         help="real tasks: initial prefix: the residual stream of the task's instruction (INIT_TEXT), "
                              "or random N(0, --init-scale) vectors (the reference's)")
     parser.add_argument("--init-text", help="real tasks, --init prompt: the instruction text (default: INIT_TEXT[task])")
-    parser.add_argument("--init-scale", type=float, default=0.02,
+    parser.add_argument("--init-scale", type=positive_float, default=0.02,
                         help="real tasks, --init random: std of the initial prefix (the reference's 0.02)")
-    parser.add_argument("--n-test-per-class", type=int, help="real tasks: test words per label (default: the profile's)")
-    parser.add_argument("--split-seed", type=int, default=0, help="real tasks: seed of the frozen train/test split")
+    parser.add_argument("--n-test-per-class", type=positive_int, help="real tasks: test words per label (default: the profile's)")
+    parser.add_argument("--split-seed", type=non_negative_int, default=0, help="real tasks: seed of the frozen train/test split")
     parser.add_argument("--stem", help="output file stem (default: longer_prefixes, or longer_prefixes_<name> "
                                        "for a built-in model)")
-    parser.add_argument("--seed", type=int, default=0, help="toy tasks: seed of the base model and its pretraining")
+    parser.add_argument("--seed", type=non_negative_int, default=0, help="toy tasks: seed of the base model and its pretraining")
     parser.add_argument("--pretrain-task", default=tasks.MIXTURE, help="toy tasks: the base model's pretraining task")
-    parser.add_argument("--pretrain-iters", type=int, default=1500, help="toy tasks: pretraining iterations")
-    parser.add_argument("--pretrain-lr", type=float, default=3e-3, help="toy tasks: pretraining learning rate")
-    parser.add_argument("--prefix-iters", type=int, default=300, help="toy tasks: prefix-tuning iterations per seed")
-    parser.add_argument("--prefix-lr", type=float, default=1e-2, help="toy tasks: prefix-tuning learning rate")
-    parser.add_argument("--n-inputs", type=int, default=512, help="toy tasks: test inputs the statistics are taken over")
-    parser.add_argument("--n-eval", type=int, default=500, help="toy tasks: test inputs for the accuracies")
+    parser.add_argument("--pretrain-iters", type=positive_int, default=1500, help="toy tasks: pretraining iterations")
+    parser.add_argument("--pretrain-lr", type=positive_float, default=3e-3, help="toy tasks: pretraining learning rate")
+    parser.add_argument("--prefix-iters", type=positive_int, default=300, help="toy tasks: prefix-tuning iterations per seed")
+    parser.add_argument("--prefix-lr", type=positive_float, default=1e-2, help="toy tasks: prefix-tuning learning rate")
+    parser.add_argument("--n-inputs", type=positive_int, default=512, help="toy tasks: test inputs the statistics are taken over")
+    parser.add_argument("--n-eval", type=positive_int, default=500, help="toy tasks: test inputs for the accuracies")
     parser.add_argument("--save-prefixes", help="directory to save the trained prefixes in")
     parser.add_argument("--progress", action="store_true", help="print the training progress")
+
+
+def _environment_lines(result: dict) -> list[str]:
+    """The page's environment line (what made the numbers: versions, commit; wall time), none if not recorded."""
+    if "environment" not in result:
+        return []
+    wall = result.get("wall_time_s")
+    return [f"Environment: {describe(result['environment'])}" + (f". Wall time: {wall:.0f} s." if wall is not None else "."), ""]
 
 
 def settle(args: argparse.Namespace) -> argparse.Namespace:
@@ -159,16 +169,11 @@ def settle(args: argparse.Namespace) -> argparse.Namespace:
             error("--prefixes is for the toy tasks; a real task trains its prefixes")
         for key, value in dataclasses.asdict(args.settings).items():
             if getattr(args, key) is None:
-                setattr(args, key, ",".join(map(str, value)) if key == "seeds" else value)
+                setattr(args, key, list(value) if key == "seeds" else value)
     elif args.seeds is None:
-        args.seeds = ",".join(map(str, TOY_SEEDS))
-    args.seeds = [int(s) for s in args.seeds.split(",") if s]
+        args.seeds = list(TOY_SEEDS)
     if args.stem is None:
         args.stem = "longer_prefixes" + (f"_{args.model.split('-')[0]}" if builtin else "")
-    if args.real and (args.steps < 0 or args.batch_size < 1 or args.n_test_per_class < 1):
-        error("--steps must be >= 0, --batch-size and --n-test-per-class >= 1")
-    if args.length < 1:
-        error("--length must be >= 1")
     if not args.prefixes and not args.seeds:
         error("give --seeds to train prefixes, or --prefixes to load some")
     args.settled = True
@@ -297,6 +302,7 @@ def toy_markdown(result: dict) -> str:
         "",
         f"Command: `{result['command']}`",
         "",
+        *_environment_lines(result),
         f"Model: {info['model']}.",
     ]
     if "accuracy_no_prefix" in info:
@@ -580,6 +586,7 @@ def real_markdown(result: dict) -> str:
         "",
         f"Command: `{result['command']}`",
         "",
+        *_environment_lines(result),
         f"Model: {info['model']} ({L} layers × {info['n_heads']} query heads, {info['n_kv_heads']} key/value heads), frozen, eval mode, float32.",
         "",
         "## Task (real labels from outside this project)",

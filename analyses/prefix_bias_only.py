@@ -38,7 +38,7 @@ import prefixlens as pl
 from prefixlens import models
 from prefixlens.analysis import check_identities
 from prefixlens.attention_math import identity_1_residual
-from prefixlens.experiment import Analysis
+from prefixlens.experiment import Analysis, non_negative_int, positive_int, positive_ints
 from prefixlens.prefixes import FORMS, form_class
 
 REFERENCE = {
@@ -85,7 +85,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                                         "smollm2-135m; none: a toy LLaMA made here")
     parser.add_argument("--prefix", help="a prefix file written by Prefix.save, checked instead of random prefixes")
     parser.add_argument("--form", choices=sorted(FORMS), default="residual", help="form of the random prefixes")
-    parser.add_argument("--lengths", default="1,4,10", help="prefix lengths P of the random prefixes (comma-separated)")
+    parser.add_argument("--lengths", type=positive_ints, default="1,4,10", help="prefix lengths P of the random prefixes (comma-separated)")
     parser.add_argument("--dtypes", default="float32,float64",
                         help=f"dtypes every length is checked in (comma-separated, of {', '.join(DTYPES)})")
     parser.add_argument("--low-precision-dtype", default="float16",
@@ -98,10 +98,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "(default: on for a built-in model such as smollm2-135m, off otherwise: random ids)")
     parser.add_argument("--stem", help="output file stem (default: prefix_bias_only, or prefix_bias_only_<name> "
                                        "for a built-in model)")
-    parser.add_argument("--n-inputs", type=int, default=32, help="number of inputs (with --text: the first N sentences)")
-    parser.add_argument("--seq-len", type=int, default=32, help="length of the random token sequences (not with --text)")
-    parser.add_argument("--batch-size", type=int, default=16, help="inputs per forward pass of the checks")
-    parser.add_argument("--seed", type=int, default=0, help="seed of the toy model, the random prefixes and the random inputs")
+    parser.add_argument("--n-inputs", type=positive_int, default=32, help="number of inputs (with --text: the first N sentences)")
+    parser.add_argument("--seq-len", type=positive_int, default=32, help="length of the random token sequences (not with --text)")
+    parser.add_argument("--batch-size", type=positive_int, default=16, help="inputs per forward pass of the checks")
+    parser.add_argument("--seed", type=non_negative_int, default=0, help="seed of the toy model, the random prefixes and the random inputs")
     parser.add_argument("--no-report", action="store_true", help="skip the HTML attention report (OUT/<stem>.html)")
 
 

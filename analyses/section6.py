@@ -129,7 +129,7 @@ def run(args) -> dict:
     rows = _common.aggregate([{r: {"histogram": v["histogram"]} for r, v in o["rows"].items()} for o in out])
     for r in rows:
         rows[r]["params"] = out[0]["rows"][r]["params"]
-    return {"seeds": args.seeds, "rows": rows, "per_seed_logs": [o["logs"] for o in out]}
+    return {**_common.seed_record(args), "rows": rows, "per_seed_logs": [o["logs"] for o in out]}
 
 
 def notes(result: dict) -> list[str]:

@@ -100,7 +100,7 @@ def run_seed(args, seed: int) -> dict:
 
 def run(args) -> dict:
     out = _common.run_seeds(run_seed, args)
-    return {"seeds": args.seeds, "rows": _common.aggregate([o["rows"] for o in out]),
+    return {**_common.seed_record(args), "rows": _common.aggregate([o["rows"] for o in out]),
             "per_seed_logs": [o["logs"] for o in out], "params": out[0]["params"]}
 
 

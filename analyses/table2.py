@@ -3,7 +3,7 @@
 A toy GPT-2 is pretrained on a mixture of ascending sort, descending sort, +1 and +2 with no marker
 saying which task an input belongs to, so without a prefix it picks one task per input. A residual
 prefix is then trained per task on the frozen model, and every prefix is evaluated on every task:
-each prefix elicits a skill the model already has. On seed 0 the run also checks the mechanism
+each prefix elicits a skill the model already has. On the first seed the run also checks the mechanism
 (``pl.decompose``: the prefix rescales the content attention and adds a bias) and draws Figure 3,
 written to ``<out>/figures/table2_*``.
 
@@ -70,7 +70,7 @@ PROFILES = {
 
 
 def run_seed(args, seed: int) -> dict:
-    """One seed: the mixture model, a prefix per task, the accuracy matrix (and the mechanism on seed 0)."""
+    """One seed: the mixture model, a prefix per task, the accuracy matrix (and the mechanism on the first seed)."""
     return _common.mixture_seed(args, seed, "table2", TASKS)
 
 

@@ -3,7 +3,7 @@
 A 4-layer toy GPT-2 is pretrained on the four-task mixture of table 2. Residual prefixes are trained
 on the frozen model for its four tasks, for ascending-then-+1 (a composition of two skills it has)
 and for the histogram (each element's count, which needs an attention pattern it does not have),
-and every prefix is evaluated on every task. On seed 0 the run also checks the mechanism
+and every prefix is evaluated on every task. On the first seed the run also checks the mechanism
 (``pl.decompose``) and draws Figure 3, written to ``<out>/figures/table3_*``. The quick profile
 runs on section 6's quick model and shares its checkpoints (``--artifacts``): whichever of the two
 runs first trains them.
@@ -75,7 +75,7 @@ PROFILES = {
 
 
 def run_seed(args, seed: int) -> dict:
-    """One seed: the mixture model, a prefix per task, the accuracy matrix (and the mechanism on seed 0)."""
+    """One seed: the mixture model, a prefix per task, the accuracy matrix (and the mechanism on the first seed)."""
     return _common.mixture_seed(args, seed, "table3", PREFIX_TASKS)
 
 

@@ -50,7 +50,7 @@ import torch
 
 from prefixlens import capacity, models
 from prefixlens.environment import describe, environment
-from prefixlens.experiment import Analysis, cpu_seconds, write_json
+from prefixlens.experiment import Analysis, cpu_seconds, non_negative_int, positive_float, positive_int, write_json
 from prefixlens.generation import row_seed
 from prefixlens.serialization import atomic_write_bytes, atomic_write_text, load_tensors, save_tensors
 
@@ -109,42 +109,35 @@ class Full(Blocks):
 PROFILES = {"auto": Auto(), "one-shot": OneShot(), "quick": Quick(), "full": Full()}
 
 
-def _positive(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
-    return value
-
-
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", action="append", default=None,
                    help="toy-trained, toy-llama, smollm2-135m or a local checkpoint directory; repeat for several "
                         "(none given: toy-trained)")
-    p.add_argument("--n", type=_positive, default=None,
+    p.add_argument("--n", type=positive_int, default=None,
                    help="N: samples per virtual arm, first tokens per token arm (at most V); none given: the "
                         "profile's (one-shot 512, quick 256, full V)")
-    p.add_argument("--length", type=_positive, default=10, help="completion length L (the reference: 10)")
-    p.add_argument("--batch-size", type=_positive, default=256,
+    p.add_argument("--length", type=positive_int, default=10, help="completion length L (the reference: 10)")
+    p.add_argument("--batch-size", type=positive_int, default=256,
                    help="rows per forward pass (block profiles: also the rows of one round of every arm)")
-    p.add_argument("--block", type=_positive, default=256,
+    p.add_argument("--block", type=positive_int, default=256,
                    help="block profiles: rows per frozen, checkpointed block (part of the checkpoint folder's name)")
-    p.add_argument("--time-budget", type=float, default=None,
+    p.add_argument("--time-budget", type=positive_float, default=None,
                    help="block profiles: start no new round of blocks after this many seconds (the results say "
                         "how far it got; rerun the same command to resume); none given: no limit")
     p.add_argument("--stem", default=None,
                    help="output file stem; none given: token_vs_soft_token (one-shot) or "
                         "token_vs_soft_token_<model>[_quick] (block profiles)")
-    p.add_argument("--seed", type=int, default=0, help="seed of the token order, the samplers and the toy models")
-    p.add_argument("--fit-tokens", type=_positive, default=None,
+    p.add_argument("--seed", type=non_negative_int, default=0, help="seed of the token order, the samplers and the toy models")
+    p.add_argument("--fit-tokens", type=positive_int, default=None,
                    help="real tokens the samplers are fitted to; none given: the profile's (one-shot 4096, "
                         "quick and full 1024)")
-    p.add_argument("--convex-k", type=_positive, default=4, help="real tokens per convex combination")
+    p.add_argument("--convex-k", type=positive_int, default=4, help="real tokens per convex combination")
     p.add_argument("--convex", action="store_true",
                    help="one-shot: also run the convex sampler for every form in the prefix protocol")
     p.add_argument("--protocols", default="reference,prefix",
                    help="comma-separated: reference (the first position is the whole prompt) and/or prefix "
                         "(prompt [first position, content token])")
-    p.add_argument("--train-iters", type=_positive, default=300,
+    p.add_argument("--train-iters", type=positive_int, default=300,
                    help="pretraining iterations of the toy-trained model (cached under --artifacts)")
     p.add_argument("--dtype", default="float32", choices=sorted(DTYPES), help="dtype the model runs in")
     p.add_argument("--device", default="cpu", help="torch device of the model")

@@ -48,7 +48,7 @@ import torch
 
 from prefixlens import KVPrefix, lexicons, models
 from prefixlens.environment import describe
-from prefixlens.experiment import Analysis
+from prefixlens.experiment import Analysis, int_at_least, non_negative_int, positive_float, positive_int
 from prefixlens.training import TrainConfig, train_prefix
 from prefixlens.training.fast_kv import rotate_keys
 from prefixlens.training.pairs import Pairs, initial_prefix
@@ -60,22 +60,27 @@ EXPERIMENT = "train_vs_peft"
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default="smollm2-135m",
                    help="a built-in model or a local checkpoint with a tokenizer that PEFT can wrap")
-    p.add_argument("--steps", type=int, default=40, help="optimiser steps of each run")
-    p.add_argument("--batch", type=int, default=16, help="training pairs per step (the same batches for both)")
-    p.add_argument("--length", type=int, default=10, help="prefix length P (PEFT's num_virtual_tokens)")
-    p.add_argument("--lr", type=float, default=5e-3, help="AdamW learning rate of both runs")
-    p.add_argument("--n-train", type=int, default=64, help="training pairs (half positive, half negative words)")
-    p.add_argument("--n-test-per-class", type=int, default=32, help="held-out words per label")
+    p.add_argument("--steps", type=positive_int, default=40, help="optimiser steps of each run")
+    p.add_argument("--batch", type=positive_int, default=16, help="training pairs per step (the same batches for both)")
+    p.add_argument("--length", type=positive_int, default=10, help="prefix length P (PEFT's num_virtual_tokens)")
+    p.add_argument("--lr", type=positive_float, default=5e-3, help="AdamW learning rate of both runs")
+    p.add_argument("--n-train", type=int_at_least(2), default=64,
+                   help="training pairs (half positive, half negative words; an odd number drops one)")
+    p.add_argument("--n-test-per-class", type=positive_int, default=32, help="held-out words per label")
     p.add_argument("--init-text", default="Classify the sentiment of the word as positive or negative",
                    help="the task words whose keys and values start both prefixes (PEFT's TEXT init)")
-    p.add_argument("--eval-every", type=int, default=10, help="held-out loss and accuracy every this many steps")
-    p.add_argument("--seed", type=int, default=0, help="seed of the data split, the batch order and the init")
+    p.add_argument("--eval-every", type=positive_int, default=10, help="held-out loss and accuracy every this many steps")
+    p.add_argument("--seed", type=non_negative_int, default=0, help="seed of the data split, the batch order and the init")
 
 
 def data(n_train: int, n_test_per_class: int, seed: int):
     task = lexicons.afinn_sentiment_task(min_abs=2, n_test_per_class=n_test_per_class, seed=seed)
     by_label = {lab: [(task.prompt(w), " " + l) for w, l in task.train if l == lab] for lab in task.labels}
     half = n_train // 2
+    most = min(len(v) for v in by_label.values())
+    if half > most:
+        raise ValueError(f"--n-train {n_train} needs {half} training words per label; this split has {most} "
+                         f"(with --n-test-per-class {n_test_per_class}): give --n-train {2 * most} or fewer")
     train = [pair for i in range(half) for pair in (by_label["positive"][i], by_label["negative"][i])]
     test = [(task.prompt(w), " " + l) for w, l in task.test]
     return task, train, test
@@ -103,10 +108,10 @@ def row_positions(mask: torch.Tensor) -> torch.Tensor:
 def run(args) -> dict:
     from peft import PrefixTuningConfig, get_peft_model
 
+    task, train, test = data(args.n_train, args.n_test_per_class, args.seed)  # first: it checks --n-train
     model = models.load(args.model)
     model.requires_grad_(False)
     model.eval()
-    task, train, test = data(args.n_train, args.n_test_per_class, args.seed)
     label_ids = task.label_token_ids(model.tokenizer)
     test_pairs = Pairs.from_data(model, test)
     test_gold = [task.label_index(y.strip()) for _, y in test]

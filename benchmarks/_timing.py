@@ -39,3 +39,15 @@ def interleaved(
             synchronize()
             times[name].append((clock() - start) * unit)
     return times
+
+
+CLOCKS = ("auto", "cpu", "wall")
+
+
+def pick_clock(name: str, threads: int, device: str = "cpu") -> tuple[str, Callable[[], float]]:
+    """``(name, clock)``: ``cpu`` is the process CPU time (robust to other processes on a shared machine;
+    meaningful with one thread on the CPU), ``wall`` is ``perf_counter``; ``auto`` picks ``cpu`` for one
+    CPU thread and ``wall`` otherwise."""
+    if name == "auto":
+        name = "cpu" if str(device).startswith("cpu") and threads == 1 else "wall"
+    return name, (time.process_time if name == "cpu" else time.perf_counter)

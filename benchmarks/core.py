@@ -31,15 +31,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
-try:
-    import prefixlens as pl
-except ImportError:  # run from a checkout without installing
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-    import prefixlens as pl
-
+# this checkout's prefixlens, even where another copy is installed: the numbers and the environment
+# record (its commit) must be the code next to this script
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch
 from _timing import interleaved  # this folder's own helper
 
+import prefixlens as pl  # noqa: E402
 from prefixlens import models
 from prefixlens.environment import describe
 from prefixlens.serialization import atomic_write_text

@@ -9,11 +9,15 @@ residual/soft prefix vs its ``to_kv()``, and the decomposition identities with P
 from __future__ import annotations
 
 import argparse
+import sys
 import warnings
+from pathlib import Path
 
 import torch
 
-import prefixlens as pl
+# this checkout's prefixlens, even where another copy is installed
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import prefixlens as pl  # noqa: E402
 from prefixlens import models
 from prefixlens.environment import describe
 

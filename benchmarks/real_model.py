@@ -52,15 +52,13 @@ from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 ROOT = Path(__file__).resolve().parents[1]
-try:
-    import prefixlens as pl
-except ImportError:  # run from a checkout without installing
-    sys.path.insert(0, str(ROOT))
-    import prefixlens as pl
-
+# this checkout's prefixlens, even where another copy is installed: the numbers and the environment
+# record (its commit) must be the code next to this script
+sys.path.insert(0, str(ROOT))
 import torch  # noqa: E402
 from _timing import interleaved  # noqa: E402 (this folder's own helper)
 
+import prefixlens as pl  # noqa: E402
 from prefixlens import models  # noqa: E402
 from prefixlens.decomposition import attention_sources  # noqa: E402
 from prefixlens.environment import describe, environment  # noqa: E402
@@ -382,8 +380,11 @@ def training_row(result: dict) -> Row:
     med = result.get("median_ms") or {}
     if "prefixlens_kv_cache" in med and "peft_prefix_tuning" in med:
         row.baseline_ms, row.prefixlens_ms = med["peft_prefix_tuning"], med["prefixlens_kv_cache"]
+        every = result.get("all_ms") or {}
+        row.baseline_ms_all = every.get("peft_prefix_tuning", [])
+        row.prefixlens_ms_all = every.get("prefixlens_kv_cache", [])
         cfg = result.get("config", {})
-        row.note = f"batch {cfg.get('batch_shape')}, P {cfg.get('length')}, {cfg.get('repeats')} repeats (wall clock)"
+        row.note = f"batch {cfg.get('batch_shape')}, P {cfg.get('length')}, {cfg.get('repeats')} repeats ({cfg.get('clock', 'wall')} clock)"
     else:
         row.note = result.get("skipped") or result.get("failed", "not run")
     return row

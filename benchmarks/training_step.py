@@ -7,7 +7,8 @@ Methods: full fine-tuning (forward + backward + AdamW over every weight), prefix
 (residual and KV forms, base frozen with requires_grad_(False)), rank-1 LoRA (reference targets,
 base frozen), each with and without ``share_pads`` (the pad positions and prefix slots run once
 per batch instead of once per row). Steps are timed interleaved (round-robin) and summarised by the median, so background
-load affects every method alike.
+load affects every method alike. The clock is the process CPU time with one thread (``--clock auto``, the
+default: robust to other processes on a shared machine), wall-clock time otherwise.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from _timing import interleaved  # noqa: E402 (this folder's own helper)
+from _timing import CLOCKS, interleaved, pick_clock  # noqa: E402 (this folder's own helper)
 
 from prefixlens import models, tasks, train  # noqa: E402
 from prefixlens.environment import environment  # noqa: E402
@@ -41,6 +42,9 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=30)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--out", default="results/benchmark_training_step.json")
+    ap.add_argument("--clock", choices=CLOCKS, default="auto",
+                    help="cpu: process CPU time (robust on a shared machine; one thread); wall: perf_counter; "
+                         "auto: cpu for one thread, wall otherwise")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     P = args.n_pad
@@ -91,7 +95,8 @@ def main() -> None:
                     f"prefix_kv{suffix}": prefix_step("kv", share), f"lora_r1{suffix}": lora_step(share)}
     with torch.no_grad():
         snapshot = {k: v.clone() for k, v in model.state_dict().items()}
-    times = interleaved(methods, warmup=3, repeats=args.repeats)
+    args.clock, clock = pick_clock(args.clock, args.threads)
+    times = interleaved(methods, warmup=3, repeats=args.repeats, clock=clock)
     model.load_state_dict(snapshot)
     med = {k: statistics.median(v) for k, v in times.items()}
     base = med["forward_backward"]

@@ -4,7 +4,8 @@
 
 The same model, batch (ragged real sentences, left-padded, loss on the target tokens), prefix length
 and optimiser (AdamW) for every method; one step = forward + backward + AdamW step, timed interleaved
-(round-robin) and summarised by the median, so background load affects every method alike. Methods:
+(round-robin) and summarised by the median, so background load affects every method alike; the clock is
+the process CPU time with one thread (``--clock auto``, the default), wall-clock time otherwise. Methods:
 
 - ``prefixlens_kv_cache``: :func:`prefixlens.training.trainer.train_step` on
   :func:`prefixlens.training.pairs.pairs_loss` with the KV prefix served as the key/value cache
@@ -13,7 +14,8 @@ and optimiser (AdamW) for every method; one step = forward + backward + AdamW st
 - ``peft_prefix_tuning``: PEFT's ``PrefixTuningConfig`` model on the same HF weights, its logits
   scored by the same loss function (so only the prefix mechanism differs).
 
-Prints the median times and the ratio prefixlens / PEFT (target <= 1.0).
+Prints the median times and the ratio prefixlens / PEFT (target <= 1.0), and records every repeat's time
+and the spread of the per-repeat ratios (min, median, max).
 """
 
 from __future__ import annotations
@@ -30,7 +32,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from _timing import interleaved  # noqa: E402 (this folder's own helper)
+from _timing import CLOCKS, interleaved, pick_clock  # noqa: E402 (this folder's own helper)
 
 from prefixlens import KVPrefix, models  # noqa: E402
 from prefixlens.environment import environment  # noqa: E402
@@ -68,6 +70,9 @@ def main(argv=None) -> dict:
     ap.add_argument("--repeats", type=int, default=15)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--out", default="results/benchmark_training_step_real.json")
+    ap.add_argument("--clock", choices=CLOCKS, default="auto",
+                    help="cpu: process CPU time (robust on a shared machine; one thread); wall: perf_counter; "
+                         "auto: cpu for one thread, wall otherwise")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     model = models.load(args.model)
@@ -101,7 +106,8 @@ def main(argv=None) -> dict:
     }
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        times = interleaved(methods, warmup=2, repeats=args.repeats)
+        args.clock, clock = pick_clock(args.clock, args.threads)
+        times = interleaved(methods, warmup=2, repeats=args.repeats, clock=clock)
     med = {k: statistics.median(v) for k, v in times.items()}
     peft = med["peft_prefix_tuning"]
     result = {
@@ -109,6 +115,10 @@ def main(argv=None) -> dict:
                                 "command": " ".join(["python"] + sys.argv)},
         "median_ms": {k: round(1000 * v, 2) for k, v in med.items()},
         "ratio_to_peft": {k: round(v / peft, 3) for k, v in med.items()},
+        "all_ms": {k: [round(1000 * t, 2) for t in v] for k, v in times.items()},
+        # each repeat's ratio (the calls of one round-robin round run back to back): the spread, not one run
+        "ratio_to_peft_per_repeat": {k: _spread([t / p for t, p in zip(v, times["peft_prefix_tuning"])])
+                                     for k, v in times.items() if k != "peft_prefix_tuning"},
         "environment": environment(),
     }
     atomic_write_text(args.out, json.dumps(result, indent=1) + "\n")
@@ -117,8 +127,15 @@ def main(argv=None) -> dict:
     print(f"{'method':<24}{'median ms':>11}{'× PEFT':>9}")
     for k in methods:
         print(f"{k:<24}{1000 * med[k]:>11.1f}{med[k] / peft:>9.2f}")
-    print(f"ratio prefixlens (train_prefix's KV step) / PEFT prefix tuning = {med['prefixlens_kv_cache'] / peft:.2f}")
+    spread = result["ratio_to_peft_per_repeat"]["prefixlens_kv_cache"]
+    print(f"ratio prefixlens (train_prefix's KV step) / PEFT prefix tuning = {med['prefixlens_kv_cache'] / peft:.2f} "
+          f"(per repeat: min {spread['min']:.3f}, median {spread['median']:.3f}, max {spread['max']:.3f})")
     return result
+
+
+def _spread(values: list[float]) -> dict[str, float]:
+    """Min, median and max of ``values``, rounded to 3 decimals."""
+    return {"min": round(min(values), 3), "median": round(statistics.median(values), 3), "max": round(max(values), 3)}
 
 
 if __name__ == "__main__":

@@ -115,7 +115,9 @@ def _run(args: argparse.Namespace, rest: list[str]) -> int:
 def call_main(module, argv: list[str]) -> int:
     """Call ``module.main(argv)``; a ``main()`` without parameters reads ``sys.argv``, which is set to
     ``[script path, *argv]`` for the call (and restored). ``SystemExit`` (e.g. from ``--help``) becomes
-    the returned status; a non-integer result counts as success."""
+    the returned status; one that carries a message instead of a status (``SystemExit("no results to
+    render")``) has it printed to stderr and returns 1, as Python does at the top level. Every other
+    exception propagates (with its traceback). A non-integer result counts as success."""
     import inspect
 
     main_fn = module.main
@@ -130,7 +132,10 @@ def call_main(module, argv: list[str]) -> int:
         result = main_fn(argv) if takes_argv else main_fn()
     except SystemExit as exit_:
         code = exit_.code
-        return code if isinstance(code, int) else (0 if code is None else 1)
+        if code is None or isinstance(code, int):
+            return code or 0
+        print(f"prefixlens run: error: {code}", file=sys.stderr)
+        return 1
     finally:
         sys.argv = saved
     return result if isinstance(result, int) and not isinstance(result, bool) else 0

@@ -5,7 +5,12 @@ that returns a JSON-able result, and how that result reads as Markdown (and, opt
 figure). :meth:`Analysis.main` does the rest the same way for all of them:
 
 - the command line: the script's docstring as ``--help``, defaults shown, the options every analysis
-  has (``--out``, ``--threads``, ``--render-only``, and ``--profile`` when it has profiles);
+  has (``--out``, ``--threads``, ``--render-only``, and ``--profile`` when it has profiles). Every
+  numeric option is checked by argparse before anything runs, with the types below
+  (:func:`positive_int`, :func:`non_negative_int`, :func:`int_at_least`, :func:`positive_float`,
+  :func:`probability`, :func:`positive_ints`, :func:`seed_list`): a bad value is refused as
+  ``error: argument --n-inputs: must be >= 1, got -3``, never found deep inside a run. ``--out`` is
+  checked (a folder, created if missing, that can be written to) before the run too;
 - the run: torch's thread count set for it and restored after, the global random state restored
   after (a run seeds what it needs itself), wall and CPU time measured;
 - the record: the command, the profile's settings, the times and :func:`~prefixlens.environment.environment`
@@ -28,9 +33,11 @@ import argparse
 import dataclasses
 import io
 import json
+import math
 import random
 import shlex
 import sys
+import tempfile
 import time
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
@@ -45,6 +52,8 @@ from prefixlens.serialization import atomic_write_bytes, atomic_write_text
 __all__ = [
     "Analysis", "HelpFormatter", "DEFAULT_OUT", "COMMITTED_RESULTS", "NOTES_MARKER",
     "summary", "cpu_seconds", "restored_state", "save_figure", "write_json", "kept_notes",
+    "int_at_least", "positive_int", "non_negative_int", "positive_float", "probability", "positive_ints",
+    "seed_list", "NUMERIC_TYPES", "check_out",
 ]
 
 DEFAULT_OUT = "runs/results"
@@ -64,6 +73,102 @@ def kept_notes(path: Path) -> str:
         return ""
     text = path.read_text(encoding="utf-8")
     return text[text.index(NOTES_MARKER):] if NOTES_MARKER in text else ""
+
+
+# ----------------------------------------------------------------------------- checked option types
+
+
+def _int(text: str) -> int:
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
+
+
+def int_at_least(low: int, name: str | None = None) -> Callable[[str], int]:
+    """An argparse ``type``: an integer ``>= low`` (refused with the value and the bound otherwise)."""
+
+    def parse(text: str) -> int:
+        value = _int(text)
+        if value < low:
+            raise argparse.ArgumentTypeError(f"must be >= {low}, got {value}")
+        return value
+
+    parse.__name__ = name or f"int_at_least({low})"
+    parse.at_least = low  # type: ignore[attr-defined]  (what the tests read to try a value below)
+    return parse
+
+
+positive_int = int_at_least(1, "positive_int")
+"""An integer ``>= 1`` (counts, sizes, lengths, steps)."""
+
+non_negative_int = int_at_least(0, "non_negative_int")
+"""An integer ``>= 0`` (seeds; ``--threads``, where 0 means torch's default)."""
+
+
+def _float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"must be finite, got {text}")
+    return value
+
+
+def positive_float(text: str) -> float:
+    """A finite number ``> 0`` (learning rates, scales, time budgets)."""
+    value = _float(text)
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"must be > 0, got {value:g}")
+    return value
+
+
+def probability(text: str) -> float:
+    """A number in ``[0, 1]``."""
+    value = _float(text)
+    if not 0 <= value <= 1:
+        raise argparse.ArgumentTypeError(f"must be in [0, 1], got {value:g}")
+    return value
+
+
+def positive_ints(text: str) -> list[int]:
+    """A comma-separated list of integers ``>= 1`` (at least one): ``1,4,10``."""
+    items = [t.strip() for t in text.split(",") if t.strip()]
+    if not items:
+        raise argparse.ArgumentTypeError(f"needs at least one integer >= 1 (comma-separated), got {text!r}")
+    return [positive_int(t) for t in items]
+
+
+def seed_list(text: str) -> list[int]:
+    """Seeds: one number ``N >= 1`` is a count (seeds ``0, 1, ..., N-1``); a comma-separated list names
+    them (``11,12,13``; one seed alone: ``7,``). Seeds are ``>= 0`` and distinct."""
+    if "," not in text:
+        return list(range(positive_int(text)))
+    seeds = [non_negative_int(t.strip()) for t in text.split(",") if t.strip()]
+    if not seeds:
+        raise argparse.ArgumentTypeError(f"needs at least one seed, got {text!r}")
+    if len(set(seeds)) != len(seeds):
+        raise argparse.ArgumentTypeError(f"seeds must be distinct, got {text!r}")
+    return seeds
+
+
+NUMERIC_TYPES = (positive_int, non_negative_int, positive_float, probability, positive_ints, seed_list)
+"""The checked types above (plus any :func:`int_at_least`); an analysis's numeric options use them,
+never a bare ``int`` or ``float`` (a test checks every analysis)."""
+
+
+def check_out(out: Path) -> None:
+    """Make sure ``out`` is a folder results can be written to (created if missing), before any work:
+    raises ``ValueError`` naming the problem otherwise."""
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"{out} exists and is not a folder; give a folder (it is created if missing)")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=out, prefix=".write-check-"):
+            pass
+    except OSError as err:
+        raise ValueError(f"cannot write to {out} ({err.strerror or err}); give a folder you can write to") from None
 
 
 class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
@@ -164,7 +269,7 @@ class Analysis:
         parser.add_argument("--out", default=DEFAULT_OUT,
                             help=f"folder for <stem>.json, .md and .png (git-ignored by default; "
                                  f"'--out {COMMITTED_RESULTS}' refreshes the committed results)")
-        parser.add_argument("--threads", type=int, default=self.threads,
+        parser.add_argument("--threads", type=non_negative_int, default=self.threads,
                             help="torch CPU threads for the run (0: torch's default); restored afterwards")
         parser.add_argument("--render-only", action="store_true",
                             help="no run: rewrite the Markdown and figure from the JSON already in --out")
@@ -190,8 +295,15 @@ class Analysis:
             path = out / f"{stem}.json"
             if not path.is_file():
                 raise SystemExit(f"--render-only: no {path} to render; run the analysis first (or pass its --out).")
-            result = json.loads(path.read_text())
-        else:
+            try:
+                result = json.loads(path.read_text(encoding="utf-8"))
+            except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+                raise SystemExit(f"--render-only: cannot read {path}: {err}") from None
+        try:
+            check_out(out)
+        except ValueError as err:
+            self.parser().error(f"argument --out: {err}")
+        if not args.render_only:
             result = self.record(args, argv)
             write_json(out / f"{stem}.json", result)
         self.render(result, out, stem)

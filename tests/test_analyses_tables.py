@@ -43,7 +43,8 @@ FIRST_SENTENCES = {
 }
 # cells of the committed results, as their Markdown shows them (mean [95% CI] (the paper's))
 COMMITTED_CELLS = {
-    "table1": ["| pretrained | 98.2 [95.1, 100.0] (91±5) | 0.0 [0.0, 0.1] (0±0) |"],
+    "table1": ["| pretrained | 98.4 [97.6, 99.1] (91±5) | 0.0 [0.0, 0.1] (0±0) |",
+               "| prefix_descending | 0.4 [0.0, 1.3] (0±0) | 0.0 [0.0, 0.1] (0–1) |"],
     "table2": ["| prefix_add2 | 0.0 [0.0, 0.1] (0±0) | 0.0 [0.0, 0.1] (0±0) | 0.0 [0.0, 0.1] (1±2) | 99.4 [97.6, 100.0] (98±5) |"],
     "table3": ["| 55.1 [20.3, 90.0] (93) |", "- met: prefix_ascending_add1 on ascending_add1 = 55.1% (target >= 50%)"],
     "section6": ["| lora (12288 params) | 95.4 [90.9, 99.8] (92.38) |",
@@ -88,7 +89,8 @@ def test_committed_results_follow_the_contract(name):
     assert path.exists(), f"{path} is missing: run `prefixlens run {name} --profile quick --out results` and commit it"
     data = json.loads(path.read_text())
     _check_contract(data, name)
-    assert data["command"].startswith(f"python analyses/{name}.py ")  # the command of the committed run (history)
+    # the command of the committed run (older runs called the script directly)
+    assert data["command"].startswith((f"prefixlens run {name} ", f"python analyses/{name}.py "))
     assert (ROOT / "results" / f"{name}.md").exists()
 
 
@@ -126,18 +128,18 @@ def test_help_shows_the_whole_first_sentence_and_every_option(name, help_text):
 def test_default_out_is_not_the_committed_results(name):
     args = script(name).analysis.parse_args([])
     assert args.out == DEFAULT_OUT != COMMITTED_RESULTS
-    assert args.profile == "quick" and args.seeds == 3 and args.jobs == 2 and args.artifacts == "runs"
+    assert args.profile == "quick" and args.seeds == [0, 1, 2] and args.jobs == 2 and args.artifacts == "runs"
     # the worker processes get the arguments and the profile pickled
     assert pickle.loads(pickle.dumps(args)).settings == args.settings
 
 
-def _run_tiny(name: str, tmp_path, monkeypatch, jobs: int = 1, **profile) -> dict:
-    """Run ``name`` with its quick profile changed by ``profile``, 2 seeds, into ``tmp_path``; the
-    result it wrote, checked against the contract."""
+def _run_tiny(name: str, tmp_path, monkeypatch, jobs: int = 1, seeds: str = "2", **profile) -> dict:
+    """Run ``name`` with its quick profile changed by ``profile``, 2 seeds (or ``seeds``), into ``tmp_path``;
+    the result it wrote, checked against the contract."""
     module = script(name)
     tiny = dataclasses.replace(module.PROFILES["quick"], **profile)
     monkeypatch.setitem(module.PROFILES, "quick", tiny)
-    argv = ["--seeds", "2", "--jobs", str(jobs), "--out", str(tmp_path), "--artifacts", str(tmp_path / "runs")]
+    argv = ["--seeds", seeds, "--jobs", str(jobs), "--out", str(tmp_path), "--artifacts", str(tmp_path / "runs")]
     result = module.main(argv)
     data = json.loads((tmp_path / f"{name}.json").read_text())
     assert data == result
@@ -167,6 +169,42 @@ def test_table2_end_to_end_tiny_in_worker_processes(tmp_path, monkeypatch):
     assert len(data["per_seed_logs"]) == 2 and data["mechanism"]["figure3"]["mean_shift_norm"]
     assert (tmp_path / "figures" / "table2_figure3.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert json.loads((tmp_path / "figures" / "table2_mechanism.json").read_text())["figure3"] == data["mechanism"]["figure3"]
+
+
+@pytest.mark.parametrize("name", sorted(ROWS))
+def test_seeds_take_a_count_or_an_explicit_list(name):
+    """``--seeds 3`` is seeds 0, 1, 2; ``--seeds 11,12,13`` runs exactly those (issue 24), and the run
+    records which (``seed_values``; the page names them when they are not 0 .. N-1)."""
+    parse = script(name).analysis.parse_args
+    assert parse(["--seeds", "3"]).seeds == [0, 1, 2]
+    args = parse(["--seeds", "11,12,13", "--jobs", "1"])
+    assert args.seeds == [11, 12, 13]
+    assert _common.run_seeds(_seed_of, args) == [11, 12, 13]
+    assert _common.seed_record(args) == {"seeds": 3, "seed_values": [11, 12, 13]}
+    assert _common.seeds_label({"seeds": 3, "seed_values": [11, 12, 13]}) == "3 seeds: 11, 12, 13"
+    assert _common.seeds_label({"seeds": 3}) == "3 seeds"  # results made before seed_values was recorded
+
+
+def _seed_of(args, seed: int) -> int:
+    return seed
+
+
+@pytest.mark.slow
+def test_a_rerun_gives_bit_identical_numbers(tmp_path, monkeypatch):
+    """Rerunning an analysis with the same command (same commit, lock and machine) gives bit-identical
+    numbers: two fresh runs of a tiny table 1 on explicit seeds (no checkpoint shared between them, so
+    the second trains again) agree in every accuracy, loss and evaluation, not only approximately."""
+    runs = []
+    for i in (1, 2):
+        out = tmp_path / f"run{i}"
+        runs.append(_run_tiny("table1", out, monkeypatch, seeds="5,3", model=TINY_MODEL, test_items=40,
+                              pretrain=dict(iters=6, lr=1e-2), finetune=dict(iters=4, lr=1e-2),
+                              prefix=dict(iters=4, lr=1e-2)))
+    first, second = runs
+    assert first["seed_values"] == [5, 3] and "2 seeds: 5, 3" in (tmp_path / "run1" / "table1.md").read_text()
+    for key in ("rows", "per_seed_logs", "params"):
+        assert json.dumps(first[key]) == json.dumps(second[key]), key
+    assert first["per_seed_logs"][0] != first["per_seed_logs"][1]  # the seeds differ: not a trivially equal run
 
 
 def test_section6_prefix_lengths_match_the_lora_sizes():

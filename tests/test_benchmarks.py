@@ -12,6 +12,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -66,3 +67,36 @@ def test_real_model_benchmark_quick_runs_on_a_local_checkpoint(tmp_path):
     assert result["memory"]["peak_ratio"] > 0 and result["memory"]["peak_mb"]["decompose"] > 0
     assert result["environment"]["packages"]["torch"]
     assert "| generate |" in out_md.read_text()
+
+
+def test_training_step_benchmark_records_its_clock_and_environment(tmp_path):
+    """benchmarks/training_step.py on a tiny model: the result says which clock timed it (the process
+    CPU time with one thread, robust to a loaded machine) and records its environment."""
+    import json
+
+    out = tmp_path / "step.json"
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]))
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "training_step.py"), "--d-model", "16", "--n-layers", "1",
+         "--n-heads", "2", "--n-pad", "2", "--batch", "4", "--repeats", "2", "--out", str(out)],
+        cwd=tmp_path, env=env, capture_output=True, text=True,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads(out.read_text())
+    assert result["config"]["clock"] == "cpu" and result["environment"]["packages"]["torch"]
+    assert all(v > 0 for v in result["median_ms"].values())
+
+
+@pytest.mark.parametrize("script", sorted(p.name for p in (ROOT / "benchmarks").glob("*.py") if not p.name.startswith("_")))
+def test_benchmarks_time_the_checkout_next_to_them(script, tmp_path):
+    """Every benchmark script imports the prefixlens of its own checkout, even where another copy is
+    installed (core.py and real_model.py preferred an installed copy: a rerun from a clean clone timed,
+    and recorded the commit of, another checkout's code)."""
+    other = tmp_path / "other" / "prefixlens"
+    other.mkdir(parents=True)
+    (other / "__init__.py").write_text('raise SystemExit("imported another prefixlens")\n')
+    env = dict(os.environ, HF_HUB_OFFLINE="1", PYTHONPATH=str(tmp_path / "other"))
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / script), "--help"], cwd=tmp_path, env=env,
+                          capture_output=True, text=True)
+    assert "imported another prefixlens" not in proc.stderr
+    assert proc.returncode == 0, proc.stderr[-2000:]

@@ -246,3 +246,80 @@ def test_every_analysis_explains_itself_and_keeps_the_committed_results(name, he
         if action.help != argparse.SUPPRESS:  # hidden: deprecated spellings only
             assert action.help, f"{name}: option {action.option_strings} has no help"
     assert module.analysis.parse_args([]).out == DEFAULT_OUT != COMMITTED_RESULTS
+
+
+def test_an_analysis_error_message_reaches_the_user(analyses, capsys):
+    """A ``SystemExit`` that carries a message (``--render-only`` with nothing to render, ``parser.exit``
+    with text) is printed, not turned into a bare exit status."""
+    (analyses / "delta.py").write_text('"""Delta: fails."""\ndef main(argv=None):\n    raise SystemExit("no results/x.json to render")\n')
+    assert cli.main(["run", "delta"]) == 1
+    assert "no results/x.json to render" in capsys.readouterr().err
+
+
+def test_render_only_with_nothing_to_render_says_so(tmp_path, capsys, monkeypatch):
+    monkeypatch.delenv(cli.ANALYSES_ENV, raising=False)
+    if not REPOSITORY_ANALYSES.is_dir():
+        pytest.skip("no analyses/ folder in this checkout")
+    assert cli.main(["run", "table1", "--render-only", "--out", str(tmp_path)]) == 1
+    err = capsys.readouterr().err
+    assert "--render-only: no" in err and "table1.json" in err
+
+
+def _bad_values(kind) -> list[str]:
+    """Values a checked option type must refuse."""
+    from prefixlens import experiment as ex
+
+    if kind is ex.seed_list:
+        return ["0", "-1", "1,1", ",", "x"]
+    if kind is ex.positive_ints:
+        return ["0", "1,0", "", "x"]
+    if kind is ex.positive_float:
+        return ["0", "-1e-3", "nan", "inf", "x"]
+    if kind is ex.probability:
+        return ["-0.1", "1.5", "nan"]
+    return [str(kind.at_least - 1), "1.5", "x"]  # int_at_least (positive_int, non_negative_int, ...)
+
+
+def _numeric_options():
+    """``(analysis, option, type)`` for every option of every repository analysis with a value type."""
+    out = []
+    for name in sorted(cli.list_analyses(REPOSITORY_ANALYSES)):
+        module = cli.load_analysis(name, REPOSITORY_ANALYSES)
+        for action in module.analysis.parser()._actions:
+            if action.option_strings and action.type is not None:
+                out.append(pytest.param(name, action.option_strings[-1], action.type, id=f"{name}{action.option_strings[-1]}"))
+    return out
+
+
+@pytest.mark.parametrize("name, option, kind", _numeric_options())
+def test_every_numeric_option_is_checked_before_the_run(name, option, kind, capsys, monkeypatch):
+    """Every numeric option of every analysis (its own and the runner's) has a checked type, and argparse
+    refuses a bad value as ``error: argument --x: ...`` before anything runs (issue 21: --n-inputs -3,
+    --threads -2, --seq-len 0, --seeds 0, --steps 0 failed deep inside or with an IndexError)."""
+    from prefixlens import experiment as ex
+
+    assert kind not in (int, float), f"{name} {option}: a bare {kind.__name__}; use a checked type from prefixlens.experiment"
+    assert kind in ex.NUMERIC_TYPES or hasattr(kind, "at_least"), f"{name} {option}: unknown type {kind}"
+    monkeypatch.delenv(cli.ANALYSES_ENV, raising=False)
+    module = cli.load_analysis(name, REPOSITORY_ANALYSES)
+    for bad in _bad_values(kind):
+        with pytest.raises(SystemExit) as exit_:
+            module.analysis.parser().parse_args([option, bad])
+        assert exit_.value.code == 2
+        assert f"error: argument {option}" in capsys.readouterr().err
+
+
+def test_the_issue_examples_are_refused_at_once(tmp_path, capsys, monkeypatch):
+    """The reported commands exit 2 with argparse's message through `prefixlens run` (no model is built)."""
+    monkeypatch.delenv(cli.ANALYSES_ENV, raising=False)
+    if not REPOSITORY_ANALYSES.is_dir():
+        pytest.skip("no analyses/ folder in this checkout")
+    for argv, said in [(["prefix_bias_only", "--n-inputs", "-3"], "argument --n-inputs: must be >= 1, got -3"),
+                       (["prefix_bias_only", "--threads", "-2"], "argument --threads: must be >= 0, got -2"),
+                       (["prefix_bias_only", "--seq-len", "0"], "argument --seq-len: must be >= 1, got 0"),
+                       (["table1", "--seeds", "0"], "argument --seeds: must be >= 1, got 0"),
+                       (["table2", "--seeds", "-1"], "argument --seeds: must be >= 1, got -1"),
+                       (["train_vs_peft", "--steps", "0"], "argument --steps: must be >= 1, got 0")]:
+        assert cli.main(["run", *argv, "--out", str(tmp_path)]) == 2
+        assert said in capsys.readouterr().err
+    assert not list(tmp_path.iterdir())
