@@ -192,10 +192,14 @@ def attached(model, prefix: Prefix, placeholder: int = PLACEHOLDER_TOKEN) -> Ite
     check_not_attached(model, "attaching a prefix")
     guard = model.register_forward_pre_hook(_refuse_cached_steps, with_kwargs=True)
     _ATTACHED[model] = prefix
+    handles = []
     try:
+        handles = prefix.position_hooks(model)  # a kept-positions KVPrefix places its slots and the content
         with model.hooks(fwd_hooks=prefix.injection_hooks()):
             yield Slots(prefix.length, placeholder)
     finally:
+        for handle in handles:
+            handle.remove()
         _ATTACHED.pop(model, None)
         guard.remove()
 
