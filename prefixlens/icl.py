@@ -39,7 +39,8 @@ from jaxtyping import Float, Int
 from torch import Tensor
 
 from prefixlens.decomposition import decompose
-from prefixlens.injection import run_with_cache, run_with_prefix
+from prefixlens.injection import attached, run_with_cache, run_with_prefix
+from prefixlens.kv_cache import cached_forward, has_kv_cache
 from prefixlens.lexicons import LexiconTask
 from prefixlens.prefixes import KVPrefix
 from prefixlens.runtime import evaluation_mode
@@ -179,7 +180,12 @@ def pad_left(rows: list[list[int]], device=None) -> tuple[Int[Tensor, "batch pos
 @torch.no_grad()
 def label_logits(model, task: LexiconTask, words, prefix: KVPrefix | None = None, batch_size: int = 64) -> Float[Tensor, "n n_labels"]:
     """The label words' logits at the last position of each query ``template(word)``, after ``prefix``
-    (``None``: zero-shot, the query alone from the start of a sequence)."""
+    (``None``: zero-shot, the query alone from the start of a sequence).
+
+    On a model with a key/value cache the prefix's slots run once per batch (attached, batch 1) and
+    the queries run on the cache of them, at the positions the prefix gives the content
+    (``content_start`` for a kept-positions prefix); otherwise through :func:`run_with_prefix`. Both
+    give the same logits (tested)."""
     ids = torch.tensor(label_ids(model, task))
     out = []
     with evaluation_mode(model):
@@ -188,10 +194,27 @@ def label_logits(model, task: LexiconTask, words, prefix: KVPrefix | None = None
             tokens, mask = pad_left(rows, model.cfg.device)
             if prefix is None:
                 logits = model(tokens, attention_mask=mask)
+            elif has_kv_cache(model) and not prefix.batched:
+                logits = _after_slots_cache(model, prefix, tokens, mask)
             else:
                 logits = run_with_prefix(model, tokens, prefix, attention_mask=mask)
             out.append(logits[:, -1, ids.to(logits.device)].cpu())
     return torch.cat(out)
+
+
+def _after_slots_cache(model, prefix: KVPrefix, tokens: Int[Tensor, "batch pos"], mask: Int[Tensor, "batch pos"]) -> Float[Tensor, "batch pos d_vocab"]:
+    """Content logits after ``prefix`` with the slots computed once: the attached slots (batch 1) fill
+    the model's cache, repeated over the batch; the content follows at ``content_start`` (default
+    ``P``) + its position among the real tokens."""
+    P, B = prefix.length, tokens.shape[0]
+    with attached(model, prefix) as slots:
+        _, cache = cached_forward(model, slots.placeholders(1, tokens.device), None, use_cache=True)
+    cache.batch_repeat_interleave(B)
+    start = prefix.content_start if getattr(prefix, "content_start", None) is not None else P
+    positions = start + (mask.cumsum(-1) - 1).clamp_min(0)
+    full_mask = torch.cat([mask.new_ones(B, P), mask], dim=1)
+    logits, _ = cached_forward(model, tokens, cache, attention_mask=full_mask, position_ids=positions, use_cache=True)
+    return logits
 
 
 def accuracy(logits: Float[Tensor, "n n_labels"], task: LexiconTask, labels) -> tuple[int, int]:

@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from prefixlens import icl
+from prefixlens import icl, run_with_prefix
 from prefixlens.lexicons import LexiconTask
 from prefixlens.text import encode
 from tests.conftest import build
@@ -60,6 +60,14 @@ def test_compression_prefixes():
     kept = set(p["hidden_random"].slot_positions)
     assert len(kept) == len(demos.anchor_positions) and not kept & set(demos.label_positions)
     assert set(demos.formatting_positions) <= kept
+    # every prefix scores as run_with_prefix does (label_logits runs the slots once, on the model's cache)
+    words = ["44", "12", "46"]  # "12" is two tokens: a left-padded row
+    ids = icl.label_ids(model, task)
+    for prefix in p.values():
+        rows = [icl.query_tokens(model, task, w) for w in words]
+        tokens, mask = icl.pad_left(rows)
+        ref = run_with_prefix(model, tokens, prefix, attention_mask=mask)[:, -1, ids]
+        assert (icl.label_logits(model, task, words, prefix) - ref).abs().max() < 1e-10
     # Text_anchor is the anchor tokens as a real prompt
     words = ["44", "45"]
     got = icl.label_logits(model, task, words, p["text_anchor"])
