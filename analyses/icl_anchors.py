@@ -221,6 +221,20 @@ def run(args) -> dict:
             "accuracy": accuracy, "flow": flow, "bridge": bridge, "times": times, "issue_reference": ISSUE}
 
 
+def _mean(v) -> float:
+    return sum(v) / len(v)
+
+
+def _flow_shares(S: dict) -> list[tuple[float, float, float]]:
+    """Per layer, each flow's share of the three (means over draws)."""
+    out = []
+    for layer in range(len(S["S_wp"])):
+        v = [S[key][layer]["mean"] for key in ("S_wp", "S_pq", "S_ww")]
+        tot = sum(v) or 1.0
+        out.append((v[0] / tot, v[1] / tot, v[2] / tot))
+    return out
+
+
 def _pct(s: dict) -> str:
     lo, hi = s["ci95"]
     return f"{100 * s['mean']:.1f} [{100 * lo:.1f}, {100 * hi:.1f}] (range {100 * s['min']:.0f}–{100 * s['max']:.0f})"
@@ -252,6 +266,11 @@ def markdown(result: dict) -> str:
               "S_wp (text → label words), S_pq (label words → target), S_ww (the rest), and each flow's share of their sum.", "",
               "| layer | S_wp | S_pq | S_ww | share wp | share pq | share ww |", "|---|---|---|---|---|---|---|"]
     S = f["summary"]
+    shares = _flow_shares(S)
+    half = len(shares) // 2
+    lines[-2:-2] = [f"Mean share over the first {half} layers: S_wp {_mean([s[0] for s in shares[:half]]):.2f}, "
+                    f"S_pq {_mean([s[1] for s in shares[:half]]):.2f}; over the last {len(shares) - half}: "
+                    f"S_wp {_mean([s[0] for s in shares[half:]]):.2f}, S_pq {_mean([s[1] for s in shares[half:]]):.2f}.", ""]
     for layer in range(len(S["S_wp"])):
         v = [S[key][layer]["mean"] for key in ("S_wp", "S_pq", "S_ww")]
         tot = sum(v) or 1.0
@@ -293,6 +312,7 @@ def figure(result: dict):
             a.errorbar([int(k) + 0.06 * mi for k in ks], means, yerr=err, marker="os^v"[mi], color=f"C{ti}",
                        ls="-" if mi == 0 else "--", alpha=1.0 if mi == 0 else 0.6,
                        label=f"{name.split('-')[0]} {m}")
+    a.set_ylim(0, 100)
     a.set_xlabel("demonstrations per class k (dotted: zero-shot)")
     a.set_ylabel("accuracy %")
     a.set_title("Accuracy: full demonstrations and compressions")
