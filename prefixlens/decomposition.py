@@ -386,7 +386,8 @@ def decompose(
     )
     if baseline:
         inputs = [cache[f"blocks.{l}.hook_resid_pre"][:, P:] for l in range(n_layers)]
-        result._baseline_run = lambda: _baseline_run(model, tokens, inputs, P, mask)
+        start = getattr(prefix, "content_start", None) or P  # a kept-positions KVPrefix: content after the full prompt
+        result._baseline_run = lambda: _baseline_run(model, tokens, inputs, P, mask, start)
     return result
 
 
@@ -507,8 +508,9 @@ def _stacked_W_O(model) -> Tensor | None:
 
 
 @torch.no_grad()
-def _baseline_run(model, tokens, prefixed_inputs: list[Tensor], P: int, mask: Tensor | None = None):
-    """One forward pass on ``[tokens; tokens]`` at positions ``P..P+T-1`` and without slots: rows
+def _baseline_run(model, tokens, prefixed_inputs: list[Tensor], P: int, mask: Tensor | None = None, start: int | None = None):
+    """One forward pass on ``[tokens; tokens]`` at positions ``start..start+T-1`` (default ``start = P``)
+    and without slots: rows
     ``:B`` are the plain run, rows ``B:`` have each layer's input replaced by the prefixed run's.
     With a (full) ``mask``, the content mask applies, positions are those of the prefixed run, and
     padded query positions get 0."""
@@ -531,10 +533,11 @@ def _baseline_run(model, tokens, prefixed_inputs: list[Tensor], P: int, mask: Te
 
     hooks = [(f"blocks.{l}.hook_resid_pre", patch_input(l)) for l in range(n_layers)]
     hooks += [(f"blocks.{l}.attn.hook_pattern", grab_pattern(l)) for l in range(n_layers)]
-    positions = torch.arange(P, P + T, device=tokens.device).expand(2 * B, T)
+    start = P if start is None else start
+    positions = torch.arange(start, start + T, device=tokens.device).expand(2 * B, T)
     masked = {}
     if mask is not None:
-        positions = (mask.cumsum(-1) - 1).clamp_min(0)[:, P:].repeat(2, 1)
+        positions = (mask.cumsum(-1) - 1).clamp_min(0)[:, P:].repeat(2, 1) + (start - P)
         masked = {"attention_mask": mask[:, P:].repeat(2, 1)}
     with evaluation_mode(model), thread_hooks(model, hooks):  # hooks that act in this thread only
         model(

@@ -196,7 +196,9 @@ def generate(
                 torch.Generator(device=tokens.device).manual_seed(row_seed(seed, r)) for r in range(start, min(B, start + step))
             ]
         sampling = dict(do_sample=do_sample, temperature=temperature, top_k=top_k, top_p=top_p, generator=generators)
-        run = _generate_cached if use_cache and has_kv_cache(model) else _generate_recompute
+        # a kept-positions KVPrefix places the content only while attached: no cached steps after the first
+        cached = use_cache and has_kv_cache(model) and getattr(prefix, "slot_positions", None) is None
+        run = _generate_cached if cached else _generate_recompute
         chunk_mask = mask[rows] if mask is not None else None
         out = run(model, tokens[rows], chunk_prefix, chunk_mask, max_new_tokens, eos_token_id, sampling)
         if out.shape[1] < width:  # finished early (every row hit EOS): pad with EOS like a finished row

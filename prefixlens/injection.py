@@ -220,10 +220,14 @@ def attached(model, prefix: Prefix, placeholder: int = PLACEHOLDER_TOKEN) -> Ite
     # forward pre-hook also refuses a cached step while this thread has the prefix attached
     with model_lock(model):
         set_attached(model, prefix)
+        handles = []
         try:
+            handles = prefix.position_hooks(model)  # a kept-positions KVPrefix places its slots and the content
             with thread_hooks(model, prefix.injection_hooks(model), first=True):
                 yield Slots(prefix.length, placeholder)
         finally:
+            for handle in handles:
+                handle.remove()
             set_attached(model, None)
 
 

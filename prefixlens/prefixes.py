@@ -325,6 +325,11 @@ class Prefix(nn.Module):
         names of a :class:`SoftPrompt` depend on the model, so it needs one; the other forms do not)."""
         raise NotImplementedError
 
+    def position_hooks(self, model) -> list:
+        """Handles of hooks that remap the model's positions while the prefix is attached (none:
+        slots at ``0..P-1``, content from ``P``); see :meth:`KVPrefix.from_prompt` with ``keep=``."""
+        return []
+
     def _overwrite(self, value: Callable[[], Tensor]) -> Callable:
         P = self.length
 
@@ -513,7 +518,7 @@ class KVPrefix(Prefix):
         return cls(torch.zeros(shape, dtype=dtype, device=device), torch.zeros(shape, dtype=dtype, device=device), s)
 
     @classmethod
-    def from_prompt(cls, model, tokens: "Integer[Tensor, '*batch P'] | str | list[str] | list[int] | list[list[int]]", prepend_bos: bool | None = None) -> "KVPrefix":
+    def from_prompt(cls, model, tokens: "Integer[Tensor, '*batch P'] | str | list[str] | list[int] | list[list[int]]", prepend_bos: bool | None = None, keep=None) -> "KVPrefix":
         """The keys and values a real-token prompt writes in every layer: the exact equivalent prefix.
 
         ``tokens``: ids ``[P]`` / ``[batch, P]``, a string, or a list of strings of equal token length
@@ -521,11 +526,20 @@ class KVPrefix(Prefix):
         default (BOS iff the checkpoint's tokenizer adds one; :mod:`prefixlens.text`).
         The prompt runs in eval mode (dropout off; each submodule's mode restored afterwards).
 
+        ``keep``: positions of the prompt (``0..P-1``, any order, no repeats) whose keys and values
+        the prefix keeps (Wang et al.'s hidden-anchor compression). They are computed in the *full*
+        prompt, and the prefix remembers where they sat: while it is attached, slot ``i`` sits at
+        position ``keep[i]`` and the content after it starts at ``P`` (the full prompt's length), in
+        every entry point (``run_with_prefix``, ``generate``, ``decompose``, ...). So keeping every
+        position equals the full prompt, and keeping a subset equals the full prompt with the
+        content's attention to the dropped positions masked. Such a prefix cannot be saved.
+
         Args:
             model (TransformerBridge): the model the prompt runs through.
             tokens: the prompt: ids ``[P]`` or ``[batch, P]`` (a list of ints, or of equal-length lists,
                 works too), a string, or a list of strings of equal token length.
             prepend_bos: give a text prompt a BOS token (``None``: the model's default).
+            keep (Sequence[int] | None): the positions to keep (``None``: all).
         """
         tokens, batched = _prompt_tokens(model, tokens, f"{cls.__name__}.from_prompt", prepend_bos)
         s = _check_length(model, tokens.shape[-1])
@@ -534,7 +548,64 @@ class KVPrefix(Prefix):
             _, cache = cached_run(model, tokens, names, return_type=None)
         k = torch.stack([cache[f"blocks.{l}.attn.hook_k"] for l in range(s.n_layers)], dim=1)
         v = torch.stack([cache[f"blocks.{l}.attn.hook_v"] for l in range(s.n_layers)], dim=1)
-        return cls(k if batched else k[0], v if batched else v[0], s)
+        kept = _kept_positions(keep, tokens.shape[-1])
+        if kept is not None:
+            index = torch.tensor(kept, device=k.device)
+            k, v = k.index_select(2, index), v.index_select(2, index)
+        prefix = cls(k if batched else k[0], v if batched else v[0], s)
+        if kept is not None:
+            prefix.slot_positions, prefix.content_start = kept, int(tokens.shape[-1])
+        return prefix
+
+    slot_positions: tuple[int, ...] | None = None  # set by from_prompt(keep=...): where each slot sat
+    content_start: int | None = None  # ... and where the content starts (the full prompt's length)
+
+    def position_hooks(self, model) -> list:
+        """With ``from_prompt(keep=...)``: pre-hooks on the model's position component (``pos_embed``
+        and/or ``rotary_emb``) that put slot ``i`` at ``slot_positions[i]`` and shift the content by
+        ``content_start - P``; refused on a model whose positions are not exposed there."""
+        if self.slot_positions is None:
+            return []
+        modules = [m for m in (getattr(model, "pos_embed", None), getattr(model, "rotary_emb", None)) if isinstance(m, nn.Module)]
+        if not modules:
+            raise ValueError(
+                f"this KVPrefix keeps {self.length} positions of a {self.content_start}-token prompt, but the model "
+                f"({type(model).__name__}) has no pos_embed or rotary_emb component whose position ids it could set, "
+                "so its content would sit at the wrong positions. Use from_prompt without keep= on this model."
+            )
+        P, n_ctx = self.length, int(model.cfg.n_ctx)
+
+        def remap(pos: Tensor) -> Tensor:
+            if pos.shape[-1] < P:
+                raise RuntimeError("a kept-positions KVPrefix is attached but the model ran fewer positions than its slots.")
+            slots = torch.tensor(self.slot_positions, dtype=pos.dtype, device=pos.device).expand(*pos.shape[:-1], P)
+            out = torch.cat([slots, pos[..., P:] + (self.content_start - P)], dim=-1)
+            if int(out.max()) >= n_ctx:
+                raise ValueError(f"the content after this kept-positions prefix reaches position {int(out.max())}, "
+                                 f"beyond the model's context of {n_ctx}.")
+            return out
+
+        def pre_hook(module, args, kwargs):
+            if "position_ids" in kwargs and kwargs["position_ids"] is not None:
+                return args, {**kwargs, "position_ids": remap(kwargs["position_ids"])}
+            if module is getattr(model, "pos_embed", None) and args and torch.is_tensor(args[0]):
+                return (remap(args[0]), *args[1:]), kwargs
+            if len(args) > 1 and torch.is_tensor(args[1]):
+                return (args[0], remap(args[1]), *args[2:]), kwargs
+            raise RuntimeError(f"{type(module).__name__} was called without position ids; a kept-positions KVPrefix cannot place its slots.")
+
+        return [m.register_forward_pre_hook(pre_hook, with_kwargs=True) for m in modules]
+
+    def batch_slice(self, rows: slice | Tensor) -> "KVPrefix":
+        out = super().batch_slice(rows)
+        out.slot_positions, out.content_start = self.slot_positions, self.content_start
+        return out
+
+    def save(self, path: str | os.PathLike) -> None:
+        if self.slot_positions is not None:
+            raise ValueError("a KVPrefix made with from_prompt(keep=...) carries its positions, which prefix files do not "
+                             "record; build it again from the prompt instead of saving it.")
+        super().save(path)
 
     @classmethod
     def from_peft(cls, peft_model_or_dir, model, **kwargs) -> "KVPrefix":
@@ -772,6 +843,17 @@ def input_embedding_std(model, chunk: int = 8192) -> float:
     mean = sum(float(input_embeddings(model, ids).double().sum()) for ids in chunks) / n
     squares = sum(float((input_embeddings(model, ids).double() - mean).square().sum()) for ids in chunks)
     return (squares / (n - 1)) ** 0.5
+
+
+def _kept_positions(keep, P: int) -> tuple[int, ...] | None:
+    """``keep`` checked against a prompt of ``P`` positions, sorted; ``None`` when it keeps them all."""
+    if keep is None:
+        return None
+    kept = [int(i) for i in (keep.tolist() if torch.is_tensor(keep) else keep)]
+    if not kept or len(set(kept)) != len(kept) or min(kept) < 0 or max(kept) >= P:
+        raise ValueError(f"keep= must be distinct positions in 0..{P - 1} of the prompt (at least one), got {kept}.")
+    kept = tuple(sorted(kept))
+    return None if kept == tuple(range(P)) else kept
 
 
 def _check_length(model, length: int) -> ModelSignature:
