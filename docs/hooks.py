@@ -64,8 +64,9 @@ def on_config(config, **kwargs):
 def on_files(files, config, **kwargs):
     for source in sorted(RESULTS.glob("*.md")):
         files.append(_page(config, f"results/{source.name}", source))
-    for figure in sorted(RESULTS.glob("*.png")):
-        files.append(File.generated(config, f"results/{figure.name}", abs_src_path=str(figure)))
+    for figure in sorted([*RESULTS.glob("*.png"), *RESULTS.glob("figures/*.png")]):
+        uri = f"results/{figure.relative_to(RESULTS).as_posix()}"
+        files.append(File.generated(config, uri, abs_src_path=str(figure)))
     for uri, source in EXTRA.items():
         files.append(_page(config, uri, source))
     return files
