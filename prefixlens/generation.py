@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import inspect
 from collections.abc import Sequence
 
@@ -13,6 +14,7 @@ from tqdm.auto import tqdm
 from prefixlens.injection import check_not_attached, check_tokens, full_attention_mask, maybe_attached
 from prefixlens.kv_cache import _bridge_attention_reads_cache, check_cache_grew, has_kv_cache
 from prefixlens.prefixes import Prefix
+from prefixlens.runtime import holding
 from prefixlens.text import decode, tokens_and_mask
 
 __all__ = ["generate", "sample_next", "check_sampling", "row_seed"]
@@ -77,6 +79,19 @@ def row_seed(seed: int, row: int) -> int:
     return (int(seed) * 0x9E3779B97F4A7C15 + (row + 1) * 0xBF58476D1CE4E5B9) % (2**63)
 
 
+def _holding_the_model(fn):
+    """Run ``fn(model, ...)`` holding the model: prefixlens's runs of one model take turns across
+    threads, and a bare forward pass from another thread meanwhile is refused (:func:`prefixlens.runtime.holding`)."""
+
+    @functools.wraps(fn)
+    def wrapper(model, *args, **kwargs):
+        with holding(model):
+            return fn(model, *args, **kwargs)
+
+    return wrapper
+
+
+@_holding_the_model
 def generate(
     model,
     tokens: "Integer[Tensor, 'batch pos'] | Integer[Tensor, ' pos'] | str | list[str]",
@@ -297,3 +312,4 @@ def _generate_recompute(model, tokens, prefix, mask, max_new_tokens, eos_token_i
             if bool(finished.all()):
                 break
     return slots.content(sequence)
+

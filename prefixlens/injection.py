@@ -48,7 +48,7 @@ tokens; use :func:`prefixlens.generate`, or ``model.generate(..., use_past_kv_ca
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
-from contextlib import AbstractContextManager, contextmanager, nullcontext
+from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -62,7 +62,7 @@ from prefixlens.runtime import (
     cached_run,
     check_not_attached,
     check_token_ids,
-    model_lock,
+    holding,
     set_attached,
     thread_hooks,
 )
@@ -218,7 +218,7 @@ def attached(model, prefix: Prefix, placeholder: int = PLACEHOLDER_TOKEN) -> Ite
     check_not_attached(model, "attaching a prefix")
     # the whole block holds the model's lock (runs of one model take turns across threads), whose
     # forward pre-hook also refuses a cached step while this thread has the prefix attached
-    with model_lock(model):
+    with holding(model):
         set_attached(model, prefix)
         handles = []
         try:
@@ -236,8 +236,16 @@ def maybe_attached(model, prefix: Prefix | None) -> AbstractContextManager[Slots
     inside an ``attached`` block, whose slots would overwrite the first content positions)."""
     if prefix is None:
         check_not_attached(model, "running without a prefix")
-        return nullcontext(Slots(0))
+        return _plain(model)
     return attached(model, prefix)
+
+
+@contextmanager
+def _plain(model) -> Iterator[Slots]:
+    """No prefix: no hooks, ``Slots(0)``, and the model held for the run (prefixlens's runs of one model
+    take turns across threads; see :func:`prefixlens.runtime.holding`)."""
+    with holding(model):
+        yield Slots(0)
 
 
 def _forward_kwargs(model, tokens, P: int, attention_mask, position_ids, kwargs: dict) -> tuple[dict, Tensor | None]:

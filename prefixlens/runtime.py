@@ -16,8 +16,10 @@ so a plain ``model(x)`` in another thread is untouched and two threads with two 
 their own exact answer. Which prefix is attached is recorded per thread too. Hooks registered through
 TransformerLens itself (``model.hooks``, ``run_with_hooks``, ``add_hook``, ``model.run_with_cache``)
 still act in every thread: that is TransformerLens's design, outside prefixlens's reach. And since the
-bridge itself keeps per-call state on its modules, runs of one model take turns across threads
-(:func:`model_lock`): concurrent calls are correct, not parallel; for parallelism, one model per thread.
+bridge itself keeps per-call state on its modules, prefixlens's runs of one model take turns across
+threads, and a plain forward pass from another thread during one is refused with an error naming the
+threads (:func:`holding`): concurrent calls are correct or refused, never wrong; for parallelism, one
+model per thread.
 """
 
 from __future__ import annotations
@@ -42,6 +44,7 @@ __all__ = [
     "set_attached",
     "thread_hooks",
     "model_lock",
+    "holding",
     "cached_run",
 ]
 
@@ -177,39 +180,66 @@ def _this_thread_only(hp, fn: Callable, owner: int, direct: bool) -> Callable:
 
 
 def model_lock(model) -> threading.RLock:
-    """The lock that makes runs of ``model`` take turns across threads.
-
-    TransformerLens's bridge keeps per-call state on its modules during a forward pass, so two threads
-    running one model at once can corrupt each other's pass even with no hook involved (measured: a
-    plain ``model(x)`` crashing on another thread's batch size, and float32 outputs off by 7e-7). Every
-    prefixlens run holds this lock for its whole block (:func:`thread_hooks`), and from a model's first
-    prefixlens run on, a forward pre-hook and an always-called forward hook on the model itself hold it
-    for every forward pass, so a plain ``model(x)`` in another thread waits for a prefixlens block to
-    finish (and the other way round) instead of interleaving with it. Re-entrant: one thread's nested
-    runs do not wait for themselves. The same pre-hook refuses a forward pass on top of a key/value
-    cache while this thread has a prefix attached (the slots would overwrite the new tokens).
-    """
+    """The lock that makes prefixlens's runs of ``model`` take turns across threads (re-entrant: one
+    thread's nested runs do not wait for themselves). See :func:`holding`."""
     with _LOCK:
         lock = _MODEL_LOCKS.get(model)
         if lock is None:
             lock = _MODEL_LOCKS[model] = threading.RLock()
-
-            def take(module, args, kwargs):
-                lock.acquire()  # released by give, also when this or the forward raises (always_call)
-                if kwargs.get("past_key_values") is not None and attached_prefix(module) is not None:
-                    raise RuntimeError(
-                        "a forward pass on top of a key/value cache inside `prefixlens.attached`: the prefix hooks "
-                        "would overwrite the new tokens with prefix slots (e.g. TransformerLens's model.generate with "
-                        "its cache). Use prefixlens.generate(model, tokens, prefix), or "
-                        "model.generate(slots.prepend(tokens), use_past_kv_cache=False) inside the block."
-                    )
-
-            def give(module, args, output):
-                lock.release()
-
-            model.register_forward_pre_hook(take, with_kwargs=True)
-            model.register_forward_hook(give, always_call=True)
     return lock
+
+
+def _guard(owner: int) -> Callable:
+    def guard(module, args, kwargs=None):  # kwargs=None: also safe if torch calls it while it is being added
+        if threading.get_ident() != owner:
+            raise RuntimeError(
+                f"this model is running a prefixlens call in another thread (thread {owner}), and a forward pass "
+                f"of it in this thread (thread {threading.get_ident()}) would interleave with it: a TransformerBridge "
+                "is not thread-safe (its modules keep per-call state), so the two passes would corrupt each other. "
+                "Run it through prefixlens (prefixlens calls on one model take turns by themselves: "
+                "prefixlens.run_with_prefix(model, x, None) is the plain run), wait for the other thread, or give "
+                "each thread its own copy of the model (copy.deepcopy(model))."
+            )
+        if kwargs and kwargs.get("past_key_values") is not None and attached_prefix(module) is not None:
+            raise RuntimeError(
+                "a forward pass on top of a key/value cache inside `prefixlens.attached`: the prefix hooks would "
+                "overwrite the new tokens with prefix slots (e.g. TransformerLens's model.generate with its cache). "
+                "Use prefixlens.generate(model, tokens, prefix), or model.generate(slots.prepend(tokens), "
+                "use_past_kv_cache=False) inside the block."
+            )
+        return None
+
+    return guard
+
+
+_HELD: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # model -> [depth, guard handle]
+
+
+@contextmanager
+def holding(model) -> Iterator[None]:
+    """Hold ``model`` for a prefixlens run in this thread.
+
+    TransformerLens's bridge keeps per-call state on its modules during a forward pass, so two threads
+    running one model at once corrupt each other's pass even with no hook involved (measured: a plain
+    ``model(x)`` crashing on another thread's batch size). So prefixlens's runs of one model take turns
+    (:func:`model_lock`), and while one is running, a forward pre-hook on the model refuses a forward
+    pass from any other thread with an error naming both threads (rather than a wrong number); the same
+    hook refuses a forward pass on a key/value cache while this thread has a prefix attached. The hook
+    is removed when the outermost run ends: nothing is left on the model.
+    """
+    with model_lock(model):
+        state = _HELD.get(model)
+        if state is None:
+            handle = model.register_forward_pre_hook(_guard(threading.get_ident()), with_kwargs=True)
+            state = _HELD[model] = [0, handle]
+        state[0] += 1
+        try:
+            yield
+        finally:
+            state[0] -= 1
+            if state[0] == 0:
+                state[1].remove()
+                del _HELD[model]
 
 
 @contextmanager
@@ -224,7 +254,7 @@ def thread_hooks(model, fwd_hooks: Sequence[tuple[str, Callable]], first: bool =
     ``reset_hooks`` / ``remove_all_hook_fns`` / ``HookPoint.remove_hooks`` (with ``including_permanent`` or
     not) do not see them and cannot remove them.
     """
-    with model_lock(model):  # runs of one model take turns across threads (see model_lock)
+    with holding(model):  # runs of one model take turns across threads (see holding)
         yield from _thread_hooks(model, fwd_hooks, first)
 
 
