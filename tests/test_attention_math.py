@@ -154,7 +154,8 @@ def test_the_formulas_are_not_written_again(spied):
     spied.clear()
     d = pl.decompose(model, tokens, prefix, baseline=False)
     assert spied["prefixed_cache"] == 1 and spied["split_attention"] == L
-    assert spied["attend"] == 2 * L and spied["prefix_pattern"] == L and spied["content_pattern"] == L
+    # prefix_pattern twice per layer: inside split_attention (for b), and kept per slot (slot groups)
+    assert spied["attend"] == 2 * L and spied["prefix_pattern"] == 2 * L and spied["content_pattern"] == L
     assert spied["prefix_mass"] == L
 
     spied.clear()
